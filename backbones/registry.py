@@ -1,0 +1,93 @@
+"""Backbone adapters by stable name.
+
+Three sources fill the registry, in this order:
+1. our built-in adapters, listed below by import path and imported only when first asked for (so a
+   timm user never imports transformers);
+2. third-party packages, through the entry-point group ``dymu_lightning.backbones``; each entry
+   point names a :class:`Backbone` subclass or a zero-argument factory returning an instance;
+3. :func:`register_backbone`, as a decorator in user code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import warnings
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from dymu_lightning.backbones.base import Backbone
+
+ENTRY_POINT_GROUP = "dymu_lightning.backbones"
+
+BackboneFactory = Callable[[], Backbone]
+
+_BUILTIN: dict[str, str] = {
+    "timm_vit": "dymu_lightning.backbones.timm_vit:TimmViT",
+    "hf_clip": "dymu_lightning.backbones.hf_vit:HFCLIPVision",
+    "hf_siglip": "dymu_lightning.backbones.hf_vit:HFSiglipVision",
+    "hf_dinov2": "dymu_lightning.backbones.hf_vit:HFDinov2",
+    "dinov2_vits14_offline": "dymu_lightning.backbones.hf_vit:OfflineDinov2Small",
+}
+
+_registry: dict[str, BackboneFactory | str] = dict(_BUILTIN)
+_entry_points_loaded = False
+
+
+def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator: register a :class:`Backbone` subclass (or zero-argument factory) under ``name``.
+
+    Registering a name twice replaces the first entry and warns.
+    """
+
+    def decorator(factory: BackboneFactory) -> BackboneFactory:
+        _add(name, factory, origin="register_backbone")
+        return factory
+
+    return decorator
+
+
+def get_backbone(name: str) -> Backbone:
+    """A fresh adapter instance for ``name``; a KeyError with close matches if there is none."""
+    _load_entry_points()
+    if name not in _registry:
+        close = difflib.get_close_matches(name, _registry, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise KeyError(f"unknown backbone {name!r}.{hint} Registered: {', '.join(sorted(_registry))}")
+    factory = _registry[name]
+    if isinstance(factory, str):
+        factory = _import(factory)
+    backbone = factory()
+    if not isinstance(backbone, Backbone):
+        raise TypeError(f"backbone {name!r} is registered to {factory!r}, which did not return a Backbone")
+    backbone.name = name
+    return backbone
+
+
+def list_backbones() -> list[str]:
+    """Every registered name, sorted."""
+    _load_entry_points()
+    return sorted(_registry)
+
+
+def _add(name: str, factory: BackboneFactory | str, origin: str) -> None:
+    if name in _registry:
+        warnings.warn(
+            f"backbone {name!r} is registered twice; the entry from {origin} replaces the earlier one",
+            stacklevel=3,
+        )
+    _registry[name] = factory
+
+
+def _import(path: str) -> BackboneFactory:
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        _add(point.name, point.value, origin=f"entry point {point.value}")

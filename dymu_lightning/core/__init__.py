@@ -1,0 +1,31 @@
+"""DToMe in pure torch: matching, merging, proportional attention and the merged encoder forward.
+
+Nothing here imports Lightning, timm or transformers; backbone adapters in
+``dymu_lightning.backbones`` connect host models to :func:`run_blocks`.
+"""
+
+from dymu_lightning.core.attention import BACKENDS, attention, key_bias
+from dymu_lightning.core.encoder import BlockParts, MergedTokens, run_blocks
+from dymu_lightning.core.layout import TokenLayout
+from dymu_lightning.core.matching import Edges, bipartite_edges
+from dymu_lightning.core.merge import TokenState, merge_tokens
+from dymu_lightning.core.policy import MODES, LayerMerges, MergePolicy, local_batch_cut, rank_within_image
+
+__all__ = [
+    "BACKENDS",
+    "MODES",
+    "BlockParts",
+    "Edges",
+    "LayerMerges",
+    "MergePolicy",
+    "MergedTokens",
+    "TokenLayout",
+    "TokenState",
+    "attention",
+    "bipartite_edges",
+    "key_bias",
+    "local_batch_cut",
+    "merge_tokens",
+    "rank_within_image",
+    "run_blocks",
+]

@@ -1,0 +1,64 @@
+"""Bipartite soft matching: each token of set A proposes one merge, with its most similar B token.
+
+Within each image the current tokens alternate between the sets: even positions form A, odd
+positions form B. Every A token keeps one edge, its best B partner by cosine similarity of the
+attention keys (averaged over heads). Protected prefix tokens (CLS, registers) and padding take part
+in no edge: their scores are ``-inf``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Edges:
+    """One candidate merge per A token.
+
+    Attributes:
+        scores: ``[B, Na]`` float32 (float64 for float64 keys), cosine similarity to the best B
+            token; ``-inf`` where the A token is protected, padding, or has no eligible partner.
+        partner: ``[B, Na]`` long, index of that B token among the B tokens (position ``2 * j + 1``).
+    """
+
+    scores: Tensor
+    partner: Tensor
+
+    @property
+    def eligible(self) -> Tensor:
+        """``[B, Na]`` bool, edges that may merge at all."""
+        return torch.isfinite(self.scores)
+
+
+def bipartite_edges(keys: Tensor, valid: Tensor, num_protected: int) -> Edges:
+    """Best B partner for every A token.
+
+    Args:
+        keys: ``[B, L, d]`` attention keys averaged over heads, in the padded grid.
+        valid: ``[B, L]`` bool, real tokens (a prefix of each row).
+        num_protected: leading tokens of every image that never merge (CLS, registers).
+
+    Returns:
+        :class:`Edges` with ``Na = ceil(L / 2)`` entries per image.
+    """
+    batch, length, _ = keys.shape
+    # Similarities are compared against calibrated thresholds, so compute them in float32
+    # whatever the model runs in: a bf16 cosine is too coarse to rank edges reliably.
+    unit = F.normalize(keys.to(torch.promote_types(keys.dtype, torch.float32)), dim=-1)
+    eligible = valid.clone()
+    eligible[:, :num_protected] = False
+    a_eligible, b_eligible = eligible[:, 0::2], eligible[:, 1::2]
+    num_a = a_eligible.shape[1]
+    if b_eligible.shape[1] == 0:
+        scores = unit.new_full((batch, num_a), float("-inf"))
+        return Edges(scores, torch.zeros(batch, num_a, dtype=torch.long, device=keys.device))
+
+    similarity = unit[:, 0::2] @ unit[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
+    similarity.masked_fill_(~b_eligible[:, None, :], float("-inf"))
+    scores, partner = similarity.max(dim=-1)
+    scores = scores.masked_fill(~a_eligible, float("-inf"))
+    return Edges(scores, partner)

@@ -1,0 +1,79 @@
+"""Shared fixtures: every registered backbone, built tiny and random, and test images."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dymu_lightning.backbones import get_backbone, list_backbones
+
+from dymu_lightning.core import LayerMerges, MergePolicy
+
+
+def tiny_cases() -> list:
+    """One pytest param per (registered backbone, tiny architecture): tests that take the
+    ``tiny`` fixture run for every adapter the registry holds, third-party ones included."""
+    cases = []
+    for name in list_backbones():
+        for tiny in get_backbone(name).tiny_configs():
+            cases.append(pytest.param((name, tiny.name), id=f"{name}-{tiny.name}"))
+    return cases
+
+
+class Tiny:
+    """A tiny random model of one backbone, with helpers to make inputs and thresholds."""
+
+    def __init__(self, name: str, config_name: str, dtype: torch.dtype) -> None:
+        self.backbone = get_backbone(name)
+        config = {t.name: t.config for t in self.backbone.tiny_configs()}[config_name]
+        torch.manual_seed(0)
+        self.model = self.backbone.build(config).to(dtype)
+        self.dtype = dtype
+        self.num_layers = self.backbone.num_layers(self.model)
+        self.image_size = int(
+            getattr(getattr(self.model, "config", None), "image_size", 0) or config.get("img_size")
+        )
+
+    def images(self, count: int, seed: int = 0) -> torch.Tensor:
+        """``[count, 3, S, S]``: alternately smooth (few distinct regions, many similar tokens) and
+        noisy images, so that their token counts differ under one set of thresholds."""
+        generator = torch.Generator().manual_seed(seed)
+        size = self.image_size
+        out = []
+        for index in range(count):
+            if index % 2 == 0:
+                coarse = torch.randn(1, 3, 2, 2, generator=generator)
+                out.append(F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)[0])
+            else:
+                out.append(torch.randn(3, size, size, generator=generator))
+        return torch.stack(out).to(self.dtype)
+
+    def thresholds(self, pixels: torch.Tensor, r: int = 6) -> list[float]:
+        """Thresholds found on ``pixels`` by the batch top-k rule, nudged up by 1e-6: a batch
+        threshold *is* an edge's score, and a tie at the threshold would let rounding decide."""
+        found = [math.inf] * self.num_layers
+
+        def record(merges: LayerMerges) -> None:
+            found[merges.layer] = float(merges.batch_threshold) + 1e-6
+
+        with torch.no_grad():
+            self.backbone.merged_forward(
+                self.model, pixels, MergePolicy(mode="batch_topk", r=r, on_layer=record)
+            )
+        return found
+
+
+@pytest.fixture(params=tiny_cases())
+def tiny(request) -> Tiny:
+    name, config_name = request.param
+    return Tiny(name, config_name, torch.float32)
+
+
+@pytest.fixture(params=tiny_cases())
+def tiny64(request) -> Tiny:
+    """The same models in float64, where comparisons can be exact enough that no threshold
+    decision flips on rounding."""
+    name, config_name = request.param
+    return Tiny(name, config_name, torch.float64)
