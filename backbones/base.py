@@ -117,8 +117,7 @@ class Backbone(ABC):
         if num_blocks is not None:
             if not 1 <= num_blocks <= len(blocks):
                 raise ValueError(
-                    f"num_blocks={num_blocks} is out of range for backbone '{self.name}' "
-                    f"({len(blocks)} layers)"
+                    f"num_blocks={num_blocks} is out of range for backbone '{self.name}' ({len(blocks)} layers)"
                 )
             blocks, final = blocks[:num_blocks], None
         return run_blocks(

@@ -30,6 +30,15 @@ _BUILTIN: dict[str, str] = {
     "dinov2_vits14_offline": "dymu_lightning.backbones.hf_vit:OfflineDinov2Small",
 }
 
+
+class UnknownBackboneError(KeyError):
+    """No backbone of that name; the message lists close matches and every registered name."""
+
+    def __str__(self) -> str:
+        # KeyError would print the repr of its argument, quotes and escapes included.
+        return str(self.args[0])
+
+
 _registry: dict[str, BackboneFactory | str] = dict(_BUILTIN)
 _entry_points_loaded = False
 
@@ -53,7 +62,7 @@ def get_backbone(name: str) -> Backbone:
     if name not in _registry:
         close = difflib.get_close_matches(name, _registry, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise KeyError(f"unknown backbone {name!r}.{hint} Registered: {', '.join(sorted(_registry))}")
+        raise UnknownBackboneError(f"unknown backbone {name!r}.{hint} Registered: {', '.join(sorted(_registry))}")
     factory = _registry[name]
     if isinstance(factory, str):
         factory = _import(factory)

@@ -74,9 +74,7 @@ class TimmViT(Backbone):
 
 def _require_vit(model: nn.Module) -> nn.Module:
     if not isinstance(model, VisionTransformer):
-        raise TypeError(
-            f"backbone 'timm_vit' adapts timm VisionTransformer models, got {type(model).__name__}"
-        )
+        raise TypeError(f"backbone 'timm_vit' adapts timm VisionTransformer models, got {type(model).__name__}")
     return model
 
 

@@ -7,28 +7,14 @@ few tokens, busy ones many: that is DToMe's point.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from dymu_lightning.backbones import get_backbone
-from dymu_lightning.core import LayerMerges, MergePolicy
-
-
-def batch_thresholds(backbone, model, pixels: torch.Tensor, r: int) -> list[float]:
-    """Per-layer thresholds from one batch: merge the batch's top ``B * r`` edges at every layer and
-    keep the best edge that did not merge (clamped at 0)."""
-    thresholds: list[float] = [math.inf] * backbone.num_layers(model)
-
-    def record(merges: LayerMerges) -> None:
-        thresholds[merges.layer] = float(merges.batch_threshold)
-
-    policy = MergePolicy(mode="batch_topk", r=r, on_layer=record)
-    with torch.inference_mode():
-        backbone.merged_forward(model, pixels, policy)
-    return thresholds
+from dymu_lightning.core import MergePolicy
+from dymu_lightning.thresholds import batch_thresholds
 
 
 def main(r: int = 12, image_dir: Path | None = None) -> dict[str, int]:

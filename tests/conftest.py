@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from dymu_lightning.backbones import get_backbone, list_backbones
 
-from dymu_lightning.core import LayerMerges, MergePolicy
+from dymu_lightning.thresholds import batch_thresholds
 
 
 def tiny_cases() -> list:
@@ -32,9 +30,7 @@ class Tiny:
         self.model = self.backbone.build(config).to(dtype)
         self.dtype = dtype
         self.num_layers = self.backbone.num_layers(self.model)
-        self.image_size = int(
-            getattr(getattr(self.model, "config", None), "image_size", 0) or config.get("img_size")
-        )
+        self.image_size = int(getattr(getattr(self.model, "config", None), "image_size", 0) or config.get("img_size"))
 
     def images(self, count: int, seed: int = 0) -> torch.Tensor:
         """``[count, 3, S, S]``: alternately smooth (few distinct regions, many similar tokens) and
@@ -53,16 +49,7 @@ class Tiny:
     def thresholds(self, pixels: torch.Tensor, r: int = 6) -> list[float]:
         """Thresholds found on ``pixels`` by the batch top-k rule, nudged up by 1e-6: a batch
         threshold *is* an edge's score, and a tie at the threshold would let rounding decide."""
-        found = [math.inf] * self.num_layers
-
-        def record(merges: LayerMerges) -> None:
-            found[merges.layer] = float(merges.batch_threshold) + 1e-6
-
-        with torch.no_grad():
-            self.backbone.merged_forward(
-                self.model, pixels, MergePolicy(mode="batch_topk", r=r, on_layer=record)
-            )
-        return found
+        return [t + 1e-6 for t in batch_thresholds(self.backbone, self.model, pixels, r)]
 
 
 @pytest.fixture(params=tiny_cases())

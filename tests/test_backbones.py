@@ -83,9 +83,7 @@ def test_result_is_independent_of_batch_mates(tiny64, mode):
 def test_sizes_equal_group_counts(tiny):
     pixels = tiny.images(4)
     with torch.no_grad():
-        merged = tiny.backbone.merged_forward(
-            tiny.model, pixels, MergePolicy(thresholds=tiny.thresholds(pixels))
-        )
+        merged = tiny.backbone.merged_forward(tiny.model, pixels, MergePolicy(thresholds=tiny.thresholds(pixels)))
     prefix = merged.num_prefix
     for b in range(pixels.shape[0]):
         _, sizes, group = _image(merged, b)
@@ -170,9 +168,7 @@ def test_eager_and_sdpa_agree(tiny):
 def test_wrong_threshold_count_is_a_clear_error(tiny):
     name, layers = tiny.backbone.name, tiny.num_layers
     pixels = tiny.images(1)
-    expected = (
-        rf"backbone '{name}' \({layers} layers\) needs {layers} thresholds, one per layer, got {layers - 1}"
-    )
+    expected = rf"backbone '{name}' \({layers} layers\) needs {layers} thresholds, one per layer, got {layers - 1}"
     with pytest.raises(ValueError, match=expected):
         tiny.backbone.merged_forward(tiny.model, pixels, MergePolicy(thresholds=[0.5] * (layers - 1)))
     with pytest.raises(ValueError, match=expected):
@@ -184,9 +180,7 @@ def test_nan_threshold_is_a_clear_error(tiny):
     name, layers = tiny.backbone.name, tiny.num_layers
     thresholds = [0.5] * layers
     thresholds[1] = float("nan")
-    with pytest.raises(
-        ValueError, match=rf"threshold for layer 1 of backbone '{name}' \({layers} layers\) is NaN"
-    ):
+    with pytest.raises(ValueError, match=rf"threshold for layer 1 of backbone '{name}' \({layers} layers\) is NaN"):
         tiny.backbone.patch(tiny.model, MergePolicy(thresholds=thresholds))
 
 
@@ -194,13 +188,9 @@ def test_num_blocks_stops_early_without_final_norm(tiny):
     """LLaVA-style features: the first k blocks' output, with no final norm."""
     pixels = tiny.images(2)
     with torch.no_grad():
-        merged = tiny.backbone.merged_forward(
-            tiny.model, pixels, MergePolicy.off(), num_blocks=tiny.num_layers - 1
-        )
+        merged = tiny.backbone.merged_forward(tiny.model, pixels, MergePolicy.off(), num_blocks=tiny.num_layers - 1)
         x = tiny.backbone.embed(tiny.model, pixels)
     assert merged.tokens_per_layer.shape[1] == tiny.num_layers
     assert merged.tokens.shape == x.shape
-    with pytest.raises(
-        ValueError, match=rf"num_blocks=0 is out of range for backbone '{tiny.backbone.name}'"
-    ):
+    with pytest.raises(ValueError, match=rf"num_blocks=0 is out of range for backbone '{tiny.backbone.name}'"):
         tiny.backbone.merged_forward(tiny.model, pixels, MergePolicy.off(), num_blocks=0)

@@ -4,7 +4,7 @@ Nothing here imports Lightning, timm or transformers; backbone adapters in
 ``dymu_lightning.backbones`` connect host models to :func:`run_blocks`.
 """
 
-from dymu_lightning.core.attention import BACKENDS, attention, key_bias
+from dymu_lightning.core.attention import BACKENDS, attention
 from dymu_lightning.core.encoder import BlockParts, MergedTokens, run_blocks
 from dymu_lightning.core.layout import TokenLayout
 from dymu_lightning.core.matching import Edges, bipartite_edges
@@ -23,7 +23,6 @@ __all__ = [
     "TokenState",
     "attention",
     "bipartite_edges",
-    "key_bias",
     "local_batch_cut",
     "merge_tokens",
     "rank_within_image",

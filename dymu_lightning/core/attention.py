@@ -9,24 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Backend = Literal["sdpa", "eager"]
 BACKENDS: tuple[str, ...] = ("sdpa", "eager")
-
-
-def key_bias(sizes: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
-    """``[B, 1, 1, L]`` additive logit bias: ``log(size)`` for real keys, ``-inf`` for padding.
-
-    Args:
-        sizes: ``[B, L]`` sizes in the padded grid (anything in the padding slots).
-        valid: ``[B, L]`` bool.
-        dtype: the attention's dtype (SDPA wants the mask in the query's dtype).
-    """
-    bias = sizes.to(dtype).clamp(min=1.0).log().masked_fill(~valid, float("-inf"))
-    return bias[:, None, None, :]
 
 
 def attention(
@@ -37,7 +24,7 @@ def attention(
     Args:
         q, k, v: ``[B, H, L, d]``.
         scale: logit scale, usually ``d ** -0.5``.
-        bias: ``[B, 1, 1, L]`` from :func:`key_bias`, or None.
+        bias: ``[B, 1, 1, L]`` additive key bias (``log(size)``, ``-inf`` for padding), or None.
         backend: ``"sdpa"`` (fused kernels) or ``"eager"`` (explicit softmax, the reference).
 
     Returns:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from dymu_lightning.core.attention import Backend, attention, key_bias
+from dymu_lightning.core.attention import Backend, attention
 from dymu_lightning.core.layout import TokenLayout
 from dymu_lightning.core.matching import bipartite_edges
 from dymu_lightning.core.merge import TokenState, merge_tokens
@@ -121,9 +121,7 @@ def run_blocks(
     )
 
 
-def _attention_branch(
-    parts: BlockParts, state: TokenState, merged: bool, backend: Backend
-) -> tuple[Tensor, Tensor]:
+def _attention_branch(parts: BlockParts, state: TokenState, merged: bool, backend: Backend) -> tuple[Tensor, Tensor]:
     """The attention residual branch on packed tokens.
 
     Returns:
@@ -131,9 +129,12 @@ def _attention_branch(
         similarity metric for matching).
     """
     layout = state.layout
-    q, k, v = parts.attn_in(state.x)
-    q, k, v = (layout.pad(t).transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
-    bias = key_bias(layout.pad(state.sizes), layout.valid_mask(), q.dtype) if merged else None
+    qkv = layout.pad_stack(parts.attn_in(state.x))  # [B, L, 3, H, d]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, d] each
+    bias = None
+    if merged:
+        log_sizes = layout.pad(state.sizes.to(q.dtype).log(), fill=float("-inf"))  # padding keys: -inf
+        bias = log_sizes[:, None, None, :]
     out = attention(q, k, v, parts.scale, bias, backend)
     out = layout.pack(out.transpose(1, 2)).flatten(1)  # [T, H * d]
     return parts.attn_out(out), k.mean(dim=1)

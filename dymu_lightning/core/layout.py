@@ -12,6 +12,7 @@ Within an image, tokens are kept in their original raster order, and they always
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,10 +92,21 @@ class TokenLayout:
         padded.index_copy_(0, self.flat_index(), packed)
         return padded.reshape(self.batch, self.max_len, *features)
 
-    def pack(self, padded: Tensor) -> Tensor:
-        """``[B, L, *F]`` -> ``[T, *F]``, dropping the padding slots."""
-        features = padded.shape[2:]
-        flat = padded.reshape(self.batch * self.max_len, *features)
+    def pad_stack(self, packed: Sequence[Tensor]) -> Tensor:
+        """``k x [T, *F]`` -> ``[B, L, k, *F]``: one zero-filled buffer for several tensors (attention's
+        q, k and v), so the padding is written once, not once per tensor."""
+        features = packed[0].shape[1:]
         if self.is_dense:
-            return flat
-        return flat.index_select(0, self.flat_index())
+            return torch.stack(packed, dim=1).reshape(self.batch, self.max_len, len(packed), *features)
+        padded = packed[0].new_zeros(self.batch * self.max_len, len(packed), *features)
+        index = self.flat_index()
+        for slot, tensor in enumerate(packed):
+            padded[:, slot].index_copy_(0, index, tensor)
+        return padded.reshape(self.batch, self.max_len, len(packed), *features)
+
+    def pack(self, padded: Tensor) -> Tensor:
+        """``[B, L, *F]`` -> ``[T, *F]``, dropping the padding slots. ``padded`` may be a strided view
+        (e.g. a transposed attention output): the gather reads it in place."""
+        if self.is_dense:
+            return padded.reshape(self.total, *padded.shape[2:])
+        return padded[self.batch_index, self.pos_index]

@@ -70,9 +70,7 @@ def merge_tokens(state: TokenState, partner: Tensor, merge: Tensor) -> TokenStat
     total, max_len = torch.stack([new_lengths.sum(), new_lengths.max()]).tolist()
     new_layout = TokenLayout.from_lengths(new_lengths, max_len, total)
 
-    packed_destination = (
-        new_layout.starts()[layout.batch_index] + destination[layout.batch_index, layout.pos_index]
-    )
+    packed_destination = new_layout.starts()[layout.batch_index] + destination[layout.batch_index, layout.pos_index]
     sizes = state.sizes.new_zeros(total).index_add_(0, packed_destination, state.sizes)
     # Accumulate in at least float32: bf16 sums of several tokens lose the weights' precision.
     weighted = state.x.to(torch.promote_types(state.x.dtype, torch.float32)) * state.sizes[:, None]

@@ -89,9 +89,7 @@ class MergePolicy:
             if self.thresholds is None:
                 raise ValueError(f"mode 'threshold' needs thresholds for {where}")
             if len(self.thresholds) != num_layers:
-                raise ValueError(
-                    f"{where} needs {num_layers} thresholds, one per layer, got {len(self.thresholds)}"
-                )
+                raise ValueError(f"{where} needs {num_layers} thresholds, one per layer, got {len(self.thresholds)}")
             for layer, value in enumerate(self.thresholds):
                 if value is not None and math.isnan(float(value)):
                     raise ValueError(f"threshold for layer {layer} of {where} is NaN")

@@ -1,0 +1,192 @@
+"""Encoder throughput with DToMe against the stock timm encoder and against the FLOPs ideal.
+
+All variants run in one process on the same images, so ratios are comparable even on a noisy
+machine. Token counts vary per image as real photos make them: thresholds for each budget are
+found on the photos themselves (batch top-k rule), then every run uses threshold mode.
+
+    python benchmarks/encoder_speed.py                       # CPU: ViT-B/16-224 and ViT-L/14-336, batch 1 and 16
+    python benchmarks/encoder_speed.py --geometry b16_224 --batch 16 --repeats 5
+    python benchmarks/encoder_speed.py --device cuda --dtype bfloat16 --geometry siglip_b16_384 l14_336 --batch 1 64
+
+Prints a markdown table and writes it, with the raw numbers as JSON, next to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from dymu_lightning.backbones import get_backbone
+from PIL import Image
+
+from dymu_lightning.core import MergePolicy
+from dymu_lightning.thresholds import batch_thresholds
+
+GEOMETRIES = {
+    # name: (timm model, kwargs)
+    "b16_224": ("vit_base_patch16_224", {}),
+    "l14_336": ("vit_large_patch14_clip_336", {}),
+    "siglip_b16_384": ("vit_base_patch16_siglip_384", {}),
+}
+BUDGETS = (0.66, 0.33, 0.15)  # fraction of the tokens left after the last block
+
+
+@dataclass
+class Row:
+    geometry: str
+    variant: str
+    batch: int
+    tokens_mean: float
+    tokens_std: float
+    images_per_s: float
+    speedup: float
+    flops_ideal: float
+
+    @property
+    def of_ideal(self) -> float:
+        return self.speedup / self.flops_ideal
+
+
+def block_flops(n_in: torch.Tensor, n_out: torch.Tensor, channels: int, mlp_ratio: float) -> torch.Tensor:
+    """Multiply-adds x2 of one pre-norm block per image: q/k/v and output projections and attention on
+    the tokens entering the block, the MLP on the tokens left after merging."""
+    n_in, n_out = n_in.double(), n_out.double()
+    projections = 2 * n_in * channels * 4 * channels
+    attention = 4 * n_in**2 * channels
+    mlp = 4 * n_out * channels * mlp_ratio * channels
+    return projections + attention + mlp
+
+
+def encoder_flops(tokens_per_layer: torch.Tensor, channels: int, mlp_ratio: float) -> float:
+    """Total over the batch; ``tokens_per_layer`` is ``[B, L + 1]`` as returned by the merged forward."""
+    n_in, n_out = tokens_per_layer[:, :-1], tokens_per_layer[:, 1:]
+    return float(block_flops(n_in, n_out, channels, mlp_ratio).sum())
+
+
+def photos(count: int) -> list[Image.Image]:
+    from dymu_lightning import assets
+
+    paths = sorted(assets.sample_images().values())
+    images = [Image.open(path).convert("RGB") for path in paths]
+    return [images[i % len(images)] for i in range(count)]
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_geometry(name: str, batches: list[int], repeats: int, device: torch.device, dtype: torch.dtype) -> list[Row]:
+    backbone = get_backbone("timm_vit")
+    model_name, kwargs = GEOMETRIES[name]
+    torch.manual_seed(0)
+    model = backbone.build({"model_name": model_name, **kwargs})
+    pixels_all = backbone.preprocess(model, photos(max(max(batches), 20)))
+    model = model.to(device=device, dtype=dtype)
+    pixels_all = pixels_all.to(device=device, dtype=dtype)
+    layers = backbone.num_layers(model)
+    channels = model.embed_dim
+    mlp_ratio = model.blocks[0].mlp.fc1.out_features / channels
+    full = backbone.embed(model, pixels_all[:1]).shape[1]
+
+    policies = {"stock": None, "patched, +inf": MergePolicy(thresholds=[math.inf] * layers)}
+    for budget in BUDGETS:
+        r = round((1 - budget) * (full - backbone.num_prefix_tokens(model)) / layers)
+        thresholds = batch_thresholds(backbone, model, pixels_all, r)
+        policies[f"DToMe {round(budget * 100)}% (r={r})"] = MergePolicy(thresholds=thresholds)
+
+    rows = []
+    for batch in batches:
+        pixels = pixels_all[:batch]
+        with torch.inference_mode():
+            stock_seconds = timed(lambda p=pixels: backbone.stock_features(model, p), repeats, device)
+            stock_counts = torch.full((batch, layers + 1), full)
+            stock_flops = encoder_flops(stock_counts, channels, mlp_ratio)
+            for variant, policy in policies.items():
+                if policy is None:
+                    seconds, counts = stock_seconds, stock_counts
+                else:
+                    counts = backbone.merged_forward(model, pixels, policy).tokens_per_layer.cpu()
+                    seconds = timed(lambda p=pixels, q=policy: backbone.merged_forward(model, p, q), repeats, device)
+                final = counts[:, -1].double()
+                rows.append(
+                    Row(
+                        geometry=name,
+                        variant=variant,
+                        batch=batch,
+                        tokens_mean=float(final.mean()),
+                        tokens_std=float(final.std()) if batch > 1 else 0.0,
+                        images_per_s=batch / seconds,
+                        speedup=stock_seconds / seconds,
+                        flops_ideal=stock_flops / encoder_flops(counts, channels, mlp_ratio),
+                    )
+                )
+                print(_format_row(rows[-1]), flush=True)
+    return rows
+
+
+def _format_row(row: Row) -> str:
+    return (
+        f"| {row.geometry} | {row.variant} | {row.batch} | {row.tokens_mean:.0f} ± {row.tokens_std:.0f} | "
+        f"{row.images_per_s:.2f} | {row.speedup:.2f}x | {row.flops_ideal:.2f}x | {row.of_ideal:.0%} |"
+    )
+
+
+HEADER = (
+    "| geometry | variant | batch | tokens out (mean ± std) | images/s | speedup vs stock | FLOPs ideal | of ideal |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--geometry", nargs="+", default=["b16_224", "l14_336"], choices=sorted(GEOMETRIES))
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/encoder_speed"))
+    args = parser.parse_args(argv)
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    print(f"# encoder speed on {machine}, {args.dtype}, torch {torch.__version__}")
+    print(f"# command: python {' '.join(sys.argv)}")
+    print(HEADER)
+    rows = []
+    for geometry in args.geometry:
+        rows += run_geometry(geometry, args.batch, args.repeats, device, dtype)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table = "\n".join([HEADER, *(_format_row(row) for row in rows)])
+    args.out.with_suffix(".md").write_text(f"{machine}, {args.dtype}\n\n{table}\n")
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"machine": machine, "dtype": args.dtype, "rows": [asdict(r) for r in rows]}, indent=1)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
