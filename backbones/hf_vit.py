@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dymu_lightning.backbones.base import Backbone, TinyConfig, local_dir
 from PIL import Image
 from torch import Tensor, nn
 from transformers import (
@@ -29,6 +28,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from dymu_lightning.backbones.base import Backbone, TinyConfig, local_dir
 from dymu_lightning.core import BlockParts
 
 _TINY = {

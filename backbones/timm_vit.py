@@ -12,12 +12,12 @@ from typing import Any
 
 import timm
 import torch
-from dymu_lightning.backbones.base import Backbone, TinyConfig, local_dir
 from PIL import Image
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from dymu_lightning.backbones.base import Backbone, TinyConfig, local_dir
 from dymu_lightning.core import BlockParts
 
 _TINY = {"embed_dim": 48, "depth": 3, "num_heads": 3, "img_size": 64, "patch_size": 8}

@@ -20,13 +20,15 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from dymu_lightning.backbones import get_backbone
 from PIL import Image
 
+from dymu_lightning.backbones import get_backbone
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.thresholds import batch_thresholds
 
@@ -79,19 +81,21 @@ def photos(count: int) -> list[Image.Image]:
     return [images[i % len(images)] for i in range(count)]
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(variants: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each variant. Rounds interleave the variants, so a slow phase of
+    a noisy machine hits all of them alike; one warm-up call each comes first."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(repeats + 1):
+        for name, fn in variants.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run_geometry(name: str, batches: list[int], repeats: int, device: torch.device, dtype: torch.dtype) -> list[Row]:
@@ -99,6 +103,7 @@ def run_geometry(name: str, batches: list[int], repeats: int, device: torch.devi
     model_name, kwargs = GEOMETRIES[name]
     torch.manual_seed(0)
     model = backbone.build({"model_name": model_name, **kwargs})
+    # Thresholds are found on 20 photos or more; the timed runs use the first max(batches) of them.
     pixels_all = backbone.preprocess(model, photos(max(max(batches), 20)))
     model = model.to(device=device, dtype=dtype)
     pixels_all = pixels_all.to(device=device, dtype=dtype)
@@ -114,18 +119,24 @@ def run_geometry(name: str, batches: list[int], repeats: int, device: torch.devi
         policies[f"DToMe {round(budget * 100)}% (r={r})"] = MergePolicy(thresholds=thresholds)
 
     rows = []
+    images = pixels_all[: max(batches)]
     for batch in batches:
-        pixels = pixels_all[:batch]
+        # Every batch size sees the same images, as consecutive batches of that size.
+        chunks = images.split(batch)
+
+        def run(policy, chunks=chunks):
+            if policy is None:
+                return [backbone.stock_features(model, chunk) for chunk in chunks]
+            return [backbone.merged_forward(model, chunk, policy) for chunk in chunks]
+
         with torch.inference_mode():
-            stock_seconds = timed(lambda p=pixels: backbone.stock_features(model, p), repeats, device)
-            stock_counts = torch.full((batch, layers + 1), full)
+            seconds = timed({variant: partial(run, policy) for variant, policy in policies.items()}, repeats, device)
+            stock_counts = torch.full((len(images), layers + 1), full)
             stock_flops = encoder_flops(stock_counts, channels, mlp_ratio)
             for variant, policy in policies.items():
-                if policy is None:
-                    seconds, counts = stock_seconds, stock_counts
-                else:
-                    counts = backbone.merged_forward(model, pixels, policy).tokens_per_layer.cpu()
-                    seconds = timed(lambda p=pixels, q=policy: backbone.merged_forward(model, p, q), repeats, device)
+                counts = stock_counts
+                if policy is not None:
+                    counts = torch.cat([out.tokens_per_layer.cpu() for out in run(policy)])
                 final = counts[:, -1].double()
                 rows.append(
                     Row(
@@ -133,9 +144,9 @@ def run_geometry(name: str, batches: list[int], repeats: int, device: torch.devi
                         variant=variant,
                         batch=batch,
                         tokens_mean=float(final.mean()),
-                        tokens_std=float(final.std()) if batch > 1 else 0.0,
-                        images_per_s=batch / seconds,
-                        speedup=stock_seconds / seconds,
+                        tokens_std=float(final.std()),
+                        images_per_s=len(images) / seconds[variant],
+                        speedup=seconds["stock"] / seconds[variant],
                         flops_ideal=stock_flops / encoder_flops(counts, channels, mlp_ratio),
                     )
                 )

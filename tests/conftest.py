@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from dymu_lightning.backbones import get_backbone, list_backbones
 
+from dymu_lightning.backbones import get_backbone, list_backbones
 from dymu_lightning.thresholds import batch_thresholds
 
 

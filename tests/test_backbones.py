@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from dymu_lightning.backbones import is_patched
 
+from dymu_lightning.backbones import is_patched
 from dymu_lightning.core import MergedTokens, MergePolicy
 
 

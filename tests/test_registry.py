@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+
 from dymu_lightning.backbones import Backbone, get_backbone, list_backbones, register_backbone, registry
 from dymu_lightning.backbones.timm_vit import TimmViT
 

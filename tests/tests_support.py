@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from dymu_lightning.backbones import get_backbone
 
 

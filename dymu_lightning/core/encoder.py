@@ -99,7 +99,7 @@ def run_blocks(
         branch, keys = _attention_branch(parts, state, merged, backend)
         state = replace(state, x=state.x + branch)
         if policy.merges_at(layer) and state.layout.max_len >= 2:
-            edges = bipartite_edges(keys, state.layout.valid_mask(), num_prefix)
+            edges = bipartite_edges(keys.mean(dim=1), state.layout.valid_mask(), num_prefix)
             decision = policy.select(layer, edges, state.layout.lengths)
             if policy.on_layer is not None:
                 policy.on_layer(decision)
@@ -125,16 +125,19 @@ def _attention_branch(parts: BlockParts, state: TokenState, merged: bool, backen
     """The attention residual branch on packed tokens.
 
     Returns:
-        ``[T, C]`` branch output, and ``[B, L, d]`` head-averaged keys in the padded grid (the
-        similarity metric for matching).
+        ``[T, C]`` branch output, and the keys ``[B, H, L, d]`` in the padded grid (averaged over
+        heads, they are the similarity metric for matching).
     """
     layout = state.layout
-    qkv = layout.pad_stack(parts.attn_in(state.x))  # [B, L, 3, H, d]
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, d] each
+    q, k, v = parts.attn_in(state.x)
+    if layout.is_dense:  # views: the same memory layout the stock attention gets
+        q, k, v = (layout.pad(t).transpose(1, 2) for t in (q, k, v))
+    else:  # [B, H, L, d] each, from one zero-filled buffer
+        q, k, v = layout.pad_stack((q, k, v)).permute(2, 0, 3, 1, 4).unbind(0)
     bias = None
     if merged:
         log_sizes = layout.pad(state.sizes.to(q.dtype).log(), fill=float("-inf"))  # padding keys: -inf
         bias = log_sizes[:, None, None, :]
     out = attention(q, k, v, parts.scale, bias, backend)
     out = layout.pack(out.transpose(1, 2)).flatten(1)  # [T, H * d]
-    return parts.attn_out(out), k.mean(dim=1)
+    return parts.attn_out(out), k

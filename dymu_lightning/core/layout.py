@@ -96,8 +96,6 @@ class TokenLayout:
         """``k x [T, *F]`` -> ``[B, L, k, *F]``: one zero-filled buffer for several tensors (attention's
         q, k and v), so the padding is written once, not once per tensor."""
         features = packed[0].shape[1:]
-        if self.is_dense:
-            return torch.stack(packed, dim=1).reshape(self.batch, self.max_len, len(packed), *features)
         padded = packed[0].new_zeros(self.batch * self.max_len, len(packed), *features)
         index = self.flat_index()
         for slot, tensor in enumerate(packed):
