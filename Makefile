@@ -21,9 +21,9 @@ $(ASSETS): $(STAMP)
 
 assets: $(ASSETS)
 
-## The main job on the embedded default: DToMe on the real DINOv2 ViT-S/14 over real photos.
+## The main job on the embedded default: calibrate DToMe thresholds for the real DINOv2 ViT-S/14 on real photos.
 run: assets
-	$(BIN)/python -m dymu_lightning demo
+	$(BIN)/python -m dymu_lightning recipe=quickstart
 
 ## The whole suite: lint, then every test (slow and distributed included).
 test: assets

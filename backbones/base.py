@@ -68,6 +68,11 @@ class Backbone(ABC):
     def preprocess(self, model: nn.Module, images: Sequence[Image.Image]) -> Tensor:
         """The model's own preprocessing: PIL images -> ``[B, 3, H, W]`` pixels."""
 
+    def image_transform(self, model: nn.Module) -> Callable[[Image.Image], Tensor]:
+        """One PIL image -> ``[3, H, W]``, picklable for data-loader workers. The default wraps
+        :meth:`preprocess`; adapters override it with something lighter than the whole model."""
+        return _PreprocessOne(self, model)
+
     # ----- the host model's anatomy ----------------------------------------------------------------
     @abstractmethod
     def embed(self, model: nn.Module, pixels: Tensor) -> Tensor:
@@ -159,6 +164,14 @@ class Backbone(ABC):
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
         policy.validate(num_layers, self.name or type(self).__name__)
+
+
+class _PreprocessOne:
+    def __init__(self, backbone: Backbone, model: nn.Module) -> None:
+        self.backbone, self.model = backbone, model
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        return self.backbone.preprocess(self.model, [image])[0]
 
 
 def _patched_forward(model: nn.Module, pixel_values: Tensor) -> MergedTokens:

@@ -73,9 +73,10 @@ class HFVisionBackbone(Backbone):
         return [TinyConfig("tiny", dict(_TINY))]
 
     def preprocess(self, model: nn.Module, images: Sequence[Image.Image]) -> Tensor:
-        processor = self._processor(model)
-        batch = processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-        return batch["pixel_values"]
+        return _ProcessorTransform(self._processor(model)).batch(images)
+
+    def image_transform(self, model: nn.Module) -> Callable[[Image.Image], Tensor]:
+        return _ProcessorTransform(self._processor(model))
 
     def _processor(self, model: nn.Module) -> Callable[..., Any]:
         # A saved model directory carries its own preprocessing config; a model built from a config
@@ -100,6 +101,19 @@ class HFVisionBackbone(Backbone):
 
     def block_parts(self, layer: nn.Module) -> BlockParts:
         raise NotImplementedError
+
+
+class _ProcessorTransform:
+    """An HF image processor as a per-image transform (picklable: the processor is plain data)."""
+
+    def __init__(self, processor: Callable[..., Any]) -> None:
+        self.processor = processor
+
+    def batch(self, images: Sequence[Image.Image]) -> Tensor:
+        return self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        return self.batch([image])[0]
 
 
 def _split_heads(projection: nn.Linear, head_dim: int) -> Callable[[Tensor], Tensor]:

@@ -51,9 +51,16 @@ class TimmViT(Backbone):
         ]
 
     def preprocess(self, model: nn.Module, images: Sequence[Image.Image]) -> Tensor:
-        config = timm.data.resolve_data_config({}, model=model)
-        transform = timm.data.create_transform(**config)
-        return torch.stack([transform(image.convert("RGB")) for image in images])
+        transform = self.image_transform(model)
+        return torch.stack([transform(image) for image in images])
+
+    def image_transform(self, model: nn.Module) -> Callable[[Image.Image], Tensor]:
+        # The model's own geometry wins over its pretrained config: a model built at another
+        # img_size keeps the pretrained config of its name.
+        size = getattr(model.patch_embed, "img_size", None)
+        overrides = {"input_size": (3, *size)} if size else {}
+        config = timm.data.resolve_data_config(overrides, model=model)
+        return _RGB(timm.data.create_transform(**config))
 
     def embed(self, model: nn.Module, pixels: Tensor) -> Tensor:
         x = model._pos_embed(model.patch_embed(pixels))
@@ -70,6 +77,16 @@ class TimmViT(Backbone):
 
     def stock_features(self, model: nn.Module, pixels: Tensor) -> Tensor:
         return model.forward_features(pixels)
+
+
+class _RGB:
+    """Convert to RGB, then apply ``transform`` (grey and RGBA photos are common in the wild)."""
+
+    def __init__(self, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        return self.transform(image.convert("RGB"))
 
 
 def _require_vit(model: nn.Module) -> nn.Module:

@@ -1,0 +1,79 @@
+"""Typed recipe schemas. Every key a recipe may set is declared here, with its type and default.
+
+omegaconf validates recipes and ``key=value`` overrides against these dataclasses, so a typo or a
+wrong type fails before any model is loaded (see :mod:`dymu_lightning.config.recipes` for the error
+messages). docs/configuration.md lists every key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Which encoder to calibrate."""
+
+    backbone: str = MISSING  # registry name, see `python -m dymu_lightning ls`
+    source: str | None = None  # hub id or local save_pretrained directory; None: the backbone's default
+    random_init: bool = False  # build `arch` with random weights instead of loading (CI, speed tests)
+    arch: dict[str, Any] = field(default_factory=dict)  # architecture config for random_init
+    num_blocks: int | None = None  # read features after this many blocks (LLaVA: penultimate); None: all
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+
+@dataclass
+class DataConfig:
+    """Where the calibration images come from."""
+
+    shards: str = MISSING  # folder with webdataset shards (and their index.json)
+    images: str | None = None  # folder of images to write into `shards` on first use; "assets:skimage" = bundled photos
+    global_batch_size: int = 32  # images ranked together per step, over all processes
+    max_images: int | None = None  # use only the first N images (shrunken runs)
+    num_workers: int = 0  # data-loader workers per process
+    strict: bool = False  # a corrupt image is an error (true) or is skipped and reported (false)
+    shard_size: int = 1000  # images per shard when writing shards from `images`
+
+
+@dataclass
+class ScheduleConfig:
+    """Target merges per layer."""
+
+    kind: str = "constant"  # constant | linear | reverse_linear
+    r: int | None = None  # mean merges per image per merging layer
+    tokens_left: int | None = None  # or: tokens per image left after the merging layers
+    variant: str | None = None  # a name from `variants`, which then sets r
+    variants: dict[str, int] = field(default_factory=dict)  # e.g. {low: 21, mid: 16, high: 8}
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to lightning.Trainer."""
+
+    accelerator: str = "auto"  # cpu | gpu | auto
+    devices: Any = 1  # processes per node (int), or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn ...
+    save_every_n_steps: int = 10  # write the resumable state every N global steps
+    max_steps: int | None = None  # stop after N global steps this run (rerun to resume); None: all
+    progress_bar: bool = True
+
+
+@dataclass
+class CalibrationRecipe:
+    """`task: calibrate`: find per-layer DToMe thresholds for one encoder."""
+
+    task: str = "calibrate"
+    out_dir: str = MISSING  # thresholds.json, report.md and the resumable state land here
+    seed: int = 0
+    resume: bool = True  # continue from out_dir's saved state if there is one
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+SCHEMAS: dict[str, type] = {"calibrate": CalibrationRecipe}

@@ -1,0 +1,88 @@
+"""Calibration data: webdataset shards, split into global batches across processes.
+
+``prepare_data`` (local rank 0 of each node, before any process reads) writes shards from a folder
+of images on first use. ``val_dataloader`` runs inside each process once the process group exists,
+so it knows its rank and world size from the trainer, not from environment variables that Lightning's
+own launcher does not set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from dymu_lightning.data import GlobalBatchShards, read_index, write_shards
+
+BUNDLED_IMAGES = "assets:skimage"
+
+
+def resolve_images(images: str) -> Path:
+    """A folder of images; ``assets:skimage`` names the photos bundled with scikit-image."""
+    if images == BUNDLED_IMAGES:
+        from dymu_lightning import assets
+
+        return next(iter(assets.sample_images().values())).parent
+    path = Path(images).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.images: no folder at {path}")
+    return path
+
+
+class ShardsDataModule(L.LightningDataModule):
+    """Global batches of images from webdataset shards.
+
+    Args:
+        shards: folder of shards with their index.json.
+        images: folder to write shards from if ``shards`` has none yet (or None).
+        global_batch_size: images per global step, over all processes.
+        transform: one PIL image -> ``[3, H, W]`` (the backbone's preprocessing).
+        start_step: global steps already done (resume).
+        max_images, num_workers, strict, shard_size: see ``DataConfig``.
+    """
+
+    def __init__(
+        self,
+        shards: str,
+        images: str | None,
+        global_batch_size: int,
+        transform: Callable[[Image.Image], Tensor],
+        start_step: int = 0,
+        max_images: int | None = None,
+        num_workers: int = 0,
+        strict: bool = False,
+        shard_size: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.shards = Path(shards).expanduser()
+        self.images = images
+        self.global_batch_size = global_batch_size
+        self.transform = transform
+        self.start_step = start_step
+        self.max_images = max_images
+        self.num_workers = num_workers
+        self.strict = strict
+        self.shard_size = shard_size
+        self.dataset: GlobalBatchShards | None = None
+
+    def prepare_data(self) -> None:
+        if self.images is not None and not (self.shards / "index.json").is_file():
+            write_shards(resolve_images(self.images), self.shards, shard_size=self.shard_size)
+
+    def val_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        self.dataset = GlobalBatchShards(
+            read_index(self.shards),
+            global_batch_size=self.global_batch_size,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+            transform=self.transform,
+            start_step=self.start_step,
+            strict=self.strict,
+            max_samples=self.max_images,
+        )
+        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)

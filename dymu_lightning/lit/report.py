@@ -1,0 +1,67 @@
+"""report.md with two plots: the token-count histogram and the per-layer thresholds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dymu_lightning.thresholds import ThresholdsFile
+
+
+def write_report(result: ThresholdsFile, histogram: torch.Tensor, out_dir: Path) -> Path:
+    """Write ``report.md``, ``tokens.png`` and ``thresholds.png`` into ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on clusters
+    from matplotlib import pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(6, 3))
+    counts = torch.arange(histogram.numel())
+    axis.bar(counts.tolist(), histogram.tolist(), width=1.0)
+    axis.set_xlabel("tokens per image at the encoder output")
+    axis.set_ylabel("images")
+    axis.set_title(f"{result.backbone}: {result.images_seen} calibration images")
+    figure.tight_layout()
+    figure.savefig(out_dir / "tokens.png", dpi=100)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6, 3))
+    layers = [i for i, t in enumerate(result.thresholds) if t is not None]
+    axis.plot(layers, [result.thresholds[i] for i in layers], marker="o")
+    axis.set_xlabel("layer")
+    axis.set_ylabel("threshold (cosine)")
+    axis.set_title("per-layer thresholds")
+    figure.tight_layout()
+    figure.savefig(out_dir / "thresholds.png", dpi=100)
+    plt.close(figure)
+
+    tokens = result.tokens
+    rows = "\n".join(
+        f"| {layer} | {r} | {'never merges' if t is None else f'{t:.4f}'} |"
+        for layer, (r, t) in enumerate(zip(result.r, result.thresholds, strict=True))
+    )
+    summary = (
+        "no images"
+        if tokens["mean"] is None
+        else f"{tokens['mean']:.1f} ± {tokens['std']:.1f} (min {tokens['min']}, max {tokens['max']}) "
+        f"of {tokens['full']} tokens per image"
+    )
+    text = f"""# Calibration report: {result.backbone}
+
+- images: {result.images_seen} in global batches of {result.global_batch_size}, world size {result.world_size}
+- schedule: {result.schedule}
+- tokens during calibration (merges ranked per global batch): {summary}
+
+![token counts](tokens.png)
+
+![thresholds](thresholds.png)
+
+| layer | r | threshold |
+|---|---|---|
+{rows}
+"""
+    path = out_dir / "report.md"
+    path.write_text(text)
+    return path

@@ -1,0 +1,207 @@
+"""Run a calibration recipe: model, data, Lightning Trainer, results in ``out_dir``.
+
+Under Lightning's ``ddp`` strategy every process re-runs the same command line, so this function is
+deterministic and creates nothing (no folder, no file) before the Trainer exists; rank 0 writes the
+outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+
+from dymu_lightning.backbones import get_backbone
+from dymu_lightning.config.recipes import ConfigError, Recipe
+from dymu_lightning.config.schema import CalibrationRecipe
+from dymu_lightning.core.schedule import merges_per_layer
+from dymu_lightning.lit.calibration import CalibrationModule, load_state
+from dymu_lightning.lit.datamodule import ShardsDataModule
+from dymu_lightning.lit.report import write_report
+from dymu_lightning.thresholds import ThresholdsFile
+
+log = logging.getLogger(__name__)
+
+# Our IterableDataset yields whole global batches and splits work across workers itself, so
+# Lightning's generic warnings about __len__ with workers and about its own pytree internals are noise.
+warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def target_r(cfg: CalibrationRecipe, path: Path) -> tuple[int | None, int | None]:
+    """(r, tokens_left) from the schedule section; a named variant sets r."""
+    schedule = cfg.schedule
+    r = schedule.r
+    if schedule.variant is not None:
+        if schedule.variant not in schedule.variants:
+            raise ConfigError(
+                f"{path}: schedule.variant={schedule.variant!r} is not one of schedule.variants "
+                f"({', '.join(sorted(schedule.variants)) or 'none defined'})"
+            )
+        r = schedule.variants[schedule.variant]
+    if (r is None) == (schedule.tokens_left is None):
+        raise ConfigError(f"{path}: set exactly one of schedule.r, schedule.variant and schedule.tokens_left")
+    return r, schedule.tokens_left
+
+
+def check(recipe: Recipe) -> CalibrationRecipe:
+    """Validate a recipe beyond its types, without loading a model."""
+    cfg: CalibrationRecipe = recipe.to_object()
+    target_r(cfg, recipe.path)
+    get_backbone(cfg.model.backbone)  # unknown names fail here, with a did-you-mean
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"{recipe.path}: model.dtype={cfg.model.dtype!r}; expected one of {sorted(DTYPES)}")
+    if cfg.data.global_batch_size < 1:
+        raise ConfigError(f"{recipe.path}: data.global_batch_size must be >= 1")
+    world = _world_size(cfg)
+    if world is not None and cfg.data.global_batch_size % world:
+        raise ConfigError(
+            f"{recipe.path}: data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
+            f"{world} processes (trainer.devices x trainer.num_nodes)"
+        )
+    return cfg
+
+
+def calibrate(recipe: Recipe) -> Path:
+    """Run the calibration recipe; returns the path of thresholds.json."""
+    cfg = check(recipe)
+    L.seed_everything(cfg.seed, verbose=False)
+    backbone = get_backbone(cfg.model.backbone)
+    model = backbone.build(cfg.model.arch) if cfg.model.random_init else backbone.load(cfg.model.source)
+    model = model.to(DTYPES[cfg.model.dtype]).eval().requires_grad_(False)
+    transform = backbone.image_transform(model)
+
+    probe = transform(Image.new("RGB", (64, 64)))[None].to(DTYPES[cfg.model.dtype])
+    with torch.no_grad():
+        full_tokens = backbone.embed(model, probe).shape[1]
+    r_value, tokens_left = target_r(cfg, recipe.path)
+    r = merges_per_layer(
+        backbone.num_layers(model),
+        cfg.schedule.kind,
+        r=r_value,
+        tokens_left=tokens_left,
+        tokens=full_tokens,
+        merging_layers=cfg.model.num_blocks,
+    )
+    fingerprint = _fingerprint(cfg, r)
+    out_dir = Path(cfg.out_dir).expanduser()
+    state = load_state(out_dir, fingerprint) if cfg.resume else None
+    start_step = int(state["steps_done"]) if state else 0
+    if start_step:
+        log.warning("resuming %s from step %d (%d images seen)", out_dir, start_step, state["images_seen"])
+
+    module = CalibrationModule(
+        backbone,
+        model,
+        r,
+        cfg.model.num_blocks,
+        out_dir,
+        cfg.trainer.save_every_n_steps,
+        fingerprint,
+        full_tokens,
+        state,
+    )
+    datamodule = ShardsDataModule(
+        cfg.data.shards,
+        cfg.data.images,
+        cfg.data.global_batch_size,
+        transform,
+        start_step=start_step,
+        max_images=cfg.data.max_images,
+        num_workers=cfg.data.num_workers,
+        strict=cfg.data.strict,
+        shard_size=cfg.data.shard_size,
+    )
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        limit_val_batches=cfg.trainer.max_steps,
+    )
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    path = out_dir / "thresholds.json"
+    if trainer.is_global_zero:
+        result = ThresholdsFile(
+            backbone=backbone.name,
+            num_layers=backbone.num_layers(model),
+            image_size=int(probe.shape[-1]),
+            thresholds=[t if rl > 0 else None for t, rl in zip(module.thresholds.mean(), r, strict=True)],
+            r=r,
+            schedule={
+                "kind": cfg.schedule.kind,
+                "r": r_value,
+                "tokens_left": tokens_left,
+                "variant": cfg.schedule.variant,
+                "merging_layers": cfg.model.num_blocks or backbone.num_layers(model),
+            },
+            images_seen=module.images_seen,
+            global_batch_size=cfg.data.global_batch_size,
+            world_size=trainer.world_size,
+            tokens=module.tokens.summary(),
+            source="random"
+            if cfg.model.random_init
+            else str(cfg.model.source or getattr(backbone, "default_source", "")),
+            num_blocks=cfg.model.num_blocks,
+            extra={
+                "steps": module.steps_done,
+                "bytes_gathered_per_step": module.bytes_gathered_per_step,
+                "images_skipped": module.images_skipped,
+                "index_sum": float(module.index_sums[0]),
+                "index_square_sum": float(module.index_sums[1]),
+                "recipe": str(recipe.path),
+                "overrides": list(recipe.overrides),
+            },
+        )
+        result.save(path)
+        write_report(result, module.tokens.histogram, out_dir)
+        _print_summary(result, path)
+    return path
+
+
+def _world_size(cfg: CalibrationRecipe) -> int | None:
+    devices = cfg.trainer.devices
+    if isinstance(devices, int):
+        return devices * cfg.trainer.num_nodes
+    return None
+
+
+def _fingerprint(cfg: CalibrationRecipe, r: list[int]) -> dict[str, Any]:
+    """What a saved state must agree on to be resumed by this run."""
+    return {
+        "backbone": cfg.model.backbone,
+        "source": "random" if cfg.model.random_init else str(cfg.model.source),
+        "arch": dict(cfg.model.arch) if cfg.model.random_init else {},
+        "num_blocks": cfg.model.num_blocks,
+        "dtype": cfg.model.dtype,
+        "r": list(r),
+        "shards": str(Path(cfg.data.shards).expanduser()),
+        "global_batch_size": cfg.data.global_batch_size,
+        "max_images": cfg.data.max_images,
+        "seed": cfg.seed,
+    }
+
+
+def _print_summary(result: ThresholdsFile, path: Path) -> None:
+    tokens = result.tokens
+    shown = " ".join("-" if t is None else f"{t:.3f}" for t in result.thresholds)
+    print(f"calibrated {result.backbone}: {result.images_seen} images, world size {result.world_size}")
+    print(f"thresholds: {shown}")
+    if tokens["mean"] is not None:
+        print(
+            f"tokens per image: {tokens['mean']:.1f} ± {tokens['std']:.1f} (min {tokens['min']}, "
+            f"max {tokens['max']}) of {tokens['full']}"
+        )
+    print(f"wrote {path} and {path.parent / 'report.md'}")
