@@ -73,6 +73,12 @@ def encoder_flops(tokens_per_layer: torch.Tensor, channels: int, mlp_ratio: floa
     return float(block_flops(n_in, n_out, channels, mlp_ratio).sum())
 
 
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
 def photos(count: int) -> list[Image.Image]:
     from dymu_lightning import assets
 
@@ -178,11 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    machine = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    machine = machine_name(device)
     print(f"# encoder speed on {machine}, {args.dtype}, torch {torch.__version__}")
     print(f"# command: python {' '.join(sys.argv)}")
     print(HEADER)

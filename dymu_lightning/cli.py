@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "ls":
         return _list()
 
+    from omegaconf.errors import OmegaConfBaseException
+
     from dymu_lightning.config.recipes import ConfigError, load_recipe
 
     try:
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         calibrate(recipe)
         return 0
-    except (ConfigError, KeyError, FileNotFoundError) as error:
+    except (ValueError, KeyError, FileNotFoundError, OmegaConfBaseException) as error:
+        # Bad input (ConfigError is a ValueError) gets one line naming the problem, not a traceback.
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -84,7 +87,7 @@ def _list() -> int:
 
     print("recipes:")
     for name, path in sorted(packaged_recipes().items()):
-        print(f"  {name:<16} {_first_comment(path)}")
+        print(f"  {name:<20} {_first_comment(path)}")
     print("backbones:")
     for name in list_backbones():
         print(f"  {name}")

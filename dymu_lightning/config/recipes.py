@@ -46,6 +46,8 @@ class Recipe:
             raise ConfigError(
                 f"{self.path}: '{error.full_key}' has no value; set it in the recipe or with {error.full_key}=..."
             ) from None
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{self.path}: '{error.full_key}': {_first_line(error)}") from None
 
 
 def packaged_recipes() -> dict[str, Path]:

@@ -32,7 +32,8 @@ class GlobalBatchCut:
 
     Args:
         r: merges per image for every layer.
-        valid: ``[B]`` bool, the real images of the local batch (padding images never merge).
+        valid: ``[B]`` bool, the real images of the local batch (padding rows take no part in the
+            ranking; whatever they merge is discarded).
         global_images: real images in the global batch (the same on every process).
         gather: see :data:`Gather`.
     """

@@ -8,6 +8,7 @@ outputs.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from PIL import Image
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.config.recipes import ConfigError, Recipe
 from dymu_lightning.config.schema import CalibrationRecipe
-from dymu_lightning.core.schedule import merges_per_layer
+from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
 from dymu_lightning.lit.calibration import CalibrationModule, load_state
 from dymu_lightning.lit.datamodule import ShardsDataModule
 from dymu_lightning.lit.report import write_report
@@ -40,6 +41,11 @@ def target_r(cfg: CalibrationRecipe, path: Path) -> tuple[int | None, int | None
     schedule = cfg.schedule
     r = schedule.r
     if schedule.variant is not None:
+        if r is not None:
+            raise ConfigError(
+                f"{path}: schedule.r={r} and schedule.variant={schedule.variant!r} are both set; "
+                "add schedule.variant=null to use r"
+            )
         if schedule.variant not in schedule.variants:
             raise ConfigError(
                 f"{path}: schedule.variant={schedule.variant!r} is not one of schedule.variants "
@@ -58,9 +64,28 @@ def check(recipe: Recipe) -> CalibrationRecipe:
     get_backbone(cfg.model.backbone)  # unknown names fail here, with a did-you-mean
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"{recipe.path}: model.dtype={cfg.model.dtype!r}; expected one of {sorted(DTYPES)}")
-    if cfg.data.global_batch_size < 1:
-        raise ConfigError(f"{recipe.path}: data.global_batch_size must be >= 1")
+    if cfg.schedule.kind not in SCHEDULES:
+        raise ConfigError(f"{recipe.path}: schedule.kind={cfg.schedule.kind!r}; expected one of {SCHEDULES}")
+    for key, value, least in (
+        ("data.global_batch_size", cfg.data.global_batch_size, 1),
+        ("data.max_images", cfg.data.max_images, 1),
+        ("trainer.save_every_n_steps", cfg.trainer.save_every_n_steps, 1),
+        ("trainer.max_steps", cfg.trainer.max_steps, 1),
+        ("schedule.r", cfg.schedule.r, 0),
+        ("schedule.tokens_left", cfg.schedule.tokens_left, 1),
+        ("model.num_blocks", cfg.model.num_blocks, 1),
+    ):
+        if value is not None and value < least:
+            raise ConfigError(f"{recipe.path}: {key} must be >= {least}, got {value}")
     world = _world_size(cfg)
+    launched = os.environ.get("WORLD_SIZE")
+    if launched is not None and world is not None and int(launched) != world:
+        # torchrun (or srun) started WORLD_SIZE processes; Lightning must be told the same layout,
+        # or each process would calibrate alone on all the data.
+        raise ConfigError(
+            f"{recipe.path}: the launcher started {launched} processes but trainer.devices x trainer.num_nodes "
+            f"= {world}; set them to match (and trainer.strategy=ddp)"
+        )
     if world is not None and cfg.data.global_batch_size % world:
         raise ConfigError(
             f"{recipe.path}: data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "

@@ -1,0 +1,86 @@
+"""Every packaged recipe validates, and runs end to end: quickstart on its real weights, the others on
+random weights of their real architectures, on a shrunken setting (two photos)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dymu_lightning.backbones import get_backbone
+from dymu_lightning.cli import main
+from dymu_lightning.config import ConfigError, load_recipe, packaged_recipes
+from dymu_lightning.lit.run import calibrate, check
+from dymu_lightning.thresholds import ThresholdsFile
+
+RECIPES = sorted(packaged_recipes())
+# Recipes that need a user's shards get the bundled photos instead.
+SHRUNKEN = ["data.images=assets:skimage", "data.max_images=2", "data.global_batch_size=2", "trainer.progress_bar=false"]
+
+
+def test_the_four_calibration_recipes_are_packaged():
+    assert {"quickstart", "llava_calib", "clip_calib", "siglip_calib", "siglip_so400m_calib"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_passes_check(name, tmp_path):
+    recipe = load_recipe(name, [f"data.shards={tmp_path}"] if name != "quickstart" else [])
+    config = check(recipe)
+    assert config.model.backbone in ("dinov2_vits14_offline", "hf_clip", "hf_siglip")
+    assert recipe.path.read_text().startswith("#"), "a recipe opens with a comment showing its launch command"
+    assert f"recipe={name}" in recipe.path.read_text()
+
+
+def test_llava_variants_set_r():
+    base = ["data.shards=/tmp/x"]
+    for variant, r in {"low": 21, "mid": 16, "high": 8}.items():
+        config = load_recipe("llava_calib", [*base, f"schedule.variant={variant}"]).to_object()
+        assert config.schedule.variants[config.schedule.variant] == r
+    with pytest.raises(
+        ConfigError, match=r"schedule.variant='medium' is not one of schedule.variants \(high, low, mid\)"
+    ):
+        check(load_recipe("llava_calib", [*base, "schedule.variant=medium"]))
+
+
+def test_missing_mandatory_value_names_the_key():
+    with pytest.raises(
+        ConfigError, match=r"llava_calib.yaml: 'data.shards' has no value; set it in the recipe or with data.shards=..."
+    ):
+        check(load_recipe("llava_calib"))
+
+
+def test_cli_reports_config_errors_without_a_traceback(capsys):
+    assert main(["check", "recipe=quickstart", "data.global_batchsize=8"]) == 2
+    error = capsys.readouterr().err
+    assert "unknown key 'data.global_batchsize'; did you mean 'data.global_batch_size'?" in error
+    assert "quickstart.yaml" in error and "Traceback" not in error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in RECIPES if n != "quickstart"])
+def test_recipe_runs_on_random_weights_of_its_architecture(name, tmp_path):
+    overrides = [
+        "model.random_init=true",
+        f"out_dir={tmp_path / 'out'}",
+        f"data.shards={tmp_path / 'shards'}",
+        *SHRUNKEN,
+    ]
+    path = calibrate(load_recipe(name, overrides))
+    result = ThresholdsFile.load(path)
+    recipe = load_recipe(name, overrides).to_object()
+    backbone = get_backbone(recipe.model.backbone)
+    model = backbone.build(recipe.model.arch)
+    result.check_matches(backbone, model)
+    assert result.images_seen == 2 and result.source == "random"
+    merging = recipe.model.num_blocks or backbone.num_layers(model)
+    assert sum(result.r) == recipe.schedule.variants[recipe.schedule.variant] * merging
+    assert result.tokens["mean"] == result.tokens["full"] - sum(result.r)
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_real_weights(tmp_path):
+    path = calibrate(load_recipe("quickstart", [f"out_dir={tmp_path}", "trainer.progress_bar=false"]))
+    result = ThresholdsFile.load(path)
+    backbone = get_backbone("dinov2_vits14_offline")
+    result.check_matches(backbone, backbone.load())
+    assert result.images_seen == 26 and result.tokens["mean"] == 257 - 12 * 12
+    assert result.tokens["min"] < 60 < 160 < result.tokens["max"]  # flat and busy photos differ widely
+    assert {p.name for p in tmp_path.iterdir()} >= {"thresholds.json", "report.md", "tokens.png", "thresholds.png"}
