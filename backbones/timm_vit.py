@@ -28,7 +28,7 @@ class TimmViT(Backbone):
 
     ``build`` takes ``{"model_name": ..., **create_model_kwargs}``; ``load`` takes a timm model
     name (pretrained weights via timm's hub support), ``hf-hub:org/name``, or a local directory
-    written by ``timm.models.push_to_hub.save_for_hf``.
+    written by ``timm.models.save_for_hf``.
     """
 
     def load(self, source: str | os.PathLike[str]) -> nn.Module:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests never reach a model hub: fail fast instead of waiting on a network that is not there.
+# (Set before transformers or huggingface_hub is imported: both read it at import time.)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import torch
 import torch.nn.functional as F

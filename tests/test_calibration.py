@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tests_support import TINY_TIMM_ARCH as ARCH
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.config import ConfigError, load_recipe
@@ -21,14 +22,6 @@ from dymu_lightning.data import write_shards
 from dymu_lightning.lit.run import calibrate
 from dymu_lightning.thresholds import ThresholdsFile
 
-ARCH = {
-    "model_name": "vit_base_patch16_224",
-    "embed_dim": 48,
-    "depth": 3,
-    "num_heads": 3,
-    "img_size": 64,
-    "patch_size": 8,
-}
 FULL = 65  # 64 patches + CLS
 
 
