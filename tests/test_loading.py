@@ -45,7 +45,8 @@ def test_timm_backbone_loads_a_save_for_hf_directory(tmp_path):
 
 @pytest.mark.parametrize("name", HF_BACKBONES)
 def test_unreachable_hub_id_names_the_backbone_and_the_fix(name):
-    with pytest.raises(OSError, match=rf"backbone '{name}' could not load 'someone/not-here'.*local save_pretrained directory"):
+    expected = rf"backbone '{name}' could not load 'someone/not-here'.*local save_pretrained directory"
+    with pytest.raises(OSError, match=expected):
         get_backbone(name).load("someone/not-here")
 
 

@@ -23,6 +23,7 @@ from dymu_lightning.config.schema import CalibrationRecipe
 from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
 from dymu_lightning.lit.calibration import CalibrationModule, load_state
 from dymu_lightning.lit.datamodule import ShardsDataModule
+from dymu_lightning.lit.progress import CalibrationProgressBar
 from dymu_lightning.lit.report import write_report
 from dymu_lightning.thresholds import ThresholdsFile
 
@@ -153,6 +154,7 @@ def calibrate(recipe: Recipe) -> Path:
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=cfg.trainer.progress_bar,
+        callbacks=[CalibrationProgressBar()] if cfg.trainer.progress_bar else [],
         limit_val_batches=cfg.trainer.max_steps,
     )
     trainer.validate(module, datamodule=datamodule, verbose=False)

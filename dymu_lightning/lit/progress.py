@@ -1,0 +1,28 @@
+"""A progress bar for calibration that shows images/s and the running mean token count.
+
+Lightning's bars show logged metrics during training only; calibration runs in ``trainer.validate``,
+so this bar puts the module's progress-bar metrics next to the validation bar itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class CalibrationProgressBar(TQDMProgressBar):
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        if self.val_progress_bar is not None:
+            metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k in ("img/s", "tokens")}
+            self.val_progress_bar.set_postfix({k: f"{float(v):.1f}" for k, v in metrics.items()}, refresh=False)
