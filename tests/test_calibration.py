@@ -92,6 +92,25 @@ def test_resumed_run_equals_uninterrupted(tmp_path, shards):
     assert resumed.tokens == whole.tokens
 
 
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, shards):
+    """A real SIGKILL in the middle of the CLI run (after step 2 of 3), then the same command again."""
+    whole = run(recipe_file(tmp_path / "whole", shards))
+    recipe = recipe_file(tmp_path / "killed", shards)
+    command = [sys.executable, "-m", "dymu_lightning", f"recipe={recipe}"]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "DYMU_FAULT_KILL_AFTER_STEP": "2"})  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / "out" / "thresholds.json").exists()
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr and "from step 2" in resumed.stderr
+    result = ThresholdsFile.load(tmp_path / "killed" / "out" / "thresholds.json")
+    assert result.images_seen == 10 and result.extra["index_sum"] == sum(range(10))
+    assert result.thresholds == pytest.approx(whole.thresholds, abs=1e-12)
+    assert result.tokens == whole.tokens
+
+
 def test_resume_refuses_a_state_from_another_run(tmp_path, shards):
     recipe = recipe_file(tmp_path, shards)
     run(recipe, "trainer.max_steps=1")

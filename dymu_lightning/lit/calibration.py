@@ -8,6 +8,8 @@ processes end each step with identical statistics, so rank 0 alone writes the st
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from dymu_lightning.core import LayerMerges, MergePolicy
 from dymu_lightning.core.calibration import GlobalBatchCut, ThresholdStats, TokenStats
 
 STATE_FILE = "calibration_state.pt"
+# DYMU_FAULT_KILL_AFTER_STEP=N makes every process SIGKILL itself after global step N (tests only).
+_KILL_AFTER_STEP = int(os.environ.get("DYMU_FAULT_KILL_AFTER_STEP", "0")) or None
 
 
 class CalibrationModule(L.LightningModule):
@@ -116,6 +120,9 @@ class CalibrationModule(L.LightningModule):
             self.log("tokens", float(summary["mean"]), prog_bar=True, on_step=True, on_epoch=False)
         if self.steps_done % self.save_every_n_steps == 0:
             self.save_state()
+        if self.steps_done == _KILL_AFTER_STEP:
+            # Fault injection for the resume tests: die as a preempted job would, without cleanup.
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def on_validation_start(self) -> None:
         self._started = time.perf_counter()
