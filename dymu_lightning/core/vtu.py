@@ -34,6 +34,10 @@ class VirtualLayout:
     valid: Tensor
     num_rows: int
 
+    def __post_init__(self) -> None:
+        # Decided once per layout (one host sync), so that unpadded batches take SDPA's causal kernel.
+        object.__setattr__(self, "padded", not bool(self.valid.all()))
+
     @classmethod
     def singletons(cls, batch: int, length: int, device: torch.device | None = None) -> VirtualLayout:
         """Every row its own position, positions 0..N-1: VTU is then plain attention."""
@@ -60,9 +64,12 @@ class VirtualLayout:
         counts = self.counts().to(values.dtype).clamp(min=1)
         return sums / counts.reshape(*counts.shape, *([1] * (values.dim() - 2)))
 
-    def causal_mask(self) -> Tensor:
+    def causal_mask(self) -> Tensor | None:
         """``[B, 1, N, N]`` bool: position i sees position j when j <= i in sequence order and j is
-        valid. A padding query sees itself only, so no row of the softmax is empty."""
+        valid. A padding query sees itself only, so no row of the softmax is empty. None when nothing
+        is padded: plain causal attention then applies."""
+        if not self.padded:
+            return None
         length = self.expand.shape[1]
         order = torch.arange(length, device=self.expand.device)
         causal = order[None, :] <= order[:, None]
@@ -97,11 +104,11 @@ def vtu_attention(
     Returns:
         ``[B, N_un, Hq * d]``: for each row, the mean attention output over its positions.
     """
-    groups = q.shape[2] // k.shape[2]
     q, k, v = (layout.to_positions(t).transpose(1, 2) for t in (q, k, v))  # [B, H, N, d]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if groups > 1:
-        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.causal_mask(), scale=scale)
+    mask = layout.causal_mask()
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
     rows = layout.to_rows(out.transpose(1, 2))  # [B, N_un, Hq, d]
     return rows.flatten(2)

@@ -1,0 +1,125 @@
+"""Prefill time of a SmolLM2-135M-sized Llama with VTU, against the full sequence and against the same
+rows without VTU.
+
+Random weights of SmolLM2-135M's architecture (30 layers, hidden 576, 9 query / 3 key-value heads,
+RoPE theta 1e5): timing does not depend on the weights. The sequence is 64 text positions followed by
+576 visual positions (LLaVA-1.5's grid); DToMe leaves `--rows` visual rows (195 ≈ DyMU-mid), grouped at
+random. All variants run interleaved in one process.
+
+    python benchmarks/vtu_prefill.py                  # batch 1 and 4, CPU, float32
+    python benchmarks/vtu_prefill.py --batch 1 16 --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from encoder_speed import machine_name, timed
+from transformers import LlamaConfig, LlamaModel
+
+from dymu_lightning.backbones.hf_llm import vtu_forward
+from dymu_lightning.core.vtu import VirtualLayout
+
+SMOLLM2_135M = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "rope_theta": 100000.0,
+    "max_position_embeddings": 8192,
+}
+
+
+def grouped_layout(batch: int, text: int, visual: int, rows: int, seed: int = 0) -> VirtualLayout:
+    """``visual`` positions after ``text`` positions, the visual ones in ``rows`` random groups."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(batch):
+        groups = torch.cat([torch.arange(rows), torch.randint(0, rows, (visual - rows,), generator=generator)])
+        groups = groups[torch.randperm(visual, generator=generator)]
+        samples.append(torch.cat([torch.arange(text), text + groups]))
+    expand = torch.stack(samples)
+    positions = torch.arange(text + visual).expand(batch, -1)
+    return VirtualLayout(expand, positions, torch.ones_like(expand, dtype=torch.bool), text + rows)
+
+
+def prefill_flops(rows: int, positions: int, config: dict) -> float:
+    """Per sequence: linear layers on the rows, attention products over the positions."""
+    c, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head = c // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head
+    linear = 2 * rows * (c * c + 2 * c * kv + c * c + 3 * c * i)
+    attention = 4 * positions**2 * c
+    return layers * (linear + attention)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--text", type=int, default=64)
+    parser.add_argument("--visual", type=int, default=576)
+    parser.add_argument("--rows", type=int, default=195)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vtu_prefill"))
+    args = parser.parse_args(argv)
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = LlamaModel(LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa")).to(device=device, dtype=dtype).eval()
+    full, rows = args.text + args.visual, args.text + args.rows
+    ideal = prefill_flops(rows, full, SMOLLM2_135M) / prefill_flops(full, full, SMOLLM2_135M)
+    head = SMOLLM2_135M["hidden_size"] // SMOLLM2_135M["num_attention_heads"]
+    kv_per_position = 2 * SMOLLM2_135M["num_hidden_layers"] * SMOLLM2_135M["num_key_value_heads"] * head
+    element = torch.finfo(dtype).bits // 8
+    lines = [
+        f"# VTU prefill on {machine_name(device)}, {args.dtype}, torch {torch.__version__}",
+        f"# command: python {' '.join(sys.argv)}",
+        f"SmolLM2-135M architecture, random weights; {args.text} text + {args.visual} visual positions, "
+        f"{args.rows} visual rows after DToMe",
+        "",
+        "| batch | full sequence | VTU | VTU / full | FLOPs ideal | rows without VTU | no-VTU / full |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for batch in args.batch:
+        layout = grouped_layout(batch, args.text, args.visual, args.rows)
+        layout = VirtualLayout(
+            *(t.to(device) for t in (layout.expand, layout.positions, layout.valid)), layout.num_rows
+        )
+        full_embeds = torch.randn(batch, full, SMOLLM2_135M["hidden_size"], device=device, dtype=dtype)
+        row_embeds = full_embeds[:, :rows]
+        with torch.inference_mode():
+            seconds = timed(
+                {
+                    "full": lambda e=full_embeds: model(inputs_embeds=e),
+                    "vtu": lambda e=row_embeds, lay=layout: vtu_forward(model, e, lay),
+                    "rows": lambda e=row_embeds: model(inputs_embeds=e),
+                },
+                args.repeats,
+                device,
+            )
+        lines.append(
+            f"| {batch} | {seconds['full'] * 1e3:.0f} ms | {seconds['vtu'] * 1e3:.0f} ms | "
+            f"{seconds['vtu'] / seconds['full']:.2f}x | {ideal:.2f}x | {seconds['rows'] * 1e3:.0f} ms | "
+            f"{seconds['rows'] / seconds['full']:.2f}x |"
+        )
+        print(lines[-1], flush=True)
+        expanded, compact = batch * full * kv_per_position * element, batch * rows * kv_per_position * element
+        lines.append(
+            f"|  | KV cache (computed): expanded {expanded / 2**20:.1f} MiB, one entry per row "
+            f"{compact / 2**20:.1f} MiB + a {batch * full * 8 / 2**10:.1f} KiB group map | | | | | |"
+        )
+    print("\n".join(lines))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
