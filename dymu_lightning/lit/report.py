@@ -18,8 +18,11 @@ def write_report(result: ThresholdsFile, histogram: torch.Tensor, out_dir: Path)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(6, 3))
-    counts = torch.arange(histogram.numel())
-    axis.bar(counts.tolist(), histogram.tolist(), width=1.0)
+    # Per-count bins are too thin to read for small runs: group them into about 40 bars.
+    width = max(1, histogram.numel() // 40)
+    padded = torch.nn.functional.pad(histogram, (0, (-histogram.numel()) % width))
+    bars = padded.reshape(-1, width).sum(dim=1)
+    axis.bar((torch.arange(bars.numel()) * width).tolist(), bars.tolist(), width=width, align="edge")
     axis.set_xlabel("tokens per image at the encoder output")
     axis.set_ylabel("images")
     axis.set_title(f"{result.backbone}: {result.images_seen} calibration images")
