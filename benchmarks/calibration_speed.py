@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-from encoder_speed import GEOMETRIES, machine_name, photos, timed
+from encoder_speed import GEOMETRIES, add_run_arguments, machine_name, photos, timed
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.core import MergePolicy
@@ -29,10 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--geometry", default="b16_224", choices=sorted(GEOMETRIES))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--r", type=int, default=11)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration_speed"))
+    add_run_arguments(parser, "calibration_speed")
     args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

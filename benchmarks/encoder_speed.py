@@ -73,6 +73,14 @@ def encoder_flops(tokens_per_layer: torch.Tensor, channels: int, mlp_ratio: floa
     return float(block_flops(n_in, n_out, channels, mlp_ratio).sum())
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every benchmark script shares: rounds, device, dtype and where results go."""
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", type=Path, default=Path(f"benchmarks/results/{name}"), help="results path stem")
+
+
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -177,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", nargs="+", default=["b16_224", "l14_336"], choices=sorted(GEOMETRIES))
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/encoder_speed"))
+    add_run_arguments(parser, "encoder_speed")
     args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-from encoder_speed import machine_name, timed
+from encoder_speed import add_run_arguments, machine_name, timed
 from transformers import LlamaConfig, LlamaModel
 
 from dymu_lightning.backbones.hf_llm import vtu_forward
@@ -64,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", type=int, default=64)
     parser.add_argument("--visual", type=int, default=576)
     parser.add_argument("--rows", type=int, default=195)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vtu_prefill"))
+    add_run_arguments(parser, "vtu_prefill")
     args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
