@@ -37,6 +37,9 @@ class VirtualLayout:
     def __post_init__(self) -> None:
         # Decided once per layout (one host sync), so that unpadded batches take SDPA's causal kernel.
         object.__setattr__(self, "padded", not bool(self.valid.all()))
+        # Every layer averages over the same groups: count their members once.
+        counts = torch.zeros(self.expand.shape[0], self.num_rows, device=self.expand.device)
+        object.__setattr__(self, "_counts", counts.scatter_add_(1, self.expand, self.valid.float()))
 
     @classmethod
     def singletons(cls, batch: int, length: int, device: torch.device | None = None) -> VirtualLayout:
@@ -46,8 +49,7 @@ class VirtualLayout:
 
     def counts(self) -> Tensor:
         """``[B, N_un]`` float, valid virtual positions per row (0 for padding rows)."""
-        counts = torch.zeros(self.expand.shape[0], self.num_rows, device=self.expand.device)
-        return counts.scatter_add_(1, self.expand, self.valid.float())
+        return self._counts
 
     def to_positions(self, rows: Tensor) -> Tensor:
         """``[B, N_un, *F]`` -> ``[B, N, *F]``: copy each row to its positions."""
