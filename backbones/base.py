@@ -95,6 +95,11 @@ class Backbone(ABC):
         """``[B, N, C]``: the unpatched host's last hidden state (final norm included where the host
         applies one), computed by the host's own forward. The reference every test compares to."""
 
+    def handles(self, model: nn.Module) -> bool:
+        """Whether ``model`` is of this adapter's family. Used to find the adapter for a vision tower
+        inside a larger model (e.g. a LLaVA); adapters override it, the default claims nothing."""
+        return False
+
     # ----- shared ------------------------------------------------------------------------------------
     def num_layers(self, model: nn.Module) -> int:
         return len(self.blocks(model))

@@ -93,6 +93,9 @@ class HFVisionBackbone(Backbone):
     def stock_features(self, model: nn.Module, pixels: Tensor) -> Tensor:
         return model(pixel_values=pixels).last_hidden_state
 
+    def handles(self, model: nn.Module) -> bool:
+        return isinstance(model, self.model_class)
+
     def blocks(self, model: nn.Module) -> list[BlockParts]:
         return [self.block_parts(layer) for layer in self.layers(model)]
 

@@ -16,6 +16,8 @@ import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
+from torch import nn
+
 from dymu_lightning.backbones.base import Backbone
 
 ENTRY_POINT_GROUP = "dymu_lightning.backbones"
@@ -71,6 +73,20 @@ def get_backbone(name: str) -> Backbone:
         raise TypeError(f"backbone {name!r} is registered to {factory!r}, which did not return a Backbone")
     backbone.name = name
     return backbone
+
+
+def find_backbone(model: nn.Module) -> Backbone:
+    """The first registered adapter (built-ins first, in registration order) whose
+    :meth:`~Backbone.handles` claims ``model``; a TypeError naming the model's class if none does."""
+    _load_entry_points()
+    for name in list(_registry):
+        backbone = get_backbone(name)
+        if backbone.handles(model):
+            return backbone
+    raise TypeError(
+        f"no registered backbone adapts a {type(model).__name__}; register one whose handles() accepts it "
+        "(docs/backbones.md)"
+    )
 
 
 def list_backbones() -> list[str]:

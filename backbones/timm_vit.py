@@ -50,6 +50,9 @@ class TimmViT(Backbone):
             TinyConfig("qk_norm", {**base, "qk_norm": True}),
         ]
 
+    def handles(self, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
     def preprocess(self, model: nn.Module, images: Sequence[Image.Image]) -> Tensor:
         transform = self.image_transform(model)
         return torch.stack([transform(image) for image in images])

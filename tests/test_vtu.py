@@ -4,25 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaModel, MistralConfig, MistralModel, Qwen2Config, Qwen2Model
+from tests_support import FAMILIES, TINY, naive_reference
 
 from dymu_lightning.backbones.hf_llm import vtu_forward
 from dymu_lightning.core.vtu import VirtualLayout
-
-TINY = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,  # GQA, as in SmolLM2
-    "max_position_embeddings": 128,
-}
-FAMILIES = {
-    "llama": (LlamaConfig, LlamaModel),
-    "qwen2": (Qwen2Config, Qwen2Model),
-    "mistral": (MistralConfig, MistralModel),
-}
 
 
 def build(family: str, attn: str = "sdpa") -> torch.nn.Module:
@@ -61,32 +46,6 @@ def batch_layout(pads: list[int], seed: int = 0) -> VirtualLayout:
     valid = torch.stack([v for _, v, _ in samples])
     positions = torch.arange(expand.shape[1]).expand_as(expand)
     return VirtualLayout(expand, positions, valid, num_rows)
-
-
-def naive_reference(model: torch.nn.Module, rows: torch.Tensor, layout: VirtualLayout) -> torch.Tensor:
-    """Per layer: copy rows to positions, run the host's own attention module with RoPE at the
-    original positions and a causal mask, average its outputs per row; norms and MLP on the rows."""
-    length = layout.expand.shape[1]
-    allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None] & layout.valid[:, None, :]
-    allowed |= torch.eye(length, dtype=torch.bool)[None]  # padding queries see themselves
-    additive = torch.zeros(allowed.shape, dtype=rows.dtype).masked_fill(~allowed, float("-inf"))[:, None]
-    for layer in model.layers:
-        expanded = layout.to_positions(rows)
-        embeddings = model.rotary_emb(expanded, layout.positions)
-        out, _ = layer.self_attn(
-            layer.input_layernorm(expanded), position_embeddings=embeddings, attention_mask=additive
-        )
-        means = []
-        for b in range(rows.shape[0]):
-            sample = torch.zeros_like(rows[b])
-            for r in range(layout.num_rows):
-                members = (layout.expand[b] == r) & layout.valid[b]
-                if members.any():
-                    sample[r] = out[b, members].mean(dim=0)
-            means.append(sample)
-        rows = rows + torch.stack(means)
-        rows = rows + layer.mlp(layer.post_attention_layernorm(rows))
-    return model.norm(rows)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

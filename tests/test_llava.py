@@ -1,0 +1,251 @@
+"""DyMU end to end in HF LLaVA: DToMe in the tower, VTU in the language model, generate() with both caches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests_support import FAMILIES, TINY, naive_reference
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.hf_llava import apply_dymu, dymu_inputs, is_dymu, remove_dymu
+from dymu_lightning.backbones.hf_llm import HFCompactCache
+from dymu_lightning.core import MergePolicy
+from dymu_lightning.thresholds import ThresholdsFile, batch_thresholds
+
+IMAGE_TOKEN = 63
+PATCHES = 16  # 32 px images, 8 px patches
+VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+def tiny_llava(family: str = "llama") -> LlavaForConditionalGeneration:
+    """A random LLaVA: CLIP tower (3 layers, features after 2, CLS dropped) and a tiny ``family`` LLM."""
+    config_class, _ = FAMILIES[family]
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION).to_dict(),
+        text_config=config_class(**TINY).to_dict(),
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=PATCHES,
+    )
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).double().eval()
+
+
+def images(count: int, seed: int = 0) -> torch.Tensor:
+    """Alternately smooth (a 2 x 2 colour field blown up: few distinct patches) and noisy images."""
+    generator = torch.Generator().manual_seed(seed)
+    smooth = F.interpolate(torch.randn(count, 3, 2, 2, generator=generator), size=32, mode="bilinear")
+    noisy = torch.randn(count, 3, 32, 32, generator=generator)
+    return torch.where(torch.arange(count)[:, None, None, None] % 2 == 0, smooth, noisy).double()
+
+
+def prompt_batch() -> dict[str, torch.Tensor]:
+    """Two samples, left-padded: sample 0 has two images (smooth, noisy) between text, sample 1 one
+    image (smooth) after padding; 3 images in all, in placeholder order."""
+    image = [IMAGE_TOKEN] * PATCHES
+    first = [1, 2, *image, 3, *image, 4, 5]
+    second = [6, *image, 7, 8]
+    pad = len(first) - len(second)
+    input_ids = torch.tensor([first, [0] * pad + second])
+    attention_mask = torch.tensor([[1] * len(first), [0] * pad + [1] * len(second)])
+    pixels = images(3)[[0, 1, 2]]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels}
+
+
+def merging_policy(model: LlavaForConditionalGeneration) -> MergePolicy:
+    """Thresholds from the test images themselves: about 6 merges per image and layer."""
+    backbone = get_backbone("hf_clip")
+    found = batch_thresholds(backbone, model.model.vision_tower, images(4), r=6)
+    return MergePolicy(thresholds=[t + 1e-6 for t in found])
+
+
+def greedy_reference(model, batch: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
+    """Greedy decoding with no cache at all: every step reruns the naive VTU reference (hidden states
+    copied to positions, the stock attention module, per-row means) over the whole sequence."""
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = dymu_inputs(model, batch["input_ids"], batch["pixel_values"], mask, positions)
+    rows, layout = inputs.rows, inputs.layout
+    language = model.model.language_model
+    tokens = []
+    for _ in range(steps):
+        hidden = naive_reference(language, rows, layout)
+        last = hidden.gather(1, layout.expand[:, -1:, None].expand(-1, -1, hidden.shape[-1]))
+        token = model.lm_head(last).argmax(-1)  # [B, 1]
+        tokens.append(token)
+        rows = torch.cat([rows, model.get_input_embeddings()(token)], dim=1)
+        layout = layout.extend(layout.positions[:, -1:] + 1)
+    return torch.cat(tokens, dim=1)
+
+
+def generate(model, batch: dict[str, torch.Tensor], steps: int, **kwargs):
+    return model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_infinite_thresholds_equal_the_stock_model(family):
+    model = tiny_llava(family)
+    batch = prompt_batch()
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        stock = model(**batch, position_ids=positions).logits
+        stock_tokens = generate(model, batch, 5)
+        apply_dymu(model, MergePolicy(thresholds=[math.inf] * 3))
+        ours = model(**batch, position_ids=positions).logits
+        for cache in ("compact", "expanded"):
+            apply_dymu(model, MergePolicy(thresholds=[math.inf] * 3), cache=cache)
+            assert torch.equal(generate(model, batch, 5), stock_tokens), cache
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[valid], stock[valid], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("cache", ["compact", "expanded"])
+def test_greedy_generate_equals_the_naive_reference(family, cache):
+    model = tiny_llava(family)
+    batch = prompt_batch()
+    apply_dymu(model, merging_policy(model), cache=cache)
+    with torch.no_grad():
+        inputs = dymu_inputs(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        reference = greedy_reference(model, batch, steps=6)
+        out = generate(model, batch, 6)
+    assert inputs.visual_rows.lt(PATCHES).all()  # every image merged something
+    assert torch.equal(out[:, batch["input_ids"].shape[1] :], reference)
+
+
+def test_images_of_different_complexity_get_different_row_counts():
+    model = tiny_llava()
+    batch = prompt_batch()
+    apply_dymu(model, merging_policy(model))
+    with torch.no_grad():
+        inputs = dymu_inputs(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        out = generate(model, batch, 4, return_dict_in_generate=True)
+    smooth_first, noisy, smooth_second = inputs.visual_rows.tolist()
+    assert smooth_first < noisy and smooth_second < noisy
+    # a row per text token (padding included: sample 1 has 18 pads + 3 tokens) plus each image's rows
+    assert inputs.layout.num_rows == max(5 + smooth_first + noisy, 21 + smooth_second)
+    assert inputs.layout.counts().sum(1).tolist() == batch["attention_mask"].sum(1).tolist()
+    # every placeholder sees the projection of the merged token its patch went into, every text
+    # position its own embedding (checked position by position, in Python)
+    at_positions = inputs.layout.to_positions(inputs.rows)
+    merged, projector = inputs.merged, model.model.multi_modal_projector
+    embeddings = model.get_input_embeddings()(batch["input_ids"])
+    image = 0
+    for b, ids in enumerate(batch["input_ids"].tolist()):
+        placeholders = [i for i, token in enumerate(ids) if token == IMAGE_TOKEN]
+        for i in range(len(ids)):
+            if ids[i] != IMAGE_TOKEN:
+                assert torch.equal(at_positions[b, i], embeddings[b, i])
+        for start in placeholders[::PATCHES]:
+            for patch in range(PATCHES):
+                token = merged.tokens[image, merged.group[image, patch]]
+                torch.testing.assert_close(at_positions[b, start + patch], projector(token), rtol=0, atol=1e-12)
+            image += 1
+    # the compact cache holds one entry per row and per generated token (the last token is not fed back)
+    cache = out.cache
+    assert isinstance(cache, HFCompactCache)
+    assert cache.keys[0].shape[1] == inputs.layout.num_rows + 3
+    assert cache.seq_length == batch["input_ids"].shape[1] + 3
+
+
+def test_compact_and_expanded_caches_hold_what_they_should():
+    model = tiny_llava()
+    batch = prompt_batch()
+    sizes = {}
+    for cache in ("compact", "expanded"):
+        apply_dymu(model, merging_policy(model), cache=cache)
+        with torch.no_grad():
+            out = generate(model, batch, 2, return_dict_in_generate=True)
+        sizes[cache] = out.cache
+    length = batch["input_ids"].shape[1] + 1
+    expanded_keys = sizes["expanded"].layers[0].keys  # [B, Hkv, N, d], the stock layout
+    assert expanded_keys.shape == (2, TINY["num_key_value_heads"], length, 8)
+    compact = sizes["compact"]
+    assert compact.keys[0].shape[:3] == (2, compact.layout.num_rows, TINY["num_key_value_heads"])
+    assert compact.layout.num_rows < length
+
+
+def test_removing_dymu_restores_the_stock_model_exactly():
+    model = tiny_llava()
+    batch = prompt_batch()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(**batch).logits
+        apply_dymu(model, merging_policy(model))
+        merged = model(**batch).logits
+        assert is_dymu(model)
+        remove_dymu(model)
+        after = model(**batch).logits
+    assert not is_dymu(model) and "forward" not in vars(model)
+    assert torch.equal(after, before)
+    assert not torch.allclose(merged, before)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="DyMU is not applied"):
+        remove_dymu(model)
+
+
+def thresholds_file(**changes) -> ThresholdsFile:
+    fields = {
+        "backbone": "hf_clip",
+        "num_layers": 3,
+        "image_size": 32,
+        "thresholds": [0.5, 0.6, None],
+        "r": [6, 6, 0],
+        "schedule": {"kind": "constant"},
+        "images_seen": 4,
+        "global_batch_size": 4,
+        "world_size": 1,
+        "tokens": {},
+        "num_blocks": 2,
+    }
+    return ThresholdsFile(**{**fields, **changes})
+
+
+def test_apply_from_a_thresholds_file(tmp_path):
+    model = tiny_llava()
+    path = thresholds_file().save(tmp_path / "thresholds.json")
+    apply_dymu(model, path, cache="expanded", max_merges=3)
+    state = model._dymu_llava
+    assert state.backbone.name == "hf_clip" and state.num_blocks == 2 and state.cache == "expanded"
+    assert state.policy.thresholds == [0.5, 0.6, None] and state.policy.max_merges == 3
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"backbone": "hf_siglip"},
+            r"backbone 'hf_siglip' does not adapt this LLaVA's vision tower \(CLIPVisionModel\)",
+        ),
+        ({"num_layers": 12}, r"calibrated for backbone 'hf_clip' \(12 layers\)"),
+        ({"num_blocks": 3}, r"calibrated on features after 3 blocks; this LLaVA reads them after 2"),
+    ],
+)
+def test_thresholds_for_another_tower_are_refused(tmp_path, changes, message):
+    model = tiny_llava()
+    path = thresholds_file(**changes).save(tmp_path / "thresholds.json")
+    with pytest.raises(ValueError, match=message):
+        apply_dymu(model, path)
+    assert not is_dymu(model)
+
+
+def test_bad_inputs_get_clear_errors():
+    model = tiny_llava()
+    batch = prompt_batch()
+    with pytest.raises(ValueError, match="unknown cache 'paged'"):
+        apply_dymu(model, MergePolicy(thresholds=[0.5] * 3), cache="paged")
+    apply_dymu(model, MergePolicy(thresholds=[0.5] * 3))
+    with pytest.raises(ValueError, match=r"input_ids hold 48 image placeholders; 2 images need 16 each \(32\)"):
+        model(**{**batch, "pixel_values": batch["pixel_values"][:2]})
