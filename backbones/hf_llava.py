@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ class LlavaPatch:
         num_blocks: tower blocks run before LLaVA reads its features (from ``vision_feature_layer``).
         drop_prefix: True for LLaVA's "default" strategy, which drops the CLS token.
         cache: ``"expanded"`` or ``"compact"``, the KV cache ``generate()`` decodes with.
+        last: what the latest prefill produced (see :func:`last_prefill`).
     """
 
     backbone: Backbone
@@ -54,6 +55,7 @@ class LlavaPatch:
     num_blocks: int
     drop_prefix: bool
     cache: CacheKind
+    last: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,15 @@ def remove_dymu(model: nn.Module) -> nn.Module:
 
 def is_dymu(model: nn.Module) -> bool:
     return STATE_ATTRIBUTE in vars(model)
+
+
+def last_prefill(model: nn.Module) -> dict[str, Tensor]:
+    """Token accounting of the latest prefill with DyMU: ``visual_rows`` (``[num_images]``, rows each
+    image became), ``visual_positions`` (``[num_images]``, the placeholders each image had), ``rows``
+    and ``positions`` (``[B]``, the language model's rows and valid positions per sample)."""
+    if not is_dymu(model):
+        raise ValueError(f"DyMU is not applied to this {type(model).__name__}")
+    return dict(getattr(model, STATE_ATTRIBUTE).last)
 
 
 def _feature_blocks(feature_layer: int | list[int], num_layers: int) -> int:
@@ -283,6 +294,13 @@ def _dymu_forward(
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("DyMU prefills from an empty cache; continuing a cached prompt with images is not supported")
     inputs = dymu_inputs(self, input_ids, pixel_values, attention_mask, position_ids)
+    counts = inputs.layout.counts()
+    state.last.update(
+        visual_rows=inputs.visual_rows,
+        visual_positions=torch.full_like(inputs.visual_rows, inputs.merged.group.shape[1]),
+        rows=(counts > 0).sum(1),
+        positions=counts.sum(1).long(),
+    )
     use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
     hidden, store = vtu_prefill(language, inputs.rows, inputs.layout, state.cache if use_cache else None)
     kept = _positions_kept(input_ids.shape[1], logits_to_keep, hidden.device)

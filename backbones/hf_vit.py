@@ -54,6 +54,7 @@ class HFVisionBackbone(Backbone):
         source = source if source is not None else self.default_source
         if source is None:
             raise ValueError(f"backbone '{self.name}' needs a hub id or a local directory to load from")
+        source = local_dir(source) or source  # a directory given as ~/... is still a directory
         try:
             model = self.model_class.from_pretrained(str(source), attn_implementation="sdpa")
         except OSError as error:

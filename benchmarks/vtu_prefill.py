@@ -1,10 +1,11 @@
-"""Prefill time of a SmolLM2-135M-sized Llama with VTU, against the full sequence and against the same
-rows without VTU.
+"""Prefill time of SmolLM2-135M with VTU, against the full sequence and against the same rows without
+VTU; and the bytes of the expanded and the compact KV cache.
 
-Random weights of SmolLM2-135M's architecture (30 layers, hidden 576, 9 query / 3 key-value heads,
-RoPE theta 1e5): timing does not depend on the weights. The sequence is 64 text positions followed by
-576 visual positions (LLaVA-1.5's grid); DToMe leaves `--rows` visual rows (195 ≈ DyMU-mid), grouped at
-random. All variants run interleaved in one process.
+The real SmolLM2-135M-Instruct (30 layers, hidden 576, 9 query / 3 key-value heads, RoPE theta 1e5)
+when `make assets` has materialised it, else random weights of its architecture (`--weights random`;
+timing does not depend on the weights). The sequence is 64 text positions followed by 576 visual
+positions (LLaVA-1.5's grid); DToMe leaves `--rows` visual rows (195 ≈ DyMU-mid), grouped at random.
+All variants run interleaved in one process.
 
     python benchmarks/vtu_prefill.py                  # batch 1 and 4, CPU, float32
     python benchmarks/vtu_prefill.py --batch 1 16 --device cuda --dtype bfloat16
@@ -19,7 +20,7 @@ import torch
 from encoder_speed import add_run_arguments, machine_name, timed
 from transformers import LlamaConfig, LlamaModel
 
-from dymu_lightning.backbones.hf_llm import vtu_forward
+from dymu_lightning.backbones.hf_llm import vtu_forward, vtu_prefill
 from dymu_lightning.core.vtu import VirtualLayout
 
 SMOLLM2_135M = {
@@ -47,6 +48,21 @@ def grouped_layout(batch: int, text: int, visual: int, rows: int, seed: int = 0)
     return VirtualLayout(expand, positions, torch.ones_like(expand, dtype=torch.bool), text + rows)
 
 
+def language_model(weights: str) -> tuple[LlamaModel, str]:
+    """The base model of the real SmolLM2-135M if asked for (or available, with "auto"), else random
+    weights of its architecture; and a description of which it is."""
+    from dymu_lightning.small_llava import smollm2_dir
+
+    if weights != "random" and (smollm2_dir() / "config.json").is_file():
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM.from_pretrained(smollm2_dir(), attn_implementation="sdpa").model, "real weights"
+    if weights == "smollm2":
+        raise SystemExit(f"no SmolLM2 at {smollm2_dir()}: run `make assets` first")
+    torch.manual_seed(0)
+    return LlamaModel(LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa")), "random weights"
+
+
 def prefill_flops(rows: int, positions: int, config: dict) -> float:
     """Per sequence: linear layers on the rows, attention products over the positions."""
     c, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
@@ -63,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", type=int, default=64)
     parser.add_argument("--visual", type=int, default=576)
     parser.add_argument("--rows", type=int, default=195)
+    parser.add_argument("--weights", choices=["auto", "smollm2", "random"], default="auto")
     add_run_arguments(parser, "vtu_prefill")
     args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    model = LlamaModel(LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa")).to(device=device, dtype=dtype).eval()
+    model, weights = language_model(args.weights)
+    model = model.to(device=device, dtype=dtype).eval()
     full, rows = args.text + args.visual, args.text + args.rows
     ideal = prefill_flops(rows, full, SMOLLM2_135M) / prefill_flops(full, full, SMOLLM2_135M)
     head = SMOLLM2_135M["hidden_size"] // SMOLLM2_135M["num_attention_heads"]
@@ -77,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# VTU prefill on {machine_name(device)}, {args.dtype}, torch {torch.__version__}",
         f"# command: python {' '.join(sys.argv)}",
-        f"SmolLM2-135M architecture, random weights; {args.text} text + {args.visual} visual positions, "
+        f"SmolLM2-135M, {weights}; {args.text} text + {args.visual} visual positions, "
         f"{args.rows} visual rows after DToMe",
         "",
         "| batch | full sequence | VTU | VTU / full | FLOPs ideal | rows without VTU | no-VTU / full |",
@@ -106,11 +123,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{seconds['rows'] / seconds['full']:.2f}x |"
         )
         print(lines[-1], flush=True)
-        expanded, compact = batch * full * kv_per_position * element, batch * rows * kv_per_position * element
-        lines.append(
-            f"|  | KV cache (computed): expanded {expanded / 2**20:.1f} MiB, one entry per row "
-            f"{compact / 2**20:.1f} MiB + a {batch * full * 8 / 2**10:.1f} KiB group map | | | | | |"
+        with torch.inference_mode():
+            _, expanded = vtu_prefill(model, row_embeds, layout, cache="expanded")
+            _, compact = vtu_prefill(model, row_embeds, layout, cache="compact")
+        expanded_bytes = sum(
+            t.numel() * t.element_size() for layer in expanded.layers for t in (layer.keys, layer.values)
         )
+        assert expanded_bytes == batch * full * kv_per_position * element
+        lines.append(
+            f"|  | KV cache (measured): expanded {expanded_bytes / 2**20:.1f} MiB, compact "
+            f"{compact.nbytes() / 2**20:.1f} MiB ({compact.nbytes() / expanded_bytes:.2f}x, layout maps included) "
+            "| | | | | |"
+        )
+        del expanded, compact
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

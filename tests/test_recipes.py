@@ -25,7 +25,7 @@ def test_the_four_calibration_recipes_are_packaged():
 def test_recipe_passes_check(name, tmp_path):
     recipe = load_recipe(name, [f"data.shards={tmp_path}"] if name != "quickstart" else [])
     config = check(recipe)
-    assert config.model.backbone in ("dinov2_vits14_offline", "hf_clip", "hf_siglip")
+    assert config.model.backbone in ("dinov2_vits14_offline", "hf_clip", "hf_siglip", "hf_dinov2")
     assert recipe.path.read_text().startswith("#"), "a recipe opens with a comment showing its launch command"
     assert f"recipe={name}" in recipe.path.read_text()
 
