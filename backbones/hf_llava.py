@@ -236,6 +236,29 @@ def dymu_inputs(
     return DymuInputs(rows.view(batch, num_rows, -1), layout, merged, visual_rows)
 
 
+def next_token_logits(
+    model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_mask: Tensor | None = None, vtu: bool = True
+) -> Tensor:
+    """``[B, V]`` logits of the token after the prompt, with DyMU applied.
+
+    ``vtu=False`` is the ablation without virtual unmerging: the rows are fed to the stock language
+    model as a shorter sequence, each row at one position of its own (a merged visual token takes the
+    place of its whole group). This is what a VLM sees when merged tokens are passed on as they are.
+    """
+    if vtu:
+        return model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, logits_to_keep=1
+        ).logits[:, -1]
+    inputs = dymu_inputs(model, input_ids, pixel_values, attention_mask)
+    used = inputs.layout.counts() > 0  # [B, N_un]: rows behind a valid position (padding rows are not)
+    positions = (used.long().cumsum(1) - 1).clamp(min=0)
+    hidden = model.model.language_model(
+        inputs_embeds=inputs.rows, attention_mask=used.long(), position_ids=positions
+    ).last_hidden_state
+    last = inputs.layout.expand[:, -1]  # the row of the prompt's last position
+    return model.lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+
+
 def _positions_kept(length: int, logits_to_keep: int | Tensor, device: torch.device) -> Tensor:
     """The positions whose logits are returned, as HF's ``logits_to_keep`` selects them."""
     if isinstance(logits_to_keep, Tensor):

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 import torch
-from encoder_speed import GEOMETRIES, add_run_arguments, machine_name, photos, timed
+from encoder_speed import GEOMETRIES, add_run_arguments, machine_name, photos, timed, write_report
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.core import MergePolicy
@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(k+1 = B*r+1 scores per layer) vs {all_edges_bytes} bytes for all edges "
         f"({sent_bytes / all_edges_bytes:.0%})",
     ]
-    print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_report(lines, args.out)
     return 0
 
 

@@ -81,6 +81,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", type=Path, default=Path(f"benchmarks/results/{name}"), help="results path stem")
 
 
+def write_report(lines: list[str], out: Path) -> None:
+    """Print the report and write it to ``out`` with a .md suffix."""
+    print("\n".join(lines))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 import torch
-from encoder_speed import add_run_arguments, encoder_flops, machine_name, photos, timed
+from encoder_speed import add_run_arguments, encoder_flops, machine_name, photos, timed, write_report
 from vtu_prefill import prefill_flops
 
 from dymu_lightning.backbones import get_backbone
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{per_token / stock_per_token:.2f}x | {size / 2**20:.1f} MiB | {size / stock_size:.2f}x | {peak} |"
             )
             print(lines[-1], flush=True)
-    print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_report(lines, args.out)
     return 0
 
 

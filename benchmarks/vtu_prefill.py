@@ -17,7 +17,7 @@ import argparse
 import sys
 
 import torch
-from encoder_speed import add_run_arguments, machine_name, timed
+from encoder_speed import add_run_arguments, machine_name, timed, write_report
 from transformers import LlamaConfig, LlamaModel
 
 from dymu_lightning.backbones.hf_llm import vtu_forward, vtu_prefill
@@ -136,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             "| | | | | |"
         )
         del expanded, compact
-    print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_report(lines, args.out)
     return 0
 
 

@@ -11,7 +11,14 @@ from tests_support import FAMILIES, TINY, naive_reference
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from dymu_lightning.backbones import get_backbone
-from dymu_lightning.backbones.hf_llava import apply_dymu, dymu_inputs, is_dymu, remove_dymu
+from dymu_lightning.backbones.hf_llava import (
+    apply_dymu,
+    dymu_inputs,
+    is_dymu,
+    last_prefill,
+    next_token_logits,
+    remove_dymu,
+)
 from dymu_lightning.backbones.hf_llm import HFCompactCache
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.thresholds import ThresholdsFile, batch_thresholds
@@ -249,3 +256,22 @@ def test_bad_inputs_get_clear_errors():
     apply_dymu(model, MergePolicy(thresholds=[0.5] * 3))
     with pytest.raises(ValueError, match=r"input_ids hold 48 image placeholders; 2 images need 16 each \(32\)"):
         model(**{**batch, "pixel_values": batch["pixel_values"][:2]})
+
+
+def test_next_token_logits_with_and_without_vtu():
+    model = tiny_llava()
+    batch = prompt_batch()
+    args = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        stock = model(**batch, position_ids=positions).logits[:, -1]
+        apply_dymu(model, MergePolicy(thresholds=[math.inf] * 3))
+        # with nothing merged, rows are positions: both ways are the stock model
+        for vtu in (True, False):
+            torch.testing.assert_close(next_token_logits(model, *args, vtu=vtu), stock, rtol=0, atol=1e-10)
+        apply_dymu(model, merging_policy(model))
+        with_vtu, without = next_token_logits(model, *args), next_token_logits(model, *args, vtu=False)
+        # one row per merged token at its own position: the sequence gets shorter, the answer changes
+        rows = last_prefill(model)["rows"]
+    assert (with_vtu - without).abs().max() > 1e-3
+    assert rows.tolist()[0] < batch["attention_mask"].sum(1).tolist()[0]
