@@ -99,15 +99,19 @@ class VirtualLayout:
         return mask[:, None]
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """The rotation RoPE pairs dimension i with i + d/2 (the Llama-family convention)."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x``: ``[B, H, N, d]``; ``cos``, ``sin``: ``[B, N, d]`` for the virtual positions."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    """``x``: ``[B, H, N, d]``; ``cos``, ``sin``: ``[B, N, d]`` for the virtual positions.
+
+    RoPE in the Llama-family convention (dimension i pairs with i + d/2), ``x * cos + rotate_half(x) *
+    sin``, written as in-place multiply-adds into one output: decoding from the compact cache rotates
+    every stored key at every step, and the textbook form allocates three more tensors of that size.
+    """
+    half = x.shape[-1] // 2
+    cos, sin = cos[:, None], sin[:, None]
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 def vtu_attention(
