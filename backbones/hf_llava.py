@@ -151,7 +151,7 @@ def is_dymu(model: nn.Module) -> bool:
 
 
 def last_prefill(model: nn.Module) -> dict[str, Tensor]:
-    """Token accounting of the latest prefill with DyMU: ``visual_rows`` (``[num_images]``, rows each
+    """Token accounting of the latest prefill (or :func:`dymu_inputs` call) with DyMU: ``visual_rows`` (``[num_images]``, rows each
     image became), ``visual_positions`` (``[num_images]``, the placeholders each image had), ``rows``
     and ``positions`` (``[B]``, the language model's rows and valid positions per sample)."""
     if not is_dymu(model):
@@ -233,6 +233,13 @@ def dymu_inputs(
     valid = torch.ones_like(placeholder) if attention_mask is None else attention_mask.bool()
     positions = position_ids if position_ids is not None else torch.arange(length, device=input_ids.device)
     layout = VirtualLayout(expand, positions.expand(batch, -1), valid, num_rows)
+    counts = layout.counts()
+    state.last.update(
+        visual_rows=visual_rows,
+        visual_positions=torch.full_like(visual_rows, per_image),
+        rows=(counts > 0).sum(1),
+        positions=counts.sum(1).long(),
+    )
     return DymuInputs(rows.view(batch, num_rows, -1), layout, merged, visual_rows)
 
 
@@ -317,13 +324,6 @@ def _dymu_forward(
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("DyMU prefills from an empty cache; continuing a cached prompt with images is not supported")
     inputs = dymu_inputs(self, input_ids, pixel_values, attention_mask, position_ids)
-    counts = inputs.layout.counts()
-    state.last.update(
-        visual_rows=inputs.visual_rows,
-        visual_positions=torch.full_like(inputs.visual_rows, inputs.merged.group.shape[1]),
-        rows=(counts > 0).sum(1),
-        positions=counts.sum(1).long(),
-    )
     use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
     hidden, store = vtu_prefill(language, inputs.rows, inputs.layout, state.cache if use_cache else None)
     kept = _positions_kept(input_ids.shape[1], logits_to_keep, hidden.device)
