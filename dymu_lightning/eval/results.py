@@ -256,6 +256,9 @@ def _probe_section(c: Collected) -> str:
 {_table_head("kNN accuracy (of full)", "linear accuracy (of full)")}
 {chr(10).join(rows)}
 
+One test image is {1 / study["probe"]["test_images"]:.2%} of accuracy: differences of a few images are
+within the noise of this sample.
+
 {_schedules(study)}
 
 {_images(c, "probe")}

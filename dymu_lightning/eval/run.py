@@ -108,17 +108,17 @@ def evaluate(recipe: Recipe) -> Path:
     dymu = {name: _load_thresholds(path, name, backbone, model, image_size, cfg) for name, path in cfg.variants.items()}
     data = _shards(cfg.data.shards, cfg.data.images, cfg, transform, cfg.data.max_images)
 
-    runs: dict[str, Encoded] = {"full": encode(backbone, model, data, MergePolicy.off(), cfg.model.num_blocks, dtype)}
+    runs = {"full": encode(backbone, model, data, MergePolicy.off(), cfg.model.num_blocks, dtype, "full")}
     schedules: dict[str, list[int]] = {}
     for name, thresholds in dymu.items():
-        runs[name] = encode(backbone, model, data, thresholds.policy(), cfg.model.num_blocks, dtype)
+        runs[name] = encode(backbone, model, data, thresholds.policy(), cfg.model.num_blocks, dtype, name)
     if cfg.tome:
         for name in dymu:
             target = float(runs[name].lengths.double().mean())
             r = matched_fixed_r(num_layers, full_tokens, target, num_prefix, cfg.model.num_blocks)
             schedules[f"tome@{name}"] = r
             policy = MergePolicy(mode="fixed_r", r=r)
-            runs[f"tome@{name}"] = encode(backbone, model, data, policy, cfg.model.num_blocks, dtype)
+            runs[f"tome@{name}"] = encode(backbone, model, data, policy, cfg.model.num_blocks, dtype, f"tome@{name}")
 
     source = cfg.model.source or getattr(backbone, "default_source", "")
     result: dict[str, Any] = {
@@ -179,8 +179,9 @@ def encode(
     policy: MergePolicy,
     num_blocks: int | None,
     dtype: torch.dtype,
+    label: str = "",
 ) -> Encoded:
-    """Run one variant over every image of ``data``."""
+    """Run one variant over every image of ``data``; prints one progress line when ``label`` is given."""
     lengths, index, features = [], [], {name: [] for name in FEATURES}
     start = time.perf_counter()
     with torch.inference_mode():
@@ -196,6 +197,8 @@ def encode(
     seconds = time.perf_counter() - start
     if not lengths:
         raise ValueError(f"no decodable image in the shards at {data.shards}")
+    if label:
+        print(f"  {label}: {sum(len(x) for x in lengths)} images in {seconds:.1f} s", flush=True)
     return Encoded(
         lengths=torch.cat(lengths),
         features={name: torch.cat(values) for name, values in features.items() if values},
@@ -229,7 +232,7 @@ def _probe(
     """Fit a kNN and a linear probe on the full model's features of the training shards; score every
     variant's features of the evaluated images with them (accuracy into ``variants[name]["probe"]``)."""
     train_data = _shards(cfg.probe.train_shards, cfg.probe.train_images, cfg, transform, cfg.probe.max_images)
-    train = encode(backbone, model, train_data, MergePolicy.off(), cfg.model.num_blocks, dtype)
+    train = encode(backbone, model, train_data, MergePolicy.off(), cfg.model.num_blocks, dtype, "probe training set")
     feature = cfg.probe.feature
     if feature not in train.features:
         raise ValueError(f"probe.feature={feature!r}: backbone '{backbone.name}' has no CLS token; use mean")
