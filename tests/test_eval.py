@@ -191,7 +191,6 @@ def test_results_page_on_a_shrunken_setting(tmp_path):
         probe_train=str(_images(tmp_path / "train", 12, 3, labelled=True)),
         probe_test=str(_images(tmp_path / "test", 8, 4, labelled=True)),
         probe_image_size=None,
-        probe_calibration_images=8,
         batch_size=4,
     )
     page = generate(setting, tmp_path / "work", tmp_path / "docs" / "results.md", "python -m dymu_lightning results")
@@ -235,5 +234,5 @@ def test_results_page_on_a_shrunken_setting(tmp_path):
     )
     assert all((page.parent / p).is_file() and (page.parent / p).read_bytes()[:4] == b"\x89PNG" for p in linked)
     assert text.count("python -m dymu_lightning recipe=quickstart") == 6
-    assert text.count("python -m dymu_lightning recipe=eval_encoder") == 2
+    assert text.count("python -m dymu_lightning recipe=eval_encoder") == 3
     assert f"| mid | {probe['variants']['mid']['tokens']['mean']:.1f} ±" in text

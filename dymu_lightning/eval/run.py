@@ -314,7 +314,7 @@ def write_plots(
     runs: dict[str, Encoded],
     complexity: Tensor | None,
 ) -> list[Path]:
-    """``tokens.png`` (a token histogram per merging variant) and ``complexity.png`` (tokens against JPEG
+    """``tokens.png`` (a token histogram per DyMU variant) and ``complexity.png`` (tokens against JPEG
     bytes per pixel, one colour per DyMU variant); returns the paths written."""
     import matplotlib
 
@@ -324,19 +324,21 @@ def write_plots(
     from dymu_lightning.lit.report import draw_token_histogram
 
     written = []
-    merged = [name for name in runs if name != "full"]
-    if merged:
-        figure, axes = plt.subplots(len(merged), 1, figsize=(6, 1.8 * len(merged)), sharex=True, squeeze=False)
-        for axis, name in zip(axes[:, 0], merged, strict=True):
+    # Full and ToMe keep one count for every image: a single bar each, which the tables already say.
+    dymu = [name for name in runs if result["variants"][name]["kind"] == "dymu"]
+    if dymu:
+        figure, axes = plt.subplots(len(dymu), 1, figsize=(6, 0.6 + 1.6 * len(dymu)), sharex=True, squeeze=False)
+        for axis, name in zip(axes[:, 0], dymu, strict=True):
             draw_token_histogram(axis, histograms[name])
             tokens = result["variants"][name]["tokens"]
-            axis.set_title(f"{name}: {tokens['mean']:.1f} ± {tokens['std']:.1f} tokens", fontsize=9)
+            axis.set_title(f"DyMU {name}: {tokens['mean']:.1f} ± {tokens['std']:.1f} tokens", fontsize=9)
             axis.set_xlim(0, result["full_tokens"] + 1)
+            axis.set_xlabel("")
+        axes[-1, 0].set_xlabel(f"tokens per image at the encoder output (of {result['full_tokens']})")
         figure.tight_layout()
         written.append(out_dir / "tokens.png")
         figure.savefig(written[-1], dpi=100)
         plt.close(figure)
-    dymu = [name for name in runs if result["variants"][name]["kind"] == "dymu"]
     if complexity is not None and dymu:
         figure, axis = plt.subplots(figsize=(6, 4))
         for name in dymu:
