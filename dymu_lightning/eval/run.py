@@ -38,7 +38,7 @@ from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
 from dymu_lightning.eval import metrics
 from dymu_lightning.lit.datamodule import ShardsDataModule
-from dymu_lightning.lit.run import DTYPES, load_encoder
+from dymu_lightning.lit.run import DTYPES, check_model_and_data, load_encoder
 from dymu_lightning.thresholds import ThresholdsFile
 
 log = logging.getLogger(__name__)
@@ -67,19 +67,11 @@ def check(recipe: Recipe) -> EvalEncoderRecipe:
     """Validate an ``eval_encoder`` recipe beyond its types, without loading a model."""
     cfg: EvalEncoderRecipe = recipe.to_object()
     get_backbone(cfg.model.backbone)
-    if cfg.model.dtype not in DTYPES:
-        raise ConfigError(f"{recipe.path}: model.dtype={cfg.model.dtype!r}; expected one of {sorted(DTYPES)}")
     if cfg.probe.feature not in FEATURES:
         raise ConfigError(f"{recipe.path}: probe.feature={cfg.probe.feature!r}; expected one of {FEATURES}")
-    for key, value in (
-        ("data.global_batch_size", cfg.data.global_batch_size),
-        ("data.max_images", cfg.data.max_images),
-        ("probe.max_images", cfg.probe.max_images),
-        ("probe.k", cfg.probe.k),
-        ("model.image_size", cfg.model.image_size),
-    ):
-        if value is not None and value < 1:
-            raise ConfigError(f"{recipe.path}: {key} must be >= 1, got {value}")
+    check_model_and_data(
+        recipe.path, cfg.model, cfg.data, [("probe.max_images", cfg.probe.max_images, 1), ("probe.k", cfg.probe.k, 1)]
+    )
     try:
         if re.compile(cfg.probe.label_pattern).groups < 1:
             raise ConfigError(f"{recipe.path}: probe.label_pattern needs a group, e.g. '^(\\d+)_'")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from dymu_lightning.backbones import Backbone, get_backbone
 from dymu_lightning.config.recipes import ConfigError, Recipe
-from dymu_lightning.config.schema import CalibrationRecipe, ModelConfig
+from dymu_lightning.config.schema import CalibrationRecipe, DataConfig, ModelConfig
 from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
 from dymu_lightning.lit.calibration import CalibrationModule, load_state
 from dymu_lightning.lit.datamodule import ShardsDataModule
@@ -65,22 +65,19 @@ def check(recipe: Recipe) -> CalibrationRecipe:
     cfg: CalibrationRecipe = recipe.to_object()
     target_r(cfg, recipe.path)
     get_backbone(cfg.model.backbone)  # unknown names fail here, with a did-you-mean
-    if cfg.model.dtype not in DTYPES:
-        raise ConfigError(f"{recipe.path}: model.dtype={cfg.model.dtype!r}; expected one of {sorted(DTYPES)}")
     if cfg.schedule.kind not in SCHEDULES:
         raise ConfigError(f"{recipe.path}: schedule.kind={cfg.schedule.kind!r}; expected one of {SCHEDULES}")
-    for key, value, least in (
-        ("data.global_batch_size", cfg.data.global_batch_size, 1),
-        ("data.max_images", cfg.data.max_images, 1),
-        ("trainer.save_every_n_steps", cfg.trainer.save_every_n_steps, 1),
-        ("trainer.max_steps", cfg.trainer.max_steps, 1),
-        ("schedule.r", cfg.schedule.r, 0),
-        ("schedule.tokens_left", cfg.schedule.tokens_left, 1),
-        ("model.num_blocks", cfg.model.num_blocks, 1),
-        ("model.image_size", cfg.model.image_size, 1),
-    ):
-        if value is not None and value < least:
-            raise ConfigError(f"{recipe.path}: {key} must be >= {least}, got {value}")
+    check_model_and_data(
+        recipe.path,
+        cfg.model,
+        cfg.data,
+        [
+            ("trainer.save_every_n_steps", cfg.trainer.save_every_n_steps, 1),
+            ("trainer.max_steps", cfg.trainer.max_steps, 1),
+            ("schedule.r", cfg.schedule.r, 0),
+            ("schedule.tokens_left", cfg.schedule.tokens_left, 1),
+        ],
+    )
     world = _world_size(cfg)
     launched = os.environ.get("WORLD_SIZE")
     if launched is not None and world is not None and int(launched) != world:
@@ -125,6 +122,24 @@ class ResizedTransform:
             pixels[None].float(), size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
         )
         return resized[0].to(pixels.dtype)
+
+
+def check_model_and_data(
+    path: Path, model: ModelConfig, data: DataConfig, more: Sequence[tuple[str, int | None, int]] = ()
+) -> None:
+    """The checks every task makes on its ``model`` and ``data`` sections, plus ``more`` lower bounds
+    given as (key, value, least); a None value is not checked."""
+    if model.dtype not in DTYPES:
+        raise ConfigError(f"{path}: model.dtype={model.dtype!r}; expected one of {sorted(DTYPES)}")
+    for key, value, least in (
+        ("data.global_batch_size", data.global_batch_size, 1),
+        ("data.max_images", data.max_images, 1),
+        ("model.num_blocks", model.num_blocks, 1),
+        ("model.image_size", model.image_size, 1),
+        *more,
+    ):
+        if value is not None and value < least:
+            raise ConfigError(f"{path}: {key} must be >= {least}, got {value}")
 
 
 def calibrate(recipe: Recipe) -> Path:
