@@ -17,7 +17,7 @@ from dymu_lightning.config import load_recipe
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
 from dymu_lightning.eval import metrics
-from dymu_lightning.eval.results import Setting, generate
+from dymu_lightning.eval.results import Setting, generate, render
 from dymu_lightning.eval.run import check, evaluate, labels_from_keys
 from tests.tests_support import tiny_timm
 
@@ -236,3 +236,7 @@ def test_results_page_on_a_shrunken_setting(tmp_path):
     assert text.count("python -m dymu_lightning recipe=quickstart") == 6
     assert text.count("python -m dymu_lightning recipe=eval_encoder") == 3
     assert f"| mid | {probe['variants']['mid']['tokens']['mean']:.1f} ±" in text
+
+    # The page is a function of the recorded runs: rendering again, elsewhere, measures nothing new.
+    again = render(tmp_path / "work", tmp_path / "elsewhere" / "results.md")
+    assert again.read_text() == text and (tmp_path / "elsewhere/results/probe_tokens.png").is_file()
