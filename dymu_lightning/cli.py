@@ -7,6 +7,7 @@ Commands:
   check    validate without loading:      python -m dymu_lightning check recipe=clip_calib
   shards   write webdataset shards:       python -m dymu_lightning shards SRC_DIR OUT_DIR [--shard-size N]
   demo     DToMe on real photos:          python -m dymu_lightning demo
+  results  measure and write the results: python -m dymu_lightning results [--out docs] (docs/evaluation.md)
 
 Recipes are YAML files in recipes/ (or a path); `key=value` overrides any key of the recipe's schema
 (docs/configuration.md).
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("ls", "show", "check", "shards", "demo")
+COMMANDS = ("ls", "show", "check", "shards", "demo", "results")
 
 
 def split_arguments(argv: list[str]) -> tuple[str, str | None, list[str]]:
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return shards_main(overrides)
     if command == "ls":
         return _list()
+    if command == "results":
+        from dymu_lightning.eval.results import main as results_main
+
+        return results_main(overrides)
 
     from omegaconf.errors import OmegaConfBaseException
 
@@ -67,13 +72,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {recipe.path}" + (f" with {' '.join(recipe.overrides)}" if recipe.overrides else ""))
             print(OmegaConf.to_yaml(recipe.config, resolve=True), end="")
             return 0
-        from dymu_lightning.lit.run import calibrate, check
+        if recipe.config.task == "eval_encoder":
+            from dymu_lightning.eval.run import check
+            from dymu_lightning.eval.run import evaluate as run
+        else:
+            from dymu_lightning.lit.run import calibrate as run
+            from dymu_lightning.lit.run import check
 
         if command == "check":
             check(recipe)
             print(f"{recipe.path}: ok")
             return 0
-        calibrate(recipe)
+        run(recipe)
         return 0
     except (ValueError, KeyError, FileNotFoundError, OmegaConfBaseException) as error:
         # Bad input (ConfigError is a ValueError) gets one line naming the problem, not a traceback.

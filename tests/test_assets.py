@@ -216,3 +216,37 @@ def test_cls_is_colour_invariant_unlike_random_weights(hf_model, processor, imag
     random_model = transformers.Dinov2Model(assets.dinov2_small_config()).eval()
     random_hits, random_same = retrieval(random_model)
     assert not random_hits.all() and random_same.min() < 0.5, random_same.tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# the evaluation's images: mvtb-data photos and Fashion-MNIST
+# --------------------------------------------------------------------------------------------------
+
+
+def test_mvtb_images_are_decodable_and_cached() -> None:
+    found = assets.mvtb_images()
+    assert len(found) == 120 and {"street", "church", "flowers1", "campus_holdout_P1070492"} <= set(found)
+    with Image.open(found["street"]) as image:
+        assert min(image.size) >= 200
+    before = {path: path.stat().st_mtime_ns for path in found.values()}
+    assert assets.mvtb_images() == found
+    assert all(path.stat().st_mtime_ns == before[path] for path in found.values())
+
+
+def test_fashion_mnist_images_carry_their_labels() -> None:
+    folder = assets.fashion_mnist_images("test", 12)
+    files = sorted(folder.iterdir())
+    labels = assets._read_idx(assets.fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz")
+    pixels = assets._read_idx(assets.fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz")
+    assert labels.shape == (10000,) and pixels.shape == (10000, 28, 28)
+    # Fashion-MNIST's published first test labels: ankle boot, pullover, trouser, trouser, shirt.
+    assert labels[:5].tolist() == [9, 2, 1, 1, 6]
+    assert [p.name for p in files] == sorted(f"{int(labels[i])}_{i:05d}.png" for i in range(12))
+    for path in files:
+        index = int(path.stem.split("_")[1])
+        with Image.open(path) as image:
+            assert image.size == (28, 28) and torch.equal(
+                torch.tensor(list(image.getdata())).view(28, 28), pixels[index].long()
+            )
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        assets.fashion_mnist_images("val", 3)

@@ -23,6 +23,7 @@ class ModelConfig:
     arch: dict[str, Any] = field(default_factory=dict)  # architecture config for random_init
     num_blocks: int | None = None  # read features after this many blocks (LLaVA: penultimate); None: all
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    image_size: int | None = None  # resize the preprocessed pixels to this side; None: the backbone's own size
 
 
 @dataclass
@@ -76,4 +77,30 @@ class CalibrationRecipe:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-SCHEMAS: dict[str, type] = {"calibrate": CalibrationRecipe}
+@dataclass
+class ProbeConfig:
+    """The labelled images a probe is fitted on (with the full model's features)."""
+
+    train_shards: str | None = None  # folder of labelled webdataset shards; None: no probe
+    train_images: str | None = None  # folder of images to write into `train_shards` on first use
+    max_images: int | None = None  # use only the first N training images
+    label_pattern: str = r"^(\d+)_"  # regex whose first group, matched on a sample key, is its integer label
+    feature: str = "cls"  # cls (the CLS token) | mean (size-weighted mean of the patch tokens)
+    k: int = 10  # neighbours of the kNN probe
+
+
+@dataclass
+class EvalEncoderRecipe:
+    """`task: eval_encoder`: token counts, fidelity, probe accuracy and complexity of DyMU variants."""
+
+    task: str = "eval_encoder"
+    out_dir: str = MISSING  # metrics.json, per_image.csv, report.md and the plots land here
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the evaluated images; global_batch_size = batch size
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    variants: dict[str, str] = field(default_factory=dict)  # DyMU variant name -> its thresholds.json
+    tome: bool = True  # add ToMe (fixed r) at the mean token count of each DyMU variant
+    complexity: bool = True  # JPEG bytes per pixel of each image vs its token count
+
+
+SCHEMAS: dict[str, type] = {"calibrate": CalibrationRecipe, "eval_encoder": EvalEncoderRecipe}

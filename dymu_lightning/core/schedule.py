@@ -70,3 +70,67 @@ def _apportion(total: int, weights: list[float]) -> list[int]:
     for i in order[:remainder]:
         floors[i] += 1
     return floors
+
+
+def fixed_r_lengths(r: list[int], tokens: int, num_prefix: int) -> list[int]:
+    """Tokens per image after each layer when every layer merges its ``r_l`` best edges (ToMe).
+
+    A layer can merge at most one edge per eligible A token (the even positions past the prefix, see
+    :mod:`dymu_lightning.core.matching`), so a large ``r_l`` on a short sequence merges less than asked.
+    Every image of a batch has the same count in this mode, so the result is exact for each image.
+    """
+    lengths, n = [], tokens
+    for r_l in r:
+        eligible_a = max(0, (n + 1) // 2 - (num_prefix + 1) // 2)
+        eligible_b = max(0, n // 2 - num_prefix // 2)
+        n -= min(r_l, eligible_a if eligible_b else 0)
+        lengths.append(n)
+    return lengths
+
+
+def matched_fixed_r(
+    num_layers: int,
+    tokens: int,
+    target: float,
+    num_prefix: int,
+    merging_layers: int | None = None,
+) -> list[int]:
+    """Per-layer r for ToMe whose tokens per image land nearest ``target`` (e.g. a DyMU variant's mean).
+
+    The total number of merges is ``round(tokens - target)`` spread evenly over the merging layers
+    (the constant schedule with a non-integer mean r: the remainder goes to the earliest layers). If a
+    late layer cannot merge its share (too few tokens left), the shortfall moves to earlier layers,
+    so the final count is within 0.5 of ``target``; a target no schedule reaches is a ValueError.
+
+    Args:
+        num_layers: blocks in the encoder.
+        tokens: tokens per image entering the first block, prefix included.
+        target: wanted tokens per image at the output, in ``[num_prefix + 1, tokens]``.
+        num_prefix: leading tokens that never merge.
+        merging_layers: how many leading layers merge (default all).
+    """
+    if not num_prefix < target <= tokens:
+        raise ValueError(f"target must be in ({num_prefix}, {tokens}] tokens, got {target}")
+    merging = num_layers if merging_layers is None else merging_layers
+    total = tokens - round(target)
+    if total <= 0:
+        return [0] * num_layers
+    r = merges_per_layer(num_layers, "constant", tokens_left=tokens - total, tokens=tokens, merging_layers=merging)
+    # Move whatever a layer cannot merge to the layer before it (which has more tokens); repeat until
+    # nothing is short. Every move keeps the total asked for, so the loop ends within total x layers.
+    for _ in range(total * num_layers):
+        lengths = fixed_r_lengths(r, tokens, num_prefix)
+        done = [b - a for b, a in zip([tokens, *lengths[:-1]], lengths, strict=True)]
+        short = [i for i in range(1, merging) if done[i] < r[i]]
+        if not short:
+            break
+        late = short[-1]
+        r[late - 1] += r[late] - done[late]
+        r[late] = done[late]
+    reached = fixed_r_lengths(r, tokens, num_prefix)[-1]
+    if abs(reached - target) > 0.5:
+        raise ValueError(
+            f"{num_layers} layers of bipartite merging from {tokens} tokens cannot end at {target:g} per image "
+            f"(at best {reached})"
+        )
+    return r

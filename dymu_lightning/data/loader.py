@@ -152,6 +152,18 @@ class GlobalBatchShards(IterableDataset):
         valid = torch.tensor([row is not None for row in rows], dtype=torch.bool)
         return {"pixels": pixels, "valid": valid, "index": torch.tensor(indices, dtype=torch.long), "step": step}
 
+    def key(self, i: int) -> str:
+        """The sample key of global sample ``i`` (its file stem when the shards were written here)."""
+        return self._location(i)[1]
+
+    def image(self, i: int) -> Image.Image:
+        """The decoded RGB image of global sample ``i``; ValueError naming the shard if it is undecodable."""
+        image = self._decode(i)
+        if isinstance(image, str):
+            path, key, _, _ = self._location(i)
+            raise ValueError(f"cannot decode sample {key!r} (global index {i}) in shard {path}: {image}")
+        return image
+
     def close(self) -> None:
         """Close the shard files this process holds open (they reopen on demand)."""
         self._files.close()

@@ -19,14 +19,17 @@ from torch.utils.data import DataLoader
 from dymu_lightning.data import GlobalBatchShards, read_index, write_shards
 
 BUNDLED_IMAGES = "assets:skimage"
+MVTB_IMAGES = "assets:mvtb"
 
 
 def resolve_images(images: str) -> Path:
-    """A folder of images; ``assets:skimage`` names the photos bundled with scikit-image."""
-    if images == BUNDLED_IMAGES:
+    """A folder of images; ``assets:skimage`` and ``assets:mvtb`` name the photos bundled with
+    scikit-image and mvtb-data (see docs/assets.md)."""
+    if images in (BUNDLED_IMAGES, MVTB_IMAGES):
         from dymu_lightning import assets
 
-        return next(iter(assets.sample_images().values())).parent
+        found = assets.sample_images() if images == BUNDLED_IMAGES else assets.mvtb_images()
+        return next(iter(found.values())).parent
     path = Path(images).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"data.images: no folder at {path}")

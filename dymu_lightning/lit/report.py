@@ -9,6 +9,17 @@ import torch
 from dymu_lightning.thresholds import ThresholdsFile
 
 
+def draw_token_histogram(axis, histogram: torch.Tensor, **bar_options) -> None:
+    """Bars of a per-count histogram ``[full + 1]`` (images with each token count) on a matplotlib axis."""
+    # Per-count bins are too thin to read for small runs: group them into about 40 bars.
+    width = max(1, histogram.numel() // 40)
+    padded = torch.nn.functional.pad(histogram, (0, (-histogram.numel()) % width))
+    bars = padded.reshape(-1, width).sum(dim=1)
+    axis.bar((torch.arange(bars.numel()) * width).tolist(), bars.tolist(), width=width, align="edge", **bar_options)
+    axis.set_xlabel("tokens per image at the encoder output")
+    axis.set_ylabel("images")
+
+
 def write_report(result: ThresholdsFile, histogram: torch.Tensor, out_dir: Path) -> Path:
     """Write ``report.md``, ``tokens.png`` and ``thresholds.png`` into ``out_dir``."""
     import matplotlib
@@ -18,13 +29,7 @@ def write_report(result: ThresholdsFile, histogram: torch.Tensor, out_dir: Path)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(6, 3))
-    # Per-count bins are too thin to read for small runs: group them into about 40 bars.
-    width = max(1, histogram.numel() // 40)
-    padded = torch.nn.functional.pad(histogram, (0, (-histogram.numel()) % width))
-    bars = padded.reshape(-1, width).sum(dim=1)
-    axis.bar((torch.arange(bars.numel()) * width).tolist(), bars.tolist(), width=width, align="edge")
-    axis.set_xlabel("tokens per image at the encoder output")
-    axis.set_ylabel("images")
+    draw_token_histogram(axis, histogram)
     axis.set_title(f"{result.backbone}: {result.images_seen} calibration images")
     figure.tight_layout()
     figure.savefig(out_dir / "tokens.png", dpi=100)

@@ -10,16 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from PIL import Image
+from torch import nn
 
-from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones import Backbone, get_backbone
 from dymu_lightning.config.recipes import ConfigError, Recipe
-from dymu_lightning.config.schema import CalibrationRecipe
+from dymu_lightning.config.schema import CalibrationRecipe, DataConfig, ModelConfig
 from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
 from dymu_lightning.lit.calibration import CalibrationModule, load_state
 from dymu_lightning.lit.datamodule import ShardsDataModule
@@ -63,21 +65,19 @@ def check(recipe: Recipe) -> CalibrationRecipe:
     cfg: CalibrationRecipe = recipe.to_object()
     target_r(cfg, recipe.path)
     get_backbone(cfg.model.backbone)  # unknown names fail here, with a did-you-mean
-    if cfg.model.dtype not in DTYPES:
-        raise ConfigError(f"{recipe.path}: model.dtype={cfg.model.dtype!r}; expected one of {sorted(DTYPES)}")
     if cfg.schedule.kind not in SCHEDULES:
         raise ConfigError(f"{recipe.path}: schedule.kind={cfg.schedule.kind!r}; expected one of {SCHEDULES}")
-    for key, value, least in (
-        ("data.global_batch_size", cfg.data.global_batch_size, 1),
-        ("data.max_images", cfg.data.max_images, 1),
-        ("trainer.save_every_n_steps", cfg.trainer.save_every_n_steps, 1),
-        ("trainer.max_steps", cfg.trainer.max_steps, 1),
-        ("schedule.r", cfg.schedule.r, 0),
-        ("schedule.tokens_left", cfg.schedule.tokens_left, 1),
-        ("model.num_blocks", cfg.model.num_blocks, 1),
-    ):
-        if value is not None and value < least:
-            raise ConfigError(f"{recipe.path}: {key} must be >= {least}, got {value}")
+    check_model_and_data(
+        recipe.path,
+        cfg.model,
+        cfg.data,
+        [
+            ("trainer.save_every_n_steps", cfg.trainer.save_every_n_steps, 1),
+            ("trainer.max_steps", cfg.trainer.max_steps, 1),
+            ("schedule.r", cfg.schedule.r, 0),
+            ("schedule.tokens_left", cfg.schedule.tokens_left, 1),
+        ],
+    )
     world = _world_size(cfg)
     launched = os.environ.get("WORLD_SIZE")
     if launched is not None and world is not None and int(launched) != world:
@@ -95,15 +95,58 @@ def check(recipe: Recipe) -> CalibrationRecipe:
     return cfg
 
 
+def load_encoder(cfg: ModelConfig) -> tuple[Backbone, nn.Module, Callable[[Image.Image], torch.Tensor]]:
+    """(adapter, frozen model in ``cfg.dtype``, per-image transform) for a ``model`` section."""
+    backbone = get_backbone(cfg.backbone)
+    model = backbone.build(cfg.arch) if cfg.random_init else backbone.load(cfg.source)
+    model = model.to(DTYPES[cfg.dtype]).eval().requires_grad_(False)
+    transform = backbone.image_transform(model)
+    if cfg.image_size is not None:
+        transform = ResizedTransform(transform, cfg.image_size)
+    return backbone, model, transform
+
+
+class ResizedTransform:
+    """A backbone's preprocessing, then the pixels resized to ``size`` x ``size`` (bicubic,
+    antialiased). For encoders whose embedding accepts other sizes (HF ViTs interpolate their
+    position table); picklable for data-loader workers."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], size: int) -> None:
+        self.transform, self.size = transform, size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = self.transform(image)
+        if tuple(pixels.shape[-2:]) == (self.size, self.size):
+            return pixels
+        resized = torch.nn.functional.interpolate(
+            pixels[None].float(), size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
+        )
+        return resized[0].to(pixels.dtype)
+
+
+def check_model_and_data(
+    path: Path, model: ModelConfig, data: DataConfig, more: Sequence[tuple[str, int | None, int]] = ()
+) -> None:
+    """The checks every task makes on its ``model`` and ``data`` sections, plus ``more`` lower bounds
+    given as (key, value, least); a None value is not checked."""
+    if model.dtype not in DTYPES:
+        raise ConfigError(f"{path}: model.dtype={model.dtype!r}; expected one of {sorted(DTYPES)}")
+    for key, value, least in (
+        ("data.global_batch_size", data.global_batch_size, 1),
+        ("data.max_images", data.max_images, 1),
+        ("model.num_blocks", model.num_blocks, 1),
+        ("model.image_size", model.image_size, 1),
+        *more,
+    ):
+        if value is not None and value < least:
+            raise ConfigError(f"{path}: {key} must be >= {least}, got {value}")
+
+
 def calibrate(recipe: Recipe) -> Path:
     """Run the calibration recipe; returns the path of thresholds.json."""
     cfg = check(recipe)
     L.seed_everything(cfg.seed, verbose=False)
-    backbone = get_backbone(cfg.model.backbone)
-    model = backbone.build(cfg.model.arch) if cfg.model.random_init else backbone.load(cfg.model.source)
-    model = model.to(DTYPES[cfg.model.dtype]).eval().requires_grad_(False)
-    transform = backbone.image_transform(model)
-
+    backbone, model, transform = load_encoder(cfg.model)
     probe = transform(Image.new("RGB", (64, 64)))[None].to(DTYPES[cfg.model.dtype])
     with torch.no_grad():
         full_tokens = backbone.embed(model, probe).shape[1]
@@ -213,6 +256,7 @@ def _fingerprint(cfg: CalibrationRecipe, r: list[int]) -> dict[str, Any]:
         "arch": dict(cfg.model.arch) if cfg.model.random_init else {},
         "num_blocks": cfg.model.num_blocks,
         "dtype": cfg.model.dtype,
+        **({"image_size": cfg.model.image_size} if cfg.model.image_size is not None else {}),
         "r": list(r),
         "shards": str(Path(cfg.data.shards).expanduser()),
         "global_batch_size": cfg.data.global_batch_size,

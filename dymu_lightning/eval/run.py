@@ -1,0 +1,362 @@
+"""The ``eval_encoder`` task: one encoder, the full model and its DyMU and ToMe variants, over shards.
+
+For every image of ``data.shards`` and every variant it records the tokens left at the encoder
+output and the pooled features; from those it reports token statistics, the cosine of each variant's
+features with the full model's, the accuracy of probes fitted on the full model's features of
+``probe.train_shards`` (the LLaVA setting: the head downstream was trained on unmerged features),
+and Spearman's correlation between token count and JPEG bytes per pixel.
+
+Variants:
+
+- ``full``: merging off (the stock encoder's output);
+- each entry of ``variants``: DyMU thresholds from a thresholds.json;
+- ``tome@NAME`` for each of them (``tome: true``): fixed r per layer, chosen so that every image keeps
+  the mean token count DyMU ``NAME`` reached on these images (:func:`matched_fixed_r`).
+
+Single process: the work is a few forward passes per image, and the outputs are per image.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from dymu_lightning.backbones import Backbone, get_backbone
+from dymu_lightning.config.recipes import ConfigError, Recipe
+from dymu_lightning.config.schema import EvalEncoderRecipe
+from dymu_lightning.core import MergePolicy
+from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
+from dymu_lightning.eval import metrics
+from dymu_lightning.lit.datamodule import ShardsDataModule
+from dymu_lightning.lit.run import DTYPES, check_model_and_data, load_encoder
+from dymu_lightning.thresholds import ThresholdsFile
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("cls", "mean")
+
+
+@dataclass
+class Encoded:
+    """What one variant produced on a set of images (rows in global sample order).
+
+    Attributes:
+        lengths: ``[n]`` long, tokens per image at the output.
+        features: ``{"cls" | "mean": [n, C]}`` float32 (see :func:`metrics.pooled_features`).
+        index: ``[n]`` long, global sample index of each row.
+        seconds: wall time of the pass.
+    """
+
+    lengths: Tensor
+    features: dict[str, Tensor]
+    index: Tensor
+    seconds: float
+
+
+def check(recipe: Recipe) -> EvalEncoderRecipe:
+    """Validate an ``eval_encoder`` recipe beyond its types, without loading a model."""
+    cfg: EvalEncoderRecipe = recipe.to_object()
+    get_backbone(cfg.model.backbone)
+    if cfg.probe.feature not in FEATURES:
+        raise ConfigError(f"{recipe.path}: probe.feature={cfg.probe.feature!r}; expected one of {FEATURES}")
+    check_model_and_data(
+        recipe.path, cfg.model, cfg.data, [("probe.max_images", cfg.probe.max_images, 1), ("probe.k", cfg.probe.k, 1)]
+    )
+    try:
+        if re.compile(cfg.probe.label_pattern).groups < 1:
+            raise ConfigError(f"{recipe.path}: probe.label_pattern needs a group, e.g. '^(\\d+)_'")
+    except re.error as error:
+        raise ConfigError(f"{recipe.path}: probe.label_pattern is not a regular expression: {error}") from None
+    for name, path in cfg.variants.items():
+        if name == "full" or name.startswith("tome@"):
+            raise ConfigError(f"{recipe.path}: variants.{name}: 'full' and 'tome@...' are reserved names")
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"{recipe.path}: variants.{name}: no thresholds file at {path}")
+    return cfg
+
+
+def evaluate(recipe: Recipe) -> Path:
+    """Run the recipe; returns the path of ``metrics.json`` in ``out_dir``."""
+    cfg = check(recipe)
+    backbone, model, transform = load_encoder(cfg.model)
+    dtype = DTYPES[cfg.model.dtype]
+    probe_pixels = transform(Image.new("RGB", (64, 64)))[None].to(dtype)
+    image_size = int(probe_pixels.shape[-1])
+    with torch.no_grad():
+        full_tokens = backbone.embed(model, probe_pixels).shape[1]
+    num_prefix = backbone.num_prefix_tokens(model)
+    num_layers = backbone.num_layers(model)
+
+    dymu = {name: _load_thresholds(path, name, backbone, model, image_size, cfg) for name, path in cfg.variants.items()}
+    data = _shards(cfg.data.shards, cfg.data.images, cfg, transform, cfg.data.max_images)
+
+    runs = {"full": encode(backbone, model, data, MergePolicy.off(), cfg.model.num_blocks, dtype, "full")}
+    schedules: dict[str, list[int]] = {}
+    for name, thresholds in dymu.items():
+        runs[name] = encode(backbone, model, data, thresholds.policy(), cfg.model.num_blocks, dtype, name)
+    if cfg.tome:
+        for name in dymu:
+            target = float(runs[name].lengths.double().mean())
+            r = matched_fixed_r(num_layers, full_tokens, target, num_prefix, cfg.model.num_blocks)
+            schedules[f"tome@{name}"] = r
+            policy = MergePolicy(mode="fixed_r", r=r)
+            runs[f"tome@{name}"] = encode(backbone, model, data, policy, cfg.model.num_blocks, dtype, f"tome@{name}")
+
+    source = cfg.model.source or getattr(backbone, "default_source", "")
+    result: dict[str, Any] = {
+        "backbone": backbone.name,
+        "source": "random" if cfg.model.random_init else str(source),
+        "image_size": image_size,
+        "full_tokens": full_tokens,
+        "images": int(runs["full"].lengths.numel()),
+        "shards": str(Path(cfg.data.shards).expanduser()),
+        "recipe": str(recipe.path),
+        "overrides": list(recipe.overrides),
+        "variants": {},
+    }
+    histograms: dict[str, Tensor] = {}
+    for name, run in runs.items():
+        summary, histograms[name] = metrics.token_summary(run.lengths, full_tokens)
+        entry: dict[str, Any] = {
+            "kind": "full" if name == "full" else "tome" if name.startswith("tome@") else "dymu",
+            "tokens": summary,
+            "images_per_second": run.lengths.numel() / max(run.seconds, 1e-9),
+        }
+        for feature, values in run.features.items():
+            cosine = metrics.per_image_cosine(values, runs["full"].features[feature])
+            entry[f"cosine_{feature}"] = {"mean": float(cosine.mean()), "min": float(cosine.min())}
+        if name in dymu:
+            entry["thresholds"] = str(Path(cfg.variants[name]).expanduser())
+        if name in schedules:
+            entry["r"] = schedules[name]
+            entry["expected_tokens"] = fixed_r_lengths(schedules[name], full_tokens, num_prefix)[-1]
+        result["variants"][name] = entry
+
+    keys = [data.dataset.key(int(i)) for i in runs["full"].index]
+    if cfg.probe.train_shards is not None:
+        result["probe"] = _probe(cfg, backbone, model, transform, dtype, runs, keys, result["variants"])
+    complexity = None
+    if cfg.complexity:
+        complexity = torch.tensor(
+            [metrics.jpeg_bytes_per_pixel(data.dataset.image(int(i)), image_size) for i in runs["full"].index]
+        )
+        for name, run in runs.items():
+            if run.lengths.unique().numel() > 1:  # a constant count (full, ToMe) has no rank correlation
+                result["variants"][name]["spearman_tokens_complexity"] = metrics.spearman(run.lengths, complexity)
+
+    out_dir = Path(cfg.out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_per_image(out_dir / "per_image.csv", keys, runs, complexity)
+    write_plots(out_dir, result, histograms, runs, complexity)
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    _print_summary(result, path)
+    return path
+
+
+def encode(
+    backbone: Backbone,
+    model: torch.nn.Module,
+    data: ShardsDataModule,
+    policy: MergePolicy,
+    num_blocks: int | None,
+    dtype: torch.dtype,
+    label: str = "",
+) -> Encoded:
+    """Run one variant over every image of ``data``; prints one progress line when ``label`` is given."""
+    lengths, index, features = [], [], {name: [] for name in FEATURES}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in data.val_dataloader():
+            valid = batch["valid"].bool()
+            if not valid.any():
+                continue
+            out = backbone.merged_forward(model, batch["pixels"][valid].to(dtype), policy, num_blocks=num_blocks)
+            lengths.append(out.lengths)
+            index.append(batch["index"][valid])
+            for name, value in metrics.pooled_features(out.tokens, out.sizes, out.num_prefix).items():
+                features[name].append(value)
+    seconds = time.perf_counter() - start
+    if not lengths:
+        raise ValueError(f"no decodable image in the shards at {data.shards}")
+    if label:
+        print(f"  {label}: {sum(len(x) for x in lengths)} images in {seconds:.1f} s", flush=True)
+    return Encoded(
+        lengths=torch.cat(lengths),
+        features={name: torch.cat(values) for name, values in features.items() if values},
+        index=torch.cat(index),
+        seconds=seconds,
+    )
+
+
+def labels_from_keys(keys: list[str], pattern: str, where: str) -> Tensor:
+    """``[n]`` long: the integer in the first group of ``pattern`` matched at the start of each key."""
+    compiled = re.compile(pattern)
+    labels = []
+    for key in keys:
+        match = compiled.match(key)
+        if match is None:
+            raise ValueError(f"{where}: sample key {key!r} does not match probe.label_pattern {pattern!r}")
+        labels.append(int(match.group(1)))
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def _probe(
+    cfg: EvalEncoderRecipe,
+    backbone: Backbone,
+    model: torch.nn.Module,
+    transform: Any,
+    dtype: torch.dtype,
+    runs: dict[str, Encoded],
+    test_keys: list[str],
+    variants: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Fit a kNN and a linear probe on the full model's features of the training shards; score every
+    variant's features of the evaluated images with them (accuracy into ``variants[name]["probe"]``)."""
+    train_data = _shards(cfg.probe.train_shards, cfg.probe.train_images, cfg, transform, cfg.probe.max_images)
+    train = encode(backbone, model, train_data, MergePolicy.off(), cfg.model.num_blocks, dtype, "probe training set")
+    feature = cfg.probe.feature
+    if feature not in train.features:
+        raise ValueError(f"probe.feature={feature!r}: backbone '{backbone.name}' has no CLS token; use mean")
+    train_keys = [train_data.dataset.key(int(i)) for i in train.index]
+    train_labels = labels_from_keys(train_keys, cfg.probe.label_pattern, f"probe.train_shards {train_data.shards}")
+    test_labels = labels_from_keys(test_keys, cfg.probe.label_pattern, f"data.shards {cfg.data.shards}")
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    linear = metrics.fit_linear_probe(train.features[feature], train_labels, num_classes)
+    for name, run in runs.items():
+        test = run.features[feature]
+        knn = metrics.knn_predict(train.features[feature], train_labels, test, num_classes, cfg.probe.k)
+        variants[name]["probe"] = {
+            "knn": metrics.accuracy(knn, test_labels, num_classes),
+            "linear": metrics.accuracy(linear(test), test_labels, num_classes),
+        }
+    return {
+        "train_images": int(train.lengths.numel()),
+        "test_images": int(test_labels.numel()),
+        "classes": num_classes,
+        "feature": feature,
+        "k": cfg.probe.k,
+        "train_shards": str(train_data.shards),
+    }
+
+
+def _shards(
+    shards: str, images: str | None, cfg: EvalEncoderRecipe, transform: Any, max_images: int | None
+) -> ShardsDataModule:
+    """A single-process view of a shard folder (written from ``images`` on first use)."""
+    data = ShardsDataModule(
+        shards,
+        images,
+        cfg.data.global_batch_size,
+        transform,
+        max_images=max_images,
+        num_workers=cfg.data.num_workers,
+        strict=cfg.data.strict,
+        shard_size=cfg.data.shard_size,
+    )
+    data.prepare_data()
+    data.val_dataloader()  # builds data.dataset, whose keys and images the metrics read
+    return data
+
+
+def _load_thresholds(
+    path: str, name: str, backbone: Backbone, model: torch.nn.Module, image_size: int, cfg: EvalEncoderRecipe
+) -> ThresholdsFile:
+    thresholds = ThresholdsFile.load(Path(path).expanduser())
+    try:
+        thresholds.check_matches(backbone, model)
+    except ValueError as error:
+        raise ValueError(f"variants.{name} ({path}): {error}") from None
+    if thresholds.image_size != image_size:
+        raise ValueError(
+            f"variants.{name} ({path}) was calibrated at {thresholds.image_size} px but this evaluation feeds "
+            f"{image_size} px images; set model.image_size={thresholds.image_size} or recalibrate"
+        )
+    if thresholds.num_blocks != cfg.model.num_blocks:
+        raise ValueError(
+            f"variants.{name} ({path}) was calibrated with num_blocks={thresholds.num_blocks}, "
+            f"but model.num_blocks={cfg.model.num_blocks}"
+        )
+    return thresholds
+
+
+def _write_per_image(path: Path, keys: list[str], runs: dict[str, Encoded], complexity: Tensor | None) -> None:
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["key", "jpeg_bytes_per_pixel", *(f"tokens:{name}" for name in runs)])
+        for row, key in enumerate(keys):
+            bpp = "" if complexity is None else f"{float(complexity[row]):.5f}"
+            writer.writerow([key, bpp, *(int(run.lengths[row]) for run in runs.values())])
+
+
+def write_plots(
+    out_dir: Path,
+    result: dict[str, Any],
+    histograms: dict[str, Tensor],
+    runs: dict[str, Encoded],
+    complexity: Tensor | None,
+) -> list[Path]:
+    """``tokens.png`` (a token histogram per DyMU variant) and ``complexity.png`` (tokens against JPEG
+    bytes per pixel, one colour per DyMU variant); returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from dymu_lightning.lit.report import draw_token_histogram
+
+    written = []
+    # Full and ToMe keep one count for every image: a single bar each, which the tables already say.
+    dymu = [name for name in runs if result["variants"][name]["kind"] == "dymu"]
+    if dymu:
+        figure, axes = plt.subplots(len(dymu), 1, figsize=(6, 0.6 + 1.6 * len(dymu)), sharex=True, squeeze=False)
+        for axis, name in zip(axes[:, 0], dymu, strict=True):
+            draw_token_histogram(axis, histograms[name])
+            tokens = result["variants"][name]["tokens"]
+            axis.set_title(f"DyMU {name}: {tokens['mean']:.1f} ± {tokens['std']:.1f} tokens", fontsize=9)
+            axis.set_xlim(0, result["full_tokens"] + 1)
+            axis.set_xlabel("")
+        axes[-1, 0].set_xlabel(f"tokens per image at the encoder output (of {result['full_tokens']})")
+        figure.tight_layout()
+        written.append(out_dir / "tokens.png")
+        figure.savefig(written[-1], dpi=100)
+        plt.close(figure)
+    if complexity is not None and dymu:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for name in dymu:
+            rho = result["variants"][name].get("spearman_tokens_complexity")
+            label = f"{name} (Spearman {rho:.2f})" if rho is not None else name
+            axis.scatter(complexity.tolist(), runs[name].lengths.tolist(), s=10, label=label)
+        axis.set_xlabel("JPEG bytes per pixel of the encoder's view (quality 75)")
+        axis.set_ylabel("tokens per image at the encoder output")
+        axis.set_title(f"{result['backbone']}: {result['images']} images at {result['image_size']} px", fontsize=9)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        written.append(out_dir / "complexity.png")
+        figure.savefig(written[-1], dpi=100)
+        plt.close(figure)
+    return written
+
+
+def _print_summary(result: dict[str, Any], path: Path) -> None:
+    print(f"evaluated {result['backbone']} on {result['images']} images at {result['image_size']} px")
+    for name, entry in result["variants"].items():
+        tokens = entry["tokens"]
+        line = f"  {name:<14} tokens {tokens['mean']:6.1f} ± {tokens['std']:5.1f}"
+        line += f"  cos {entry.get('cosine_cls', entry['cosine_mean'])['mean']:.4f}"
+        if "probe" in entry:
+            line += f"  kNN {entry['probe']['knn']:.3f}  linear {entry['probe']['linear']:.3f}"
+        if "spearman_tokens_complexity" in entry:
+            line += f"  Spearman {entry['spearman_tokens_complexity']:.3f}"
+        print(line)
+    print(f"wrote {path}")

@@ -1,0 +1,242 @@
+"""Evaluation: metrics against hand-computed values, ToMe's matched counts, the eval recipe and the
+results page on a shrunken setting (tiny random DINOv2, a few synthetic images)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from dymu_lightning.config import load_recipe
+from dymu_lightning.core import MergePolicy
+from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
+from dymu_lightning.eval import metrics
+from dymu_lightning.eval.results import Setting, generate, render
+from dymu_lightning.eval.run import check, evaluate, labels_from_keys
+from tests.tests_support import tiny_timm
+
+# A 3-block HF DINOv2 at 64 px, 8 px patches: 64 patches + CLS = 65 tokens.
+TINY_MODEL = (
+    "model.backbone=hf_dinov2",
+    "model.random_init=true",
+    "model.arch.hidden_size=48",
+    "model.arch.intermediate_size=96",
+    "model.arch.num_hidden_layers=3",
+    "model.arch.num_attention_heads=3",
+    "model.arch.image_size=64",
+    "model.arch.patch_size=8",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics, by hand
+# --------------------------------------------------------------------------------------------------
+
+
+def test_token_summary_by_hand():
+    summary, histogram = metrics.token_summary(torch.tensor([2, 4, 4, 6]), full=7)
+    assert summary == {"mean": 4.0, "std": math.sqrt(2.0), "min": 2, "max": 6, "images": 4, "full": 7}
+    assert histogram.tolist() == [0, 0, 1, 0, 2, 0, 1, 0]
+
+
+def test_pooled_features_weight_by_size_and_ignore_padding():
+    tokens = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0]], [[5.0, 5.0], [2.0, 2.0], [0.0, 0.0]]])
+    sizes = torch.tensor([[1.0, 3.0, 1.0], [1.0, 4.0, 0.0]])
+    out = metrics.pooled_features(tokens, sizes, num_prefix=1)
+    assert torch.equal(out["cls"], torch.tensor([[9.0, 9.0], [5.0, 5.0]]))
+    assert torch.allclose(out["mean"], torch.tensor([[0.75, 0.25], [2.0, 2.0]]))
+
+
+def test_cosine_knn_accuracy_spearman_by_hand():
+    cosine = metrics.per_image_cosine(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    assert torch.allclose(cosine, torch.tensor([1 / math.sqrt(2), 1.0]))
+
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    test = torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.6, 0.5]])
+    # k = 1: nearest neighbour by cosine; [0.6, 0.5] is closest to [0.9, 0.1]? cos = 0.59/0.781/0.912 = 0.829
+    # vs [0.1, 0.9]: 0.51/0.781/0.906 = 0.721, so label 0.
+    assert metrics.knn_predict(train, labels, test, 2, k=1).tolist() == [0, 1, 0]
+    # k = 4: every train row votes with its cosine; the first test row's votes for 0 outweigh those for 1.
+    assert metrics.knn_predict(train, labels, test, 2, k=4).tolist() == [0, 1, 0]
+    assert metrics.accuracy(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3) == 0.75
+
+    # Ranks of x: 1 2 3 4; of y: 1 3 2 4; d = 0 -1 1 0; rho = 1 - 6 * 2 / (4 * 15) = 0.8.
+    assert metrics.spearman(
+        torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 30.0, 20.0, 40.0])
+    ) == pytest.approx(0.8)
+
+
+def test_linear_probe_separates_separable_data():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    centres = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0]])
+    features = centres[labels] + torch.randn(60, 3, generator=generator)
+    probe = metrics.fit_linear_probe(features, labels, 3)
+    assert metrics.accuracy(probe(features), labels, 3) == 1.0
+
+
+def test_jpeg_bytes_per_pixel_is_the_jpeg_size_of_the_view():
+    flat = Image.new("RGB", (300, 200), (120, 130, 140))
+    noise = Image.fromarray(torch.randint(0, 256, (200, 300, 3), dtype=torch.uint8).numpy())
+    view = flat.resize((300, 200)).crop((50, 0, 250, 200)).resize((64, 64))
+    buffer = io.BytesIO()
+    view.save(buffer, format="JPEG", quality=75)
+    assert metrics.jpeg_bytes_per_pixel(flat, 64) == buffer.tell() / 64**2
+    assert metrics.jpeg_bytes_per_pixel(noise, 64) > 2 * metrics.jpeg_bytes_per_pixel(flat, 64)
+
+
+def test_labels_from_keys():
+    assert labels_from_keys(["3_00001", "10_x"], r"^(\d+)_", "here").tolist() == [3, 10]
+    with pytest.raises(ValueError, match="sample key 'cat' does not match"):
+        labels_from_keys(["cat"], r"^(\d+)_", "here")
+
+
+# --------------------------------------------------------------------------------------------------
+# ToMe at a matched token count
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [9.4, 10.0, 22.6, 40.5, 64.9])
+def test_matched_fixed_r_hits_the_target_within_one_token(target):
+    backbone, model, pixels = tiny_timm(batch=4)
+    num_prefix = backbone.num_prefix_tokens(model)
+    r = matched_fixed_r(3, 65, target, num_prefix)
+    with torch.no_grad():
+        out = backbone.merged_forward(model, pixels, MergePolicy(mode="fixed_r", r=r))
+    # Fixed r: every image keeps the same count, the one the schedule predicts, nearest the target.
+    assert out.lengths.tolist() == [fixed_r_lengths(r, 65, num_prefix)[-1]] * 4
+    assert abs(float(out.lengths.double().mean()) - target) <= 0.5
+
+
+def test_matched_fixed_r_moves_merges_a_short_layer_cannot_make():
+    # 12 layers from 65 tokens down to 2: late layers have too few tokens for an even share.
+    r = matched_fixed_r(12, 65, 2.0, 1)
+    assert sum(r) == 63 and fixed_r_lengths(r, 65, 1)[-1] == 2
+    with pytest.raises(ValueError, match="target must be in"):
+        matched_fixed_r(12, 65, 1.0, 1)
+    # Three layers can at best halve three times: 65 -> 33 -> 17 -> 9.
+    with pytest.raises(ValueError, match="cannot end at 3.4 per image"):
+        matched_fixed_r(3, 65, 3.4, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# the recipe and the page, shrunken
+# --------------------------------------------------------------------------------------------------
+
+
+def _images(folder, count, seed, labelled=False):
+    """Half flat-ish (few distinct regions), half noisy images of different sizes; label 0 / 1."""
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        noisy = i % 2
+        if noisy:
+            array = torch.randint(0, 256, (48 + 8 * i, 64, 3), generator=generator, dtype=torch.uint8)
+        else:
+            coarse = torch.randint(0, 256, (1, 3, 2, 2), generator=generator).float()
+            array = torch.nn.functional.interpolate(coarse, size=(64, 48 + 8 * i), mode="bilinear")[0]
+            array = array.permute(1, 2, 0).to(torch.uint8)
+        name = f"{noisy}_{i:03d}.png" if labelled else f"image{i:03d}.png"
+        Image.fromarray(array.numpy()).save(folder / name)
+    return folder
+
+
+def test_eval_recipe_rejects_a_thresholds_file_for_another_image_size(tmp_path):
+    images = _images(tmp_path / "images", 4, 0)
+    from dymu_lightning.lit.run import calibrate
+
+    calibration = load_recipe(
+        "quickstart",
+        [f"out_dir={tmp_path}/cal", f"data.images={images}", f"data.shards={tmp_path}/shards", *TINY_MODEL]
+        + ["schedule.r=4", "data.global_batch_size=4", "trainer.progress_bar=false"],
+    )
+    path = calibrate(calibration)
+    recipe = load_recipe(
+        "eval_encoder",
+        [f"out_dir={tmp_path}/eval", f"data.shards={tmp_path}/shards", f"variants.mid={path}", *TINY_MODEL]
+        + ["model.image_size=48"],
+    )
+    with pytest.raises(ValueError, match="calibrated at 64 px but this evaluation feeds 48 px"):
+        evaluate(recipe)
+    with pytest.raises(ValueError, match="'full' and 'tome@...' are reserved"):
+        check(load_recipe("eval_encoder", [f"out_dir={tmp_path}/e", f"variants.full={path}", *TINY_MODEL]))
+
+
+def test_the_eval_recipe_is_packaged_and_checks(tmp_path, capsys):
+    from dymu_lightning.cli import main
+
+    recipe = load_recipe("eval_encoder", [f"out_dir={tmp_path}"])
+    assert recipe.path.read_text().startswith("#") and "recipe=eval_encoder" in recipe.path.read_text()
+    assert check(recipe).model.backbone == "dinov2_vits14_offline"
+    assert main(["check", "recipe=eval_encoder", "probe.feature=pooled"]) == 2
+    assert "probe.feature='pooled'; expected one of ('cls', 'mean')" in capsys.readouterr().err
+    assert main(["check", "recipe=eval_encoder", f"variants.mid={tmp_path}/none.json"]) == 2
+    assert f"variants.mid: no thresholds file at {tmp_path}/none.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_results_page_on_a_shrunken_setting(tmp_path):
+    setting = Setting(
+        model=TINY_MODEL,
+        photos_calibrate=str(_images(tmp_path / "photos_a", 8, 1)),
+        photos_evaluate=str(_images(tmp_path / "photos_b", 10, 2)),
+        photos_tokens_left={"low": 10, "mid": 22, "high": 44},
+        probe_train=str(_images(tmp_path / "train", 12, 3, labelled=True)),
+        probe_test=str(_images(tmp_path / "test", 8, 4, labelled=True)),
+        probe_image_size=None,
+        batch_size=4,
+    )
+    page = generate(setting, tmp_path / "work", tmp_path / "docs" / "results.md", "python -m dymu_lightning results")
+    text = page.read_text()
+
+    probe = json.loads((tmp_path / "work/eval/probe/metrics.json").read_text())
+    photos = json.loads((tmp_path / "work/eval/photos/metrics.json").read_text())
+    for study, images in ((probe, 8), (photos, 10)):
+        assert study["images"] == images and study["full_tokens"] == 65
+        names = list(study["variants"])
+        assert names == ["full", "low", "mid", "high", "tome@low", "tome@mid", "tome@high"]
+        full = study["variants"]["full"]
+        assert full["tokens"]["mean"] == 65 and full["tokens"]["std"] == 0
+        assert full["cosine_cls"]["min"] == pytest.approx(1.0) and full["cosine_mean"]["min"] == pytest.approx(1.0)
+        means = [study["variants"][v]["tokens"]["mean"] for v in ("low", "mid", "high")]
+        assert means == sorted(means) and means[-1] < 65
+        for v in ("low", "mid", "high"):
+            tome = study["variants"][f"tome@{v}"]
+            # ToMe keeps the same count for every image, within one token of DyMU's mean.
+            assert tome["tokens"]["std"] == 0
+            assert abs(tome["tokens"]["mean"] - study["variants"][v]["tokens"]["mean"]) <= 1
+    assert probe["probe"]["train_images"] == 12 and probe["probe"]["classes"] == 2
+    assert all(0 <= v["probe"]["knn"] <= 1 for v in probe["variants"].values())
+
+    # The per-image table agrees with the summary, and the correlation is computed from it.
+    with open(tmp_path / "work/eval/photos/per_image.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 10
+    tokens = torch.tensor([float(row["tokens:mid"]) for row in rows])
+    assert float(tokens.mean()) == pytest.approx(photos["variants"]["mid"]["tokens"]["mean"])
+    bpp = torch.tensor([float(row["jpeg_bytes_per_pixel"]) for row in rows])
+    if "spearman_tokens_complexity" in photos["variants"]["mid"]:
+        assert metrics.spearman(tokens, bpp) == pytest.approx(photos["variants"]["mid"]["spearman_tokens_complexity"])
+
+    # The page: its tables, every plot it links (and nothing else), the machine, and the commands.
+    for heading in ("## Targets", "## Probe accuracy", "## Token counts, fidelity", "## Machine", "## Commands"):
+        assert heading in text
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert sorted(linked) == sorted(
+        f"results/{s}_{n}.png" for s in ("probe", "photos") for n in ("tokens", "complexity")
+    )
+    assert all((page.parent / p).is_file() and (page.parent / p).read_bytes()[:4] == b"\x89PNG" for p in linked)
+    assert text.count("python -m dymu_lightning recipe=quickstart") == 6
+    assert text.count("python -m dymu_lightning recipe=eval_encoder") == 3
+    assert f"| mid | {probe['variants']['mid']['tokens']['mean']:.1f} ±" in text
+
+    # The page is a function of the recorded runs: rendering again, elsewhere, measures nothing new.
+    again = render(tmp_path / "work", tmp_path / "elsewhere" / "results.md")
+    assert again.read_text() == text and (tmp_path / "elsewhere/results/probe_tokens.png").is_file()
