@@ -151,9 +151,11 @@ def is_dymu(model: nn.Module) -> bool:
 
 
 def last_prefill(model: nn.Module) -> dict[str, Tensor]:
-    """Token accounting of the latest prefill (or :func:`dymu_inputs` call) with DyMU: ``visual_rows`` (``[num_images]``, rows each
-    image became), ``visual_positions`` (``[num_images]``, the placeholders each image had), ``rows``
-    and ``positions`` (``[B]``, the language model's rows and valid positions per sample)."""
+    """Token accounting of the latest prefill (or :func:`dymu_inputs` call) with DyMU.
+
+    ``visual_rows`` (``[num_images]``): rows each image became; ``visual_positions``
+    (``[num_images]``): the placeholders each image had; ``rows`` and ``positions`` (``[B]``): the
+    language model's rows and valid positions per sample."""
     if not is_dymu(model):
         raise ValueError(f"DyMU is not applied to this {type(model).__name__}")
     return dict(getattr(model, STATE_ATTRIBUTE).last)
