@@ -4,8 +4,9 @@ DyMU with the compact and with the expanded KV cache, at several batch sizes.
 Prompts are the chat template around one photo each (the bundled photos, so every sample of a batch
 has its own image and its own visual token count). Thresholds are DyMU-mid-like: found in this
 process on 13 photos with r = 35 over the 11 blocks the LLaVA reads, or read from `--thresholds`.
-For each variant: the prefill (generate with one new token), the time per further token, the visual
-rows, the KV cache bytes, and on GPU the peak memory. Variants run interleaved in one process.
+For each variant, from inside one generate() call: the prefill (until the first next-token scores),
+the median time per further token (between consecutive scores), the visual rows, the KV cache bytes,
+and on GPU the peak memory. Rounds interleave the variants in one process.
 
     python benchmarks/llava_generate.py                      # batch 1 and 4, CPU, float32
     python benchmarks/llava_generate.py --batch 1 16 --device cuda --dtype bfloat16
@@ -14,10 +15,13 @@ rows, the KV cache bytes, and on GPU the peak memory. Variants run interleaved i
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
-from encoder_speed import add_run_arguments, encoder_flops, machine_name, photos, timed, write_report
+from encoder_speed import add_run_arguments, encoder_flops, machine_name, photos, write_report
+from transformers import LogitsProcessor, LogitsProcessorList
 from vtu_prefill import prefill_flops
 
 from dymu_lightning.backbones import get_backbone
@@ -26,6 +30,20 @@ from dymu_lightning.core import MergePolicy
 from dymu_lightning.thresholds import batch_thresholds
 
 VARIANTS = ("stock", "compact", "expanded")
+
+
+class StepClock(LogitsProcessor):
+    """Stamps the time each time generate() has next-token scores: after the prefill, then after
+    every decoding step."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.is_cuda:
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        return scores
 
 
 def cache_bytes(cache: object) -> int:
@@ -69,15 +87,27 @@ def main(argv: list[str] | None = None) -> int:
         "num_key_value_heads": text.num_key_value_heads,
     }
 
-    def run(variant: str, inputs: dict, new_tokens: int, **kwargs) -> object:
+    def run(variant: str, inputs: dict, new_tokens: int) -> tuple[float, float, object]:
+        """Prefill seconds, median seconds per further token, and generate()'s output."""
         if variant == "stock" and is_dymu(model):
             remove_dymu(model)
         elif variant != "stock":
             apply_dymu(model, thresholds, cache=variant)
+        clock = StepClock()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         with torch.inference_mode():
-            return model.generate(
-                **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs
+            out = model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([clock]),
+                return_dict_in_generate=True,
             )
+        steps = [b - a for a, b in zip(clock.stamps[:-1], clock.stamps[1:], strict=True)]
+        return clock.stamps[0] - start, statistics.median(steps), out
 
     lines = [
         f"# generate() on the small real LLaVA, {machine_name(device)}, {args.dtype}, torch {torch.__version__}",
@@ -93,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         inputs = processor(images=photos(batch), text=[prompt] * batch, return_tensors="pt", padding=True)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        prefill = timed({v: lambda v=v, i=inputs: run(v, i, 1) for v in VARIANTS}, args.repeats, device)
-        longer = timed(
-            {v: lambda v=v, i=inputs: run(v, i, 1 + args.new_tokens) for v in VARIANTS}, args.repeats, device
-        )
+        prefill: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        decode: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for round_ in range(args.repeats + 1):  # round 0 warms up
+            for variant in VARIANTS:
+                seconds, per_token, _ = run(variant, inputs, 1 + args.new_tokens)
+                if round_:
+                    prefill[variant].append(seconds)
+                    decode[variant].append(per_token)
+        prefill = {v: statistics.median(t) for v, t in prefill.items()}
+        decode = {v: statistics.median(t) for v, t in decode.items()}
 
         # FLOPs of the prefill: the tower with its per-layer token counts, the LLM on rows / positions
         apply_dymu(model, thresholds)
@@ -118,20 +154,19 @@ def main(argv: list[str] | None = None) -> int:
         for variant in VARIANTS:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            out = run(variant, inputs, 2, return_dict_in_generate=True)
+            out = run(variant, inputs, 2)[2]
             peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else "-"
             size = cache_bytes(out.cache)
             if variant == "stock":
                 stock_size, visual = size, 576.0
             else:
                 visual = float(last_prefill(model)["visual_rows"].float().mean())
-            per_token = (longer[variant] - prefill[variant]) / args.new_tokens
-            stock_per_token = (longer["stock"] - prefill["stock"]) / args.new_tokens
             ideal = f"{dymu / stock:.2f}x" if variant != "stock" else "1.00x"
             lines.append(
                 f"| {batch} | {variant} | {visual:.1f} | {prefill[variant] * 1e3:.0f} ms | "
-                f"{prefill[variant] / prefill['stock']:.2f}x | {ideal} | {per_token * 1e3:.0f} ms | "
-                f"{per_token / stock_per_token:.2f}x | {size / 2**20:.1f} MiB | {size / stock_size:.2f}x | {peak} |"
+                f"{prefill[variant] / prefill['stock']:.2f}x | {ideal} | {decode[variant] * 1e3:.0f} ms | "
+                f"{decode[variant] / decode['stock']:.2f}x | {size / 2**20:.1f} MiB | "
+                f"{size / stock_size:.2f}x | {peak} |"
             )
             print(lines[-1], flush=True)
     write_report(lines, args.out)
