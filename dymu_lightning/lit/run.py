@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 
 from dymu_lightning.backbones import get_backbone
@@ -72,6 +75,7 @@ def check(recipe: Recipe) -> CalibrationRecipe:
         ("data.max_images", cfg.data.max_images, 1),
         ("trainer.save_every_n_steps", cfg.trainer.save_every_n_steps, 1),
         ("trainer.max_steps", cfg.trainer.max_steps, 1),
+        ("trainer.timeout_s", cfg.trainer.timeout_s, 1),
         ("schedule.r", cfg.schedule.r, 0),
         ("schedule.tokens_left", cfg.schedule.tokens_left, 1),
         ("model.num_blocks", cfg.model.num_blocks, 1),
@@ -92,6 +96,8 @@ def check(recipe: Recipe) -> CalibrationRecipe:
             f"{recipe.path}: data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
             f"{world} processes (trainer.devices x trainer.num_nodes)"
         )
+    if cfg.trainer.timeout_s is not None and cfg.trainer.strategy != "ddp":
+        raise ConfigError(f"{recipe.path}: trainer.timeout_s needs trainer.strategy=ddp, got {cfg.trainer.strategy!r}")
     return cfg
 
 
@@ -117,6 +123,9 @@ def calibrate(recipe: Recipe) -> Path:
         merging_layers=cfg.model.num_blocks,
     )
     fingerprint = _fingerprint(cfg, r)
+    # Under Slurm our module handles the requeue signal (save at a step boundary, requeue, stop) in
+    # place of Lightning's handler, which would checkpoint the whole encoder from inside the handler.
+    slurm = SLURMEnvironment.detect()
     out_dir = Path(cfg.out_dir).expanduser()
     state = load_state(out_dir, fingerprint) if cfg.resume else None
     start_step = int(state["steps_done"]) if state else 0
@@ -133,6 +142,7 @@ def calibrate(recipe: Recipe) -> Path:
         fingerprint,
         full_tokens,
         state,
+        requeue_job=_slurm_job() if slurm else None,
     )
     datamodule = ShardsDataModule(
         cfg.data.shards,
@@ -149,7 +159,8 @@ def calibrate(recipe: Recipe) -> Path:
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
+        strategy=_strategy(cfg),
+        plugins=[SLURMEnvironment(auto_requeue=False)] if slurm else None,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -196,6 +207,19 @@ def calibrate(recipe: Recipe) -> Path:
         write_report(result, module.tokens.histogram, out_dir)
         _print_summary(result, path)
     return path
+
+
+def _strategy(cfg: CalibrationRecipe) -> str | DDPStrategy:
+    if cfg.trainer.timeout_s is None:
+        return cfg.trainer.strategy
+    return DDPStrategy(timeout=timedelta(seconds=cfg.trainer.timeout_s))
+
+
+def _slurm_job() -> str:
+    """The id that `scontrol requeue` takes: an array task's own, or the job's."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
 
 
 def _world_size(cfg: CalibrationRecipe) -> int | None:
