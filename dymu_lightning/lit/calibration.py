@@ -94,6 +94,8 @@ class CalibrationModule(L.LightningModule):
         self.images_skipped = 0
         self.index_sums = torch.zeros(2, dtype=torch.float64)
         self.bytes_gathered_per_step = 0
+        self.bytes_gathered_per_layer: list[int] = []
+        self._step_ends: list[float] = []  # this run's step end times, for seconds_per_step
         if state is not None:
             self.thresholds.load_state_dict(state["thresholds"])
             self.tokens.load_state_dict(state["tokens"])
@@ -104,6 +106,10 @@ class CalibrationModule(L.LightningModule):
         self.requeue_job = requeue_job
         self._requeue_signalled = False
         self._previous_handler: Any = None
+        if requeue_job is not None:
+            # Installed now, not when the loop starts: the default action of SIGUSR1 is to terminate,
+            # and the signal may come while the model or the process group is still being set up.
+            self._previous_handler = signal.signal(REQUEUE_SIGNAL, self._on_requeue_signal)
         self._started = time.perf_counter()
         self._images_this_run = 0
 
@@ -148,6 +154,8 @@ class CalibrationModule(L.LightningModule):
         self.bytes_gathered_per_step = (
             8 * len(local) + sum(cut.bytes_sent) + 2 * lengths.numel() * lengths.element_size()
         )
+        self.bytes_gathered_per_layer = list(cut.bytes_sent)
+        self._step_ends.append(time.perf_counter())
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         summary = self.tokens.summary()
         self.log("img/s", self._images_this_run / elapsed, prog_bar=True, on_step=True, on_epoch=False)
@@ -160,13 +168,23 @@ class CalibrationModule(L.LightningModule):
     def on_validation_start(self) -> None:
         self._started = time.perf_counter()
         self._images_this_run = 0
-        if self.requeue_job is not None:
-            self._previous_handler = signal.signal(REQUEUE_SIGNAL, self._on_requeue_signal)
+        self._step_ends = []
 
     def on_validation_end(self) -> None:
         self.save_state()
         if self.requeue_job is not None:
             signal.signal(REQUEUE_SIGNAL, self._previous_handler)
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Mean wall time of this run's steps after the first (which carries the warm-up), or of its
+        only step; None before any step."""
+        ends = [self._started, *self._step_ends]
+        if len(ends) < 2:
+            return None
+        if len(ends) == 2:
+            return ends[1] - ends[0]
+        return (ends[-1] - ends[1]) / (len(ends) - 2)
 
     # ----- preemption and faults -----------------------------------------------------------------------
     def _on_requeue_signal(self, signum: int, frame: Any) -> None:

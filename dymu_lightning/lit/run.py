@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 
@@ -125,7 +125,8 @@ def calibrate(recipe: Recipe) -> Path:
     fingerprint = _fingerprint(cfg, r)
     # Under Slurm our module handles the requeue signal (save at a step boundary, requeue, stop) in
     # place of Lightning's handler, which would checkpoint the whole encoder from inside the handler.
-    slurm = SLURMEnvironment.detect()
+    # torchrun inside a Slurm job takes precedence, as in Lightning: torchrun then owns the ranks.
+    slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
     out_dir = Path(cfg.out_dir).expanduser()
     state = load_state(out_dir, fingerprint) if cfg.resume else None
     start_step = int(state["steps_done"]) if state else 0
@@ -196,6 +197,8 @@ def calibrate(recipe: Recipe) -> Path:
             extra={
                 "steps": module.steps_done,
                 "bytes_gathered_per_step": module.bytes_gathered_per_step,
+                "bytes_gathered_per_layer": module.bytes_gathered_per_layer,
+                "seconds_per_step": module.seconds_per_step,
                 "images_skipped": module.images_skipped,
                 "index_sum": float(module.index_sums[0]),
                 "index_square_sum": float(module.index_sums[1]),
