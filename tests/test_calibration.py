@@ -16,6 +16,7 @@ from dymu_lightning.config import ConfigError, load_recipe
 from dymu_lightning.core.calibration import GlobalBatchCut
 from dymu_lightning.core.policy import local_batch_cut
 from dymu_lightning.data import write_shards
+from dymu_lightning.lit.run import check
 from dymu_lightning.thresholds import ThresholdsFile
 
 FULL = 65  # 64 patches + CLS
@@ -152,3 +153,10 @@ def test_thresholds_do_not_depend_on_the_number_of_processes(tmp_path, shards, w
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert_same_calibration(tmp_path / "many" / "out", single, world_size)
+
+
+def test_timeout_needs_ddp(tmp_path, shards):
+    recipe = recipe_file(tmp_path, shards)
+    with pytest.raises(ConfigError, match=r"trainer.timeout_s needs trainer.strategy=ddp, got 'auto'"):
+        check(load_recipe(recipe, ["trainer.timeout_s=30"]))
+    assert check(load_recipe(recipe, ["trainer.timeout_s=30", "trainer.strategy=ddp"])).trainer.timeout_s == 30

@@ -180,7 +180,7 @@ def test_dead_rank_fails_the_job_fast_and_a_rerun_completes(cluster, tmp_path, s
 
 
 def test_hung_rank_fails_the_job_after_the_timeout(cluster, tmp_path, shards):
-    """Rank 1 hangs after step 2 (alive, connected, silent): with trainer.timeout_s=12 rank 0's
+    """Rank 1 hangs after step 2 (alive, connected, silent): with trainer.timeout_s=15 rank 0's
     all-gather gives up and the job fails with a message that says what happened and how to resume."""
     folder = tmp_path / "job"
     recipe_file(folder, shards)
@@ -189,7 +189,7 @@ def test_hung_rank_fails_the_job_after_the_timeout(cluster, tmp_path, shards):
         folder,
         "--nodes=2",
         "--ntasks-per-node=1",
-        overrides=("trainer.timeout_s=12",),
+        overrides=("trainer.timeout_s=15",),
         DYMU_FAULT_STALL_AFTER_STEP="2",
         DYMU_FAULT_RANK="1",
     )
