@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace, world: int, out_dir: Path) -> tuple[dict, flo
     ]  # fmt: skip
     started = time.perf_counter()
     # One thread per process, as one GPU per process: on a small shared machine, two intra-op threads
-    # in one process were 3.8x slower per step than one (threads wait on each other's busy cores).
+    # in one process were up to 3.8x slower per step than one (threads wait on each other's busy cores).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
