@@ -67,13 +67,21 @@ def single(tmp_path_factory, shards):
     return run(recipe_file(tmp_path_factory.mktemp("single"), shards))
 
 
-def submit(env: dict[str, str], folder: Path, *options: str, overrides: tuple[str, ...] = (), **extra_env: str) -> str:
-    """sbatch the template with the tiny recipe in ``folder``; returns the job id."""
+def submit(
+    env: dict[str, str],
+    folder: Path,
+    *options: str,
+    overrides: tuple[str, ...] = (),
+    template: Path = TEMPLATE,
+    arguments: tuple[str, ...] = (),
+    **extra_env: str,
+) -> str:
+    """sbatch a template with the tiny recipe in ``folder``; returns the job id."""
     recipe = folder / "tiny.yaml"  # written by recipe_file
     job_env = {**env, "DYMU_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
     job_env.update(extra_env)
-    command = ["sbatch", "--parsable", f"--chdir={folder}", f"--output={folder}/job-%j.out", *options, str(TEMPLATE)]
-    command += [f"recipe={recipe}", *overrides]
+    command = ["sbatch", "--parsable", f"--chdir={folder}", f"--output={folder}/job-%j.out", *options, str(template)]
+    command += [*arguments, f"recipe={recipe}", *overrides]
     submitted = subprocess.run(command, capture_output=True, text=True, timeout=60, env=job_env, check=True)
     return submitted.stdout.strip().split(";")[0]
 
@@ -229,4 +237,18 @@ def test_torchrun_across_two_nodes_equals_one_process(cluster, tmp_path, shards,
             out.close()
     logs = {node: (folder / f"{node}.log").read_text() for node in ("slnode1", "slnode2")}
     assert [launcher.returncode for launcher, _ in launchers] == [0, 0], logs
+    assert_same_calibration(folder / "out", single, world_size=2)
+
+
+def test_torchrun_under_slurm_takes_the_ranks_from_torchrun(cluster, tmp_path, shards, single):
+    """scripts/slurm/calibrate-torchrun.sbatch: one Slurm task, torchrun starts 2 processes in it.
+    Slurm's variables say 1 task; the ranks must come from torchrun (world size 2), not from Slurm."""
+    folder = tmp_path / "job"
+    recipe_file(folder, shards)
+    template = SCRIPTS / "calibrate-torchrun.sbatch"
+    job_id = submit(cluster, folder, "--nodes=1", template=template, arguments=("2",))
+    info = wait(cluster, job_id)
+    output = log(folder, job_id)
+    assert info["JobState"] == "COMPLETED", output
+    assert "on slnode1: 1 node(s) x 2 process(es) by torchrun" in output
     assert_same_calibration(folder / "out", single, world_size=2)
