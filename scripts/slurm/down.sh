@@ -6,11 +6,19 @@ source "$HERE/env.sh"
 if [ -s "$D/pids" ]; then
   squeue -h -o %i 2>/dev/null | xargs -r scancel 2>/dev/null || true
   for _ in $(seq 50); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.1; done
-  tac "$D/pids" | while read -r name pid; do
-    kill -TERM "$pid" 2>/dev/null && echo "stopped $name ($pid)"
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null && echo "killed $name ($pid)"
-  done
+  # The Slurm daemons together (each takes a few seconds to exit), munged, which they use, last.
+  stop() {
+    for entry in "$@"; do kill -TERM "${entry#* }" 2>/dev/null && echo "stopped $entry"; done
+    for entry in "$@"; do
+      pid=${entry#* }
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null && echo "killed $entry"
+    done
+  }
+  mapfile -t slurm < <(grep -v '^munged ' "$D/pids")
+  mapfile -t munge < <(grep '^munged ' "$D/pids")
+  stop "${slurm[@]}"
+  stop "${munge[@]}"
   : > "$D/pids"
 fi
 for i in "${!NODES[@]}"; do ip netns del "${NODES[$i]}" 2>/dev/null || true; done
