@@ -34,9 +34,9 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
 def _why_no_cluster() -> str | None:
     if os.geteuid() != 0:
         return "the local Slurm cluster needs root (network namespaces, daemons); run as root to test Slurm"
-    for tool in ("ip", "unshare", "nsenter", "setpriv"):
+    for tool in ("unshare", "nsenter", "setpriv"):  # util-linux; up.sh installs Slurm, munge and iproute2
         if shutil.which(tool) is None:
-            return f"the local Slurm cluster needs `{tool}` (iproute2 / util-linux), not found"
+            return f"no namespace tools: `{tool}` (util-linux) not found"
     probe = subprocess.run(["unshare", "--net", "--uts", "--mount", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"no network namespaces on this machine (`unshare --net` failed: {probe.stderr.strip()})"
@@ -57,8 +57,8 @@ def cluster() -> Iterator[dict[str, str]]:
     finally:
         down = subprocess.run([SCRIPTS / "down.sh"], capture_output=True, text=True, timeout=120, env=env)
         assert down.returncode == 0, down.stderr
-        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert "slnode" not in left, f"down.sh left namespaces behind: {left}"
+        left = sorted(path.name for path in Path("/run/netns").glob("slnode*"))
+        assert not left, f"down.sh left namespaces behind: {left}"
 
 
 @pytest.fixture(scope="module")

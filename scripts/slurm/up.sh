@@ -1,8 +1,9 @@
 #!/bin/bash
 # Start a throw-away two-node Slurm cluster on this machine (root): munged, slurmctld, and one slurmd
 # per "node", each slurmd in its own network and UTS namespace on a private bridge, so that the nodes
-# are distinct hosts (slnode1, slnode2) as on a real cluster. Debian's slurm-wlm and munge are installed
-# with apt when missing. Traffic stays on loopback and on the bridge: the namespaces have no other route.
+# are distinct hosts (slnode1, slnode2) as on a real cluster. Debian's slurm-wlm and munge (and
+# iproute2) are installed with apt when missing. Traffic stays on loopback and on the bridge: the
+# namespaces have no other route.
 # Then: `export SLURM_CONF=/tmp/dymu-slurm/slurm.conf` (printed at the end) and use sbatch/srun/squeue.
 # Stop it with down.sh.
 set -euo pipefail
@@ -10,15 +11,19 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/env.sh"
 
 if [ "$(id -u)" != 0 ]; then echo "error: up.sh needs root (namespaces, daemons)" >&2; exit 2; fi
-if ip link show "$BRIDGE" >/dev/null 2>&1 || [ -s "$D/pids" ]; then
+if [ -e "/sys/class/net/$BRIDGE" ] || [ -s "$D/pids" ]; then
   echo "error: a local cluster seems to be running already ($BRIDGE exists or $D/pids is not empty); run down.sh" >&2
   exit 2
 fi
 
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
-  echo "installing slurm-wlm and munge with apt-get"
+missing=()
+command -v slurmctld >/dev/null && command -v slurmd >/dev/null || missing+=(slurm-wlm)
+command -v munged >/dev/null || missing+=(munge)
+command -v ip >/dev/null || missing+=(iproute2)
+if [ "${#missing[@]}" != 0 ]; then
+  echo "installing ${missing[*]} with apt-get"
   apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 rm -rf "$D"
