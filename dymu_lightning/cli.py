@@ -83,7 +83,18 @@ def main(argv: list[str] | None = None) -> int:
             check(recipe)
             print(f"{recipe.path}: ok")
             return 0
-        run(recipe)
+        from dymu_lightning.lit.calibration import CollectiveError, Requeued
+
+        try:
+            run(recipe)
+        except CollectiveError as error:
+            # One line that says what happened and how to resume; gloo's own text is at its end.
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except Requeued as stopped:
+            # Not a failure when the job went back to the queue: the requeued job finishes the work.
+            print(f"{'note' if stopped.requeued else 'error'}: {stopped}", file=sys.stderr)
+            return 0 if stopped.requeued else 1
         return 0
     except (ValueError, KeyError, FileNotFoundError, OmegaConfBaseException) as error:
         # Bad input (ConfigError is a ValueError) gets one line naming the problem, not a traceback.

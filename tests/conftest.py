@@ -70,3 +70,11 @@ def tiny64(request) -> Tiny:
     decision flips on rounding."""
     name, config_name = request.param
     return Tiny(name, config_name, torch.float64)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """10 images in deliberately uneven shards (3, 3, 3, 1), for the calibration runs."""
+    from tests_support import uneven_shards
+
+    return uneven_shards(tmp_path_factory.mktemp("calib"))

@@ -2,72 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from PIL import Image
 from tests_support import TINY_TIMM_ARCH as ARCH
+from tests_support import assert_same_calibration, make_images, recipe_file, run
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.config import ConfigError, load_recipe
 from dymu_lightning.core.calibration import GlobalBatchCut
 from dymu_lightning.core.policy import local_batch_cut
 from dymu_lightning.data import write_shards
-from dymu_lightning.lit.run import calibrate
+from dymu_lightning.lit.run import check
 from dymu_lightning.thresholds import ThresholdsFile
 
 FULL = 65  # 64 patches + CLS
-
-
-def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """Smooth and noisy 64 px images (alternating), so that token counts differ between images."""
-    generator = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        if i % 2 == 0:
-            coarse = torch.rand(1, 3, 3, 3, generator=generator)
-            image = torch.nn.functional.interpolate(coarse, size=64, mode="bilinear")[0]
-        else:
-            image = torch.rand(3, 64, 64, generator=generator)
-        array = (image.permute(1, 2, 0) * 255).to(torch.uint8).numpy()
-        path = folder / f"img{i:03d}.png"
-        Image.fromarray(array).save(path)
-        paths.append(path)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """10 images in deliberately uneven shards (3, 3, 3, 1)."""
-    root = tmp_path_factory.mktemp("calib")
-    write_shards(make_images(root / "images", 10), root / "shards", shard_size=3)
-    return root / "shards"
-
-
-def recipe_file(folder: Path, shards: Path, **data) -> Path:
-    recipe = {
-        "task": "calibrate",
-        "out_dir": str(folder / "out"),
-        "model": {"backbone": "timm_vit", "random_init": True, "arch": ARCH},
-        "data": {"shards": str(shards), "global_batch_size": 4, **data},
-        "schedule": {"r": 5},
-        "trainer": {"accelerator": "cpu", "progress_bar": False, "save_every_n_steps": 1},
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def run(recipe: Path, *overrides: str) -> ThresholdsFile:
-    return ThresholdsFile.load(calibrate(load_recipe(recipe, list(overrides))))
 
 
 def test_calibration_merges_exactly_b_times_r(tmp_path, shards):
@@ -200,11 +152,11 @@ def test_thresholds_do_not_depend_on_the_number_of_processes(tmp_path, shards, w
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads((tmp_path / "many" / "out" / "thresholds.json").read_text())
-    assert result["world_size"] == world_size
-    assert result["images_seen"] == 10 and result["tokens"]["images"] == 10
-    assert result["extra"]["index_sum"] == sum(range(10))
-    assert result["extra"]["index_square_sum"] == sum(i * i for i in range(10))
-    for ours, reference in zip(result["thresholds"], single.thresholds, strict=True):
-        assert ours == pytest.approx(reference, abs=1e-6)
-    assert result["tokens"]["mean"] == single.tokens["mean"]
+    assert_same_calibration(tmp_path / "many" / "out", single, world_size)
+
+
+def test_timeout_needs_ddp(tmp_path, shards):
+    recipe = recipe_file(tmp_path, shards)
+    with pytest.raises(ConfigError, match=r"trainer.timeout_s needs trainer.strategy=ddp, got 'auto'"):
+        check(load_recipe(recipe, ["trainer.timeout_s=30"]))
+    assert check(load_recipe(recipe, ["trainer.timeout_s=30", "trainer.strategy=ddp"])).trainer.timeout_s == 30

@@ -43,3 +43,9 @@ def test_every_doc_page_is_reachable_from_the_readme():
     linked = set(re.findall(r"\(docs/([\w-]+\.md)\)", readme))
     pages = {p.name for p in (ROOT / "docs").glob("*.md")}
     assert pages <= linked, f"not linked from README.md: {sorted(pages - linked)}"
+
+
+def test_the_slurm_template_in_the_docs_is_the_tested_file():
+    """docs/calibration.md shows scripts/slurm/calibrate.sbatch verbatim (tests/test_slurm.py submits it)."""
+    template = (ROOT / "scripts" / "slurm" / "calibrate.sbatch").read_text()
+    assert f"```bash\n{template}```" in (ROOT / "docs" / "calibration.md").read_text()

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from PIL import Image
 from transformers import LlamaConfig, LlamaModel, MistralConfig, MistralModel, Qwen2Config, Qwen2Model
 
 from dymu_lightning.backbones import get_backbone
+from dymu_lightning.config import load_recipe
 from dymu_lightning.core.vtu import VirtualLayout
+from dymu_lightning.data import write_shards
+from dymu_lightning.lit.run import calibrate
+from dymu_lightning.thresholds import ThresholdsFile
 
 # A 3-block timm ViT: 64 patches of 8 px + CLS at 64 px.
 TINY_TIMM_ARCH = {
@@ -30,6 +40,66 @@ def tiny_timm(batch: int, seed: int = 0):
     noisy = torch.randn(batch, 3, 64, 64, generator=generator)
     pixels = torch.where(torch.arange(batch)[:, None, None, None] % 2 == 0, smooth, noisy)
     return backbone, model, pixels
+
+
+# ----- calibration runs (tests/test_calibration.py, tests/test_slurm.py) ---------------------------------
+def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Smooth and noisy 64 px images (alternating), so that token counts differ between images."""
+    generator = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        if i % 2 == 0:
+            coarse = torch.rand(1, 3, 3, 3, generator=generator)
+            image = torch.nn.functional.interpolate(coarse, size=64, mode="bilinear")[0]
+        else:
+            image = torch.rand(3, 64, 64, generator=generator)
+        array = (image.permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray(array).save(path)
+        paths.append(path)
+    return paths
+
+
+def uneven_shards(root: Path, count: int = 10) -> Path:
+    """``count`` images in deliberately uneven shards of 3 (3, 3, 3, 1 for 10)."""
+    write_shards(make_images(root / "images", count), root / "shards", shard_size=3)
+    return root / "shards"
+
+
+def recipe_file(folder: Path, shards: Path, **data) -> Path:
+    """The tiny timm ViT over ``shards``, global batch 4, state saved after every step."""
+    recipe = {
+        "task": "calibrate",
+        "out_dir": str(folder / "out"),
+        "model": {"backbone": "timm_vit", "random_init": True, "arch": TINY_TIMM_ARCH},
+        "data": {"shards": str(shards), "global_batch_size": 4, **data},
+        "schedule": {"r": 5},
+        "trainer": {"accelerator": "cpu", "progress_bar": False, "save_every_n_steps": 1},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run(recipe: Path, *overrides: str) -> ThresholdsFile:
+    """Calibrate in this process."""
+    return ThresholdsFile.load(calibrate(load_recipe(recipe, list(overrides))))
+
+
+def assert_same_calibration(out_dir: Path, single: ThresholdsFile, world_size: int, images: int = 10) -> dict:
+    """``out_dir``'s thresholds.json equals the single-process result (1e-6), records ``world_size``
+    processes, and every one of the ``images`` images was seen exactly once."""
+    result = json.loads((out_dir / "thresholds.json").read_text())
+    assert result["world_size"] == world_size
+    assert result["images_seen"] == images and result["tokens"]["images"] == images
+    assert result["extra"]["index_sum"] == sum(range(images))
+    assert result["extra"]["index_square_sum"] == sum(i * i for i in range(images))
+    for ours, reference in zip(result["thresholds"], single.thresholds, strict=True):
+        assert ours == pytest.approx(reference, abs=1e-6)
+    assert result["tokens"]["mean"] == single.tokens["mean"]
+    return result
 
 
 # A tiny Llama-family language model, for VTU tests.

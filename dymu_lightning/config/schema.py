@@ -60,6 +60,7 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | ddp | ddp_spawn ...
     save_every_n_steps: int = 10  # write the resumable state every N global steps
     max_steps: int | None = None  # stop after N global steps this run (rerun to resume); None: all
+    timeout_s: int | None = None  # ddp: a collective waiting longer fails the run (a hung process); None: 30 min
     progress_bar: bool = True
 
 

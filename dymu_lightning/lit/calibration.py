@@ -8,8 +8,10 @@ processes end each step with identical statistics, so rank 0 alone writes the st
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,29 @@ from dymu_lightning.backbones.base import Backbone
 from dymu_lightning.core import LayerMerges, MergePolicy
 from dymu_lightning.core.calibration import GlobalBatchCut, ThresholdStats, TokenStats
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "calibration_state.pt"
-# DYMU_FAULT_KILL_AFTER_STEP=N makes every process SIGKILL itself after global step N (tests only).
+# Slurm sends it before the time limit (`#SBATCH --signal=USR1@120`) or ahead of a preemption.
+REQUEUE_SIGNAL = signal.SIGUSR1
+# Fault injection (tests only). After global step N, DYMU_FAULT_KILL_AFTER_STEP=N makes a process
+# SIGKILL itself; DYMU_FAULT_STALL_AFTER_STEP=N makes it stall, as a hung process would, until the
+# requeue signal arrives. DYMU_FAULT_RANK=R limits both to global rank R (default: every process).
 _KILL_AFTER_STEP = int(os.environ.get("DYMU_FAULT_KILL_AFTER_STEP", "0")) or None
+_STALL_AFTER_STEP = int(os.environ.get("DYMU_FAULT_STALL_AFTER_STEP", "0")) or None
+_FAULT_RANK = int(os.environ["DYMU_FAULT_RANK"]) if os.environ.get("DYMU_FAULT_RANK") else None
+
+
+class CollectiveError(RuntimeError):
+    """A collective with the other processes failed: one died, hung, or lost the network."""
+
+
+class Requeued(Exception):
+    """The run stopped at a step boundary after the requeue signal, with its state saved."""
+
+    def __init__(self, message: str, requeued: bool) -> None:
+        super().__init__(message)
+        self.requeued = requeued  # False: `scontrol requeue` failed; the job must be submitted again
 
 
 class CalibrationModule(L.LightningModule):
@@ -40,6 +62,8 @@ class CalibrationModule(L.LightningModule):
         fingerprint: what makes a saved state belong to this run (checked on resume).
         full_tokens: tokens per image without merging.
         state: a saved state to continue from, or None.
+        requeue_job: a Slurm job id: on the requeue signal, save the state at the next step boundary,
+            requeue this job and stop (None: the signal is not handled here).
     """
 
     def __init__(
@@ -53,6 +77,7 @@ class CalibrationModule(L.LightningModule):
         fingerprint: dict[str, Any],
         full_tokens: int,
         state: dict[str, Any] | None = None,
+        requeue_job: str | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -69,6 +94,8 @@ class CalibrationModule(L.LightningModule):
         self.images_skipped = 0
         self.index_sums = torch.zeros(2, dtype=torch.float64)
         self.bytes_gathered_per_step = 0
+        self.bytes_gathered_per_layer: list[int] = []
+        self._step_ends: list[float] = []  # this run's step end times, for seconds_per_step
         if state is not None:
             self.thresholds.load_state_dict(state["thresholds"])
             self.tokens.load_state_dict(state["tokens"])
@@ -76,6 +103,13 @@ class CalibrationModule(L.LightningModule):
             self.images_seen = int(state["images_seen"])
             self.images_skipped = int(state["images_skipped"])
             self.index_sums = state["index_sums"].clone()
+        self.requeue_job = requeue_job
+        self._requeue_signalled = False
+        self._previous_handler: Any = None
+        if requeue_job is not None:
+            # Installed now, not when the loop starts: the default action of SIGUSR1 is to terminate,
+            # and the signal may come while the model or the process group is still being set up.
+            self._previous_handler = signal.signal(REQUEUE_SIGNAL, self._on_requeue_signal)
         self._started = time.perf_counter()
         self._images_this_run = 0
 
@@ -83,9 +117,14 @@ class CalibrationModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         valid = batch["valid"].bool()
         pixels = batch["pixels"].to(next(self.encoder.parameters()).dtype)
-        # Real images, and images skipped as undecodable (their rows keep their index but are invalid).
-        counts = self._gather(torch.stack([valid.sum(), ((batch["index"] >= 0) & ~valid).sum()]))
-        global_images, skipped = (int(c) for c in counts.reshape(-1, 2).sum(dim=0))
+        # Real images, images skipped as undecodable (their rows keep their index but are invalid), and
+        # whether this process got the requeue signal: riding on this gather, every process learns of a
+        # signal at the same step boundary, so they all stop there together, between collectives.
+        local = [valid.sum(), ((batch["index"] >= 0) & ~valid).sum(), torch.tensor(int(self._requeue_signalled))]
+        counts = self._gather(torch.stack([c.to(valid.device) for c in local]))
+        global_images, skipped, signalled = (int(c) for c in counts.reshape(-1, 3).sum(dim=0))
+        if signalled:
+            self._stop_for_requeue()
         cut = GlobalBatchCut(self.r, valid, global_images, gather=self._gather)
         batch_thresholds: dict[int, Tensor] = {}
 
@@ -102,17 +141,21 @@ class CalibrationModule(L.LightningModule):
         lengths = torch.where(valid, out.lengths, torch.full_like(out.lengths, -1))
         every_length = self._gather(lengths)
         self.tokens.add(every_length[every_length >= 0].cpu())
-
-        self.steps_done += 1
-        self.images_seen += global_images
-        self.images_skipped += skipped
         # Which images were seen, summarised: sum and sum of squares of their global indices.
         # A sample seen twice, or missed, changes them (the audit behind "exactly once").
         index = self._gather(torch.where(valid, batch["index"], torch.full_like(batch["index"], -1)))
         seen = index[index >= 0].double()
         self.index_sums += torch.stack([seen.sum(), (seen**2).sum()]).cpu()
+
+        self.steps_done += 1
+        self.images_seen += global_images
+        self.images_skipped += skipped
         self._images_this_run += global_images
-        self.bytes_gathered_per_step = sum(cut.bytes_sent) + 2 * lengths.numel() * lengths.element_size()
+        self.bytes_gathered_per_step = (
+            8 * len(local) + sum(cut.bytes_sent) + 2 * lengths.numel() * lengths.element_size()
+        )
+        self.bytes_gathered_per_layer = list(cut.bytes_sent)
+        self._step_ends.append(time.perf_counter())
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         summary = self.tokens.summary()
         self.log("img/s", self._images_this_run / elapsed, prog_bar=True, on_step=True, on_epoch=False)
@@ -120,16 +163,68 @@ class CalibrationModule(L.LightningModule):
             self.log("tokens", float(summary["mean"]), prog_bar=True, on_step=True, on_epoch=False)
         if self.steps_done % self.save_every_n_steps == 0:
             self.save_state()
-        if self.steps_done == _KILL_AFTER_STEP:
-            # Fault injection for the resume tests: die as a preempted job would, without cleanup.
-            os.kill(os.getpid(), signal.SIGKILL)
+        self._inject_faults()
 
     def on_validation_start(self) -> None:
         self._started = time.perf_counter()
         self._images_this_run = 0
+        self._step_ends = []
 
     def on_validation_end(self) -> None:
         self.save_state()
+        if self.requeue_job is not None:
+            signal.signal(REQUEUE_SIGNAL, self._previous_handler)
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Mean wall time of this run's steps after the first (which carries the warm-up), or of its
+        only step; None before any step."""
+        ends = [self._started, *self._step_ends]
+        if len(ends) < 2:
+            return None
+        if len(ends) == 2:
+            return ends[1] - ends[0]
+        return (ends[-1] - ends[1]) / (len(ends) - 2)
+
+    # ----- preemption and faults -----------------------------------------------------------------------
+    def _on_requeue_signal(self, signum: int, frame: Any) -> None:
+        # Only a flag: saving or calling collectives inside a handler could interleave with the
+        # collective this process is in the middle of (which is what Lightning's own handler risks).
+        self._requeue_signalled = True
+
+    def _stop_for_requeue(self) -> None:
+        """Every process is here at the same step: save, requeue the job (rank 0), then stop."""
+        requeued = True
+        if self.trainer.is_global_zero:
+            self.save_state()
+            command = ["scontrol", "requeue", str(self.requeue_job)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            requeued = result.returncode == 0
+            if not requeued:
+                log.error("`%s` failed: %s", " ".join(command), result.stderr.strip())
+        # Nobody leaves before the state is on disk: srun may kill the others once one exits.
+        self.trainer.strategy.barrier("requeue")
+        raise Requeued(
+            f"stopped at global step {self.steps_done} on the requeue signal; state saved in "
+            f"{self.out_dir / STATE_FILE}; "
+            + (
+                f"job {self.requeue_job} requeued, it resumes from there"
+                if requeued
+                else "requeueing failed: submit the same command again to resume"
+            ),
+            requeued,
+        )
+
+    def _inject_faults(self) -> None:
+        if _FAULT_RANK is not None and self.global_rank != _FAULT_RANK:
+            return
+        if self.steps_done == _KILL_AFTER_STEP:
+            # Die as a preempted or crashed process would, without cleanup.
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.steps_done == _STALL_AFTER_STEP:
+            deadline = time.monotonic() + 600
+            while not self._requeue_signalled and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     # ----- state ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -157,7 +252,15 @@ class CalibrationModule(L.LightningModule):
         """``[n]`` -> ``[world * n]`` (same shape on every process)."""
         if self.trainer is None or self.trainer.world_size == 1:
             return tensor
-        return self.all_gather(tensor).reshape(-1)
+        try:
+            return self.all_gather(tensor).reshape(-1)
+        except RuntimeError as error:  # gloo/NCCL errors, timeouts included, are RuntimeErrors
+            raise CollectiveError(
+                f"rank {self.global_rank}: an all-gather with the other {self.trainer.world_size - 1} process(es) "
+                f"failed in global step {self.steps_done + 1}: a process died, hung longer than trainer.timeout_s, "
+                f"or lost the network. Rerun the same command to resume from {self.out_dir / STATE_FILE} "
+                f"({error})"
+            ) from error
 
     def configure_optimizers(self) -> None:
         return None

@@ -11,11 +11,14 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 from torch import nn
 
@@ -74,6 +77,7 @@ def check(recipe: Recipe) -> CalibrationRecipe:
         [
             ("trainer.save_every_n_steps", cfg.trainer.save_every_n_steps, 1),
             ("trainer.max_steps", cfg.trainer.max_steps, 1),
+            ("trainer.timeout_s", cfg.trainer.timeout_s, 1),
             ("schedule.r", cfg.schedule.r, 0),
             ("schedule.tokens_left", cfg.schedule.tokens_left, 1),
         ],
@@ -92,6 +96,8 @@ def check(recipe: Recipe) -> CalibrationRecipe:
             f"{recipe.path}: data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
             f"{world} processes (trainer.devices x trainer.num_nodes)"
         )
+    if cfg.trainer.timeout_s is not None and cfg.trainer.strategy != "ddp":
+        raise ConfigError(f"{recipe.path}: trainer.timeout_s needs trainer.strategy=ddp, got {cfg.trainer.strategy!r}")
     return cfg
 
 
@@ -160,6 +166,10 @@ def calibrate(recipe: Recipe) -> Path:
         merging_layers=cfg.model.num_blocks,
     )
     fingerprint = _fingerprint(cfg, r)
+    # Under Slurm our module handles the requeue signal (save at a step boundary, requeue, stop) in
+    # place of Lightning's handler, which would checkpoint the whole encoder from inside the handler.
+    # torchrun inside a Slurm job takes precedence, as in Lightning: torchrun then owns the ranks.
+    slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
     out_dir = Path(cfg.out_dir).expanduser()
     state = load_state(out_dir, fingerprint) if cfg.resume else None
     start_step = int(state["steps_done"]) if state else 0
@@ -176,6 +186,7 @@ def calibrate(recipe: Recipe) -> Path:
         fingerprint,
         full_tokens,
         state,
+        requeue_job=_slurm_job() if slurm else None,
     )
     datamodule = ShardsDataModule(
         cfg.data.shards,
@@ -192,7 +203,8 @@ def calibrate(recipe: Recipe) -> Path:
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
+        strategy=_strategy(cfg),
+        plugins=[SLURMEnvironment(auto_requeue=False)] if slurm else None,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -228,6 +240,8 @@ def calibrate(recipe: Recipe) -> Path:
             extra={
                 "steps": module.steps_done,
                 "bytes_gathered_per_step": module.bytes_gathered_per_step,
+                "bytes_gathered_per_layer": module.bytes_gathered_per_layer,
+                "seconds_per_step": module.seconds_per_step,
                 "images_skipped": module.images_skipped,
                 "index_sum": float(module.index_sums[0]),
                 "index_square_sum": float(module.index_sums[1]),
@@ -239,6 +253,19 @@ def calibrate(recipe: Recipe) -> Path:
         write_report(result, module.tokens.histogram, out_dir)
         _print_summary(result, path)
     return path
+
+
+def _strategy(cfg: CalibrationRecipe) -> str | DDPStrategy:
+    if cfg.trainer.timeout_s is None:
+        return cfg.trainer.strategy
+    return DDPStrategy(timeout=timedelta(seconds=cfg.trainer.timeout_s))
+
+
+def _slurm_job() -> str:
+    """The id that `scontrol requeue` takes: an array task's own, or the job's."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
 
 
 def _world_size(cfg: CalibrationRecipe) -> int | None:
