@@ -80,7 +80,7 @@ def apply_dymu(
     model: nn.Module,
     thresholds: str | os.PathLike[str] | ThresholdsFile | MergePolicy,
     *,
-    cache: CacheKind = "compact",
+    cache: CacheKind = "expanded",
     backbone: str | Backbone | None = None,
     max_merges: int | None = None,
     min_tokens: int | None = None,
@@ -90,8 +90,9 @@ def apply_dymu(
     Args:
         model: the LLaVA model.
         thresholds: a ``thresholds.json`` path, a loaded :class:`ThresholdsFile`, or a ready policy.
-        cache: the KV cache of ``generate()``: ``"compact"`` (one entry per row) or ``"expanded"``
-            (the stock cache of the full sequence).
+        cache: the KV cache of ``generate()``: ``"expanded"`` (the stock cache of the full sequence;
+            decoding is the stock model's, at its speed) or ``"compact"`` (one entry per row: less
+            memory, but every decoding step rotates the stored keys again).
         backbone: the vision tower's adapter (a registry name or instance); by default the one the
             thresholds file names, or else the first registered adapter that handles the tower.
         max_merges, min_tokens: per-image caps on top of the thresholds.

@@ -135,7 +135,7 @@ def test_greedy_generate_equals_the_naive_reference(family, cache):
 def test_images_of_different_complexity_get_different_row_counts():
     model = tiny_llava()
     batch = prompt_batch()
-    apply_dymu(model, merging_policy(model))
+    apply_dymu(model, merging_policy(model), cache="compact")
     with torch.no_grad():
         inputs = dymu_inputs(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
         out = generate(model, batch, 4, return_dict_in_generate=True)
