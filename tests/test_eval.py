@@ -192,6 +192,7 @@ def test_results_page_on_a_shrunken_setting(tmp_path):
         probe_test=str(_images(tmp_path / "test", 8, 4, labelled=True)),
         probe_image_size=None,
         batch_size=4,
+        next_token_images=0,  # the small LLaVA's study has its own test (tests/test_next_token.py)
     )
     page = generate(setting, tmp_path / "work", tmp_path / "docs" / "results.md", "python -m dymu_lightning results")
     text = page.read_text()

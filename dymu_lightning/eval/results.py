@@ -65,6 +65,8 @@ class Setting:
     probe_calibration_images: int = 200
     probe_tokens_left: dict[str, int] = field(default_factory=lambda: {"low": 10, "mid": 22, "high": 44})
     batch_size: int = 16
+    next_token_source: str = "assets:mvtb"
+    next_token_images: int = 24  # 0 skips the small LLaVA's next-token study
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Collected:
     plots: dict[str, list[str]]  # study name -> PNG paths relative to the page
     seconds: float
     command: str
+    next_token: dict[str, Any] | None = None  # the small LLaVA's next-token study, when it was run
 
 
 def generate(setting: Setting, work: Path, page: Path, command: str = "python -m dymu_lightning results") -> Path:
@@ -188,10 +191,13 @@ def generate(setting: Setting, work: Path, page: Path, command: str = "python -m
         )
     )
 
+    next_token = _next_token_study(setting, work, run) if setting.next_token_images else None
+
     record = {
         "command": command,
         "seconds": time.perf_counter() - started,
         "steps": [{"recipe": t.recipe, "overrides": t.overrides, "output": str(t.output)} for t in steps],
+        "next_token": next_token,
     }
     (work / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return render(work, page)
@@ -207,10 +213,36 @@ def render(work: Path, page: Path) -> Path:
     steps = [Step(s["recipe"], s["overrides"], Path(s["output"])) for s in record["steps"]]
     studies = {t.output.parent.name: _metrics(t.output) for t in steps if t.recipe == "eval_encoder"}
     plots = _copy_plots(steps, page)
-    collected = Collected(steps, studies, plots, record["seconds"], record["command"])
+    next_token = record.get("next_token")
+    if next_token is not None:
+        next_token = {**next_token, "metrics": _metrics(Path(next_token["output"]))}
+    collected = Collected(steps, studies, plots, record["seconds"], record["command"], next_token)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(section(collected) for section in SECTIONS))
     return page
+
+
+def _next_token_study(setting: Setting, work: Path, run: Callable[[str, list[str]], Path]) -> dict[str, str]:
+    """Calibrate the small LLaVA's tower (DyMU low / mid / high), then run the next-token study."""
+    from dymu_lightning.eval.next_token import main as next_token_main
+
+    named = []
+    for variant in VARIANTS:
+        path = run(
+            "small_llava_calib",
+            [
+                f"out_dir={work}/calibrate/llava_{variant}",
+                f"schedule.variant={variant}",
+                "trainer.progress_bar=false",
+                "resume=false",
+            ],
+        )
+        named.append(f"{variant}={path}")
+    out = work / "next_token"
+    arguments = [*named, f"--images={setting.next_token_source}", f"--max-images={setting.next_token_images}"]
+    next_token_main([*arguments, f"--out={out}"])
+    command = " ".join(["python -m dymu_lightning.eval.next_token", *arguments, f"--out={out}"])
+    return {"command": command, "output": str(out / "metrics.json")}
 
 
 def _probe_folders(setting: Setting) -> tuple[str, str, str]:
@@ -371,6 +403,39 @@ def _targets_section(c: Collected) -> str:
 """
 
 
+def _next_token_section(c: Collected) -> str:
+    if c.next_token is None:
+        return ""
+    metrics = c.next_token["metrics"]
+    rows = [
+        f"| {name} | {e['visual_rows_mean']:.1f} | {e['kl_mean']:.4f} ± {e['kl_std']:.4f} | {e['kl_median']:.4f} "
+        f"| {e['top1_agreement']:.0%} |"
+        for name, e in metrics["variants"].items()
+    ]
+    tome = "\n".join(f"- {name}: r = {r}" for name, r in metrics["tome_r"].items())
+    return f"""
+## Next-token fidelity (small LLaVA)
+
+The small real LLaVA (DINOv2-S tower at 336 px, 576 visual tokens; SmolLM2-135M; untrained projector,
+see [assets.md](assets.md)) on {metrics["images"]} held-out photos ({metrics["image_source"]}), one prompt
+each: "{metrics["prompt"].replace(chr(10), " ")}". Each variant's distribution of the token after the
+prompt is compared with the full model's: KL(p_full ‖ p_variant) in nats, and whether the most likely
+token is the same. "no VTU" feeds the same merged rows as a shorter sequence, one position per row.
+ToMe's r is matched to DyMU's mean visual token count on these photos.
+
+| variant | visual tokens (mean) | KL mean ± std | KL median | top-1 agreement |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+ToMe schedules (per layer of the tower):
+
+{tome}
+
+The projector is untrained, so these distributions are those of a model that does not yet use the
+image well: the KL measures how much each reduction perturbs the language model, not answer quality.
+"""
+
+
 def _machine_section(c: Collected) -> str:
     import torch
 
@@ -387,7 +452,10 @@ def _machine_section(c: Collected) -> str:
 
 
 def _commands_section(c: Collected) -> str:
-    lines = "\n".join(_display(step.command()) for step in c.steps)
+    commands = [step.command() for step in c.steps]
+    if c.next_token is not None:
+        commands.append(c.next_token["command"])
+    lines = "\n".join(_display(command) for command in commands)
     return f"""
 ## Commands
 
@@ -405,6 +473,7 @@ SECTIONS: list[Callable[[Collected], str]] = [
     _targets_section,
     _probe_section,
     _photos_section,
+    _next_token_section,
     _machine_section,
     _commands_section,
 ]
@@ -463,16 +532,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/results"), help="calibration and eval outputs")
     parser.add_argument("--train", type=int, default=Setting.probe_train_images, help="Fashion-MNIST train images")
     parser.add_argument("--test", type=int, default=Setting.probe_test_images, help="Fashion-MNIST test images")
+    parser.add_argument(
+        "--next-token-images",
+        type=int,
+        default=Setting.next_token_images,
+        help="photos for the small LLaVA's next-token study (0 skips it)",
+    )
     parser.add_argument("--render-only", action="store_true", help="rewrite the page from --work, measuring nothing")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.render_only:
         print(f"wrote {render(args.work, args.page)}")
         return 0
-    setting = Setting(probe_train_images=args.train, probe_test_images=args.test)
+    setting = Setting(
+        probe_train_images=args.train, probe_test_images=args.test, next_token_images=args.next_token_images
+    )
+    defaults = {"train": Setting.probe_train_images, "test": Setting.probe_test_images}
+    defaults["next_token_images"] = Setting.next_token_images
     flags = [
-        f"--{name} {getattr(args, name)}"
-        for name in ("train", "test")
-        if getattr(args, name) != getattr(Setting, f"probe_{name}_images")
+        f"--{name.replace('_', '-')} {getattr(args, name)}"
+        for name, default in defaults.items()
+        if getattr(args, name) != default
     ]
     page = generate(setting, args.work, args.page, " ".join(["python -m dymu_lightning results", *flags]))
     print(f"wrote {page}")
