@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -422,43 +422,43 @@ def sample_images(force: bool = False) -> dict[str, Path]:
     scikit-image fetches with pooch at run time would need the network. Some are greyscale
     (``camera``, ``page``, ``text``, ...): convert to RGB before feeding a model.
     """
-    target = _skimage_images_dir()
-    if target.is_dir() and not force:
-        return _list_images(target)
 
-    wheel = fetch_wheel(*SCIKIT_IMAGE)
-    staging = _make_staging_dir(target)
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            for member in zf.namelist():
-                folder, _, filename = member.rpartition("/")
-                # Top level of skimage/data only; the test-suite fixtures live elsewhere.
-                if folder == "skimage/data" and filename.lower().endswith(_IMAGE_SUFFIXES):
-                    (staging / filename).write_bytes(zf.read(member))
-        if not any(staging.iterdir()):
-            raise RuntimeError(f"no images found under skimage/data in {wheel.name}")
-        _install_dir_atomically(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return _list_images(target)
+    def name_of(member: str) -> str | None:
+        folder, _, filename = member.rpartition("/")
+        # Top level of skimage/data only; the test-suite fixtures live elsewhere.
+        return filename if folder == "skimage/data" else None
+
+    return _extract_images(SCIKIT_IMAGE, _skimage_images_dir(), name_of, "skimage/data", force)
 
 
 def mvtb_images(force: bool = False) -> dict[str, Path]:
     """Extract the ~120 images of the ``mvtb-data`` wheel (photos, aerial views, a few calibration
     targets); return ``{name: path}``. Sub-folders are flattened into the name (``campus_P1070491``)."""
-    target = cache_dir() / "images" / "mvtb"
+    prefix = "mvtbdata/images/"
+
+    def name_of(member: str) -> str | None:
+        return member.removeprefix(prefix).replace("/", "_") if member.startswith(prefix) else None
+
+    return _extract_images(MVTB_DATA, cache_dir() / "images" / "mvtb", name_of, prefix, force)
+
+
+def _extract_images(
+    wheel_spec: tuple[str, str], target: Path, name_of: Callable[[str], str | None], where: str, force: bool
+) -> dict[str, Path]:
+    """Copy the image files of a wheel into ``target`` (once), each under ``name_of(member)``; members
+    it maps to None are skipped. Returns ``{name: path}``."""
     if target.is_dir() and not force:
         return _list_images(target)
-    wheel = fetch_wheel(*MVTB_DATA)
+    wheel = fetch_wheel(*wheel_spec)
     staging = _make_staging_dir(target)
     try:
         with zipfile.ZipFile(wheel) as zf:
             for member in zf.namelist():
-                if member.startswith("mvtbdata/images/") and member.lower().endswith(_IMAGE_SUFFIXES):
-                    name = member.removeprefix("mvtbdata/images/").replace("/", "_")
+                name = name_of(member)
+                if name is not None and name.lower().endswith(_IMAGE_SUFFIXES):
                     (staging / name).write_bytes(zf.read(member))
         if not any(staging.iterdir()):
-            raise RuntimeError(f"no images found under mvtbdata/images in {wheel.name}")
+            raise RuntimeError(f"no images found under {where} in {wheel.name}")
         _install_dir_atomically(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
