@@ -121,9 +121,13 @@ def wait_for_saved_step(env: dict[str, str], job_id: str, out_dir: Path, step: i
 
 
 def release(env: dict[str, str], job_id: str) -> None:
-    """A requeued job waits ~2 min (Slurm holds it with Reason=BeginTime); start it now instead."""
+    """A requeued job waits ~2 min (Slurm holds it with Reason=BeginTime); start it in 2 s instead.
+
+    Not at once: slurmd revokes the first run's credential with a one-second resolution, and a relaunch
+    in the same second is killed at start ("Job credential revoked"), which the hold exists to prevent.
+    """
     wait(env, job_id, until={"PENDING"}, timeout=60)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+2"], env=env, check=True)
 
 
 @pytest.mark.parametrize(("nodes", "tasks"), [(2, 1), (1, 2)], ids=["2nodes-x-1task", "1node-x-2tasks"])
