@@ -227,10 +227,8 @@ def dymu_inputs(
     flat = sample * num_rows + expand
     rows[flat[~placeholder]] = embeds[~placeholder]
     image_base = flat[first]  # [num_images], in placeholder order = pixel order
-    token_image = torch.repeat_interleave(torch.arange(num_images, device=visual.device), visual_rows)
-    token_offset = (
-        torch.arange(visual.shape[0], device=visual.device) - (visual_rows.cumsum(0) - visual_rows)[token_image]
-    )
+    # each kept token: its image, and its place among that image's visual rows
+    token_image, token_offset = merged.layout.batch_index[keep], merged.layout.pos_index[keep] - prefix
     rows[image_base[token_image] + token_offset] = visual.to(rows.dtype)
 
     valid = torch.ones_like(placeholder) if attention_mask is None else attention_mask.bool()

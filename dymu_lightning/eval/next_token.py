@@ -31,7 +31,14 @@ from PIL import Image
 from torch import Tensor, nn
 from torchmetrics.functional import kl_divergence
 
-from dymu_lightning.backbones.hf_llava import apply_dymu, is_dymu, last_prefill, next_token_logits, remove_dymu
+from dymu_lightning.backbones.hf_llava import (
+    STATE_ATTRIBUTE,
+    apply_dymu,
+    is_dymu,
+    last_prefill,
+    next_token_logits,
+    remove_dymu,
+)
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import matched_fixed_r
 from dymu_lightning.thresholds import ThresholdsFile
@@ -99,13 +106,13 @@ def matched_variants(
     variants = []
     for name, file in thresholds.items():
         dymu = MergePolicy(thresholds=list(file.thresholds))
-        apply_dymu(model, dymu)
-        state = model._dymu_llava
+        state = getattr(apply_dymu(model, dymu), STATE_ATTRIBUTE)
         with torch.inference_mode():
             merged = state.backbone.merged_forward(tower, pixels, dymu, num_blocks=state.num_blocks)
         remove_dymu(model)
-        mean_tokens = float(merged.lengths.double().mean())  # CLS included, as ToMe's schedule counts it
-        r = matched_fixed_r(len(file.thresholds), merged.group.shape[1] + 1, mean_tokens, 1, state.num_blocks)
+        prefix = merged.num_prefix  # ToMe's schedule counts the never-merging CLS like DyMU's lengths do
+        tokens, mean_tokens = merged.group.shape[1] + prefix, float(merged.lengths.double().mean())
+        r = matched_fixed_r(len(file.thresholds), tokens, mean_tokens, prefix, state.num_blocks)
         variants += [
             Variant(f"DyMU-{name} + VTU", dymu, True),
             Variant(f"DyMU-{name}, no VTU", dymu, False),
