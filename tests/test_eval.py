@@ -82,6 +82,50 @@ def test_linear_probe_separates_separable_data():
     assert metrics.accuracy(probe(features), labels, 3) == 1.0
 
 
+def test_weight_decay_is_chosen_by_cross_validation_on_the_training_features():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) // 20  # every fold (row i mod 4) holds five of each class
+    features = torch.randn(40, 6, generator=generator)
+    features[:, 0] += 10.0 * labels  # separable along one axis: every decay gets every fold right
+    decay, scores = metrics.choose_weight_decay(features, labels, 2, grid=(1e-3, 1e-2), folds=4)
+    assert scores == {1e-3: 1.0, 1e-2: 1.0} and decay == 1e-2  # ties go to the larger decay
+    # With the signal in one fold's worth of noise, the scores are those of the probes the function fits.
+    features[:, 0] = torch.randn(40, generator=generator)
+    decay, scores = metrics.choose_weight_decay(features, labels, 2, grid=(1e-3, 1.0), folds=4)
+    fold = torch.arange(40) % 4
+    for value in (1e-3, 1.0):
+        correct = 0
+        for held in range(4):
+            probe = metrics.fit_linear_probe(features[fold != held], labels[fold != held], 2, value)
+            correct += int((probe(features[fold == held]) == labels[fold == held]).sum())
+        assert scores[value] == correct / 40
+    assert scores[decay] == max(scores.values())
+
+
+def test_paired_difference_by_hand():
+    a = torch.tensor([True, True, False, False, True])
+    b = torch.tensor([True, False, True, False, False])
+    pair = metrics.paired_difference(a, b)
+    # d = 0, 1, -1, 0, 1: mean 0.2, sample variance 2.8 / 4 = 0.7.
+    half_width = 1.96 * math.sqrt(0.7) / math.sqrt(5)
+    assert pair["difference"] == pytest.approx(0.2)
+    assert pair["low"] == pytest.approx(0.2 - half_width) and pair["high"] == pytest.approx(0.2 + half_width)
+    assert (pair["only_a"], pair["only_b"], pair["images"]) == (2, 1, 5)
+
+
+def test_spearman_interval_and_scene_means():
+    x = torch.arange(20.0)
+    assert metrics.spearman_interval(x, 2 * x + 1) == (pytest.approx(1.0), pytest.approx(1.0))
+    noisy = x + 8 * torch.randn(20, generator=torch.Generator().manual_seed(1))
+    low, high = metrics.spearman_interval(x, noisy)
+    assert low < metrics.spearman(x, noisy) < high and metrics.spearman_interval(x, noisy) == (low, high)
+
+    assert metrics.group_means(torch.tensor([1.0, 2.0, 4.0, 6.0]), ["b", "a", "b", "a"]).tolist() == [2.5, 4.0]
+    names = ["calibration_left07", "calibration_left12", "campus_P1070493", "mosaic_aerial2-009", "shark2a"]
+    assert [metrics.scene_of(n) for n in names] == ["calibration_left"] * 2 + ["campus_P", "mosaic_aerial", "shark"]
+    assert [metrics.scene_of(n) for n in ("rocks2-r", "58060", "sharks")] == ["rocks2-r", "58060", "sharks"]
+
+
 def test_jpeg_bytes_per_pixel_is_the_jpeg_size_of_the_view():
     flat = Image.new("RGB", (300, 200), (120, 130, 140))
     noise = Image.fromarray(torch.randint(0, 256, (200, 300, 3), dtype=torch.uint8).numpy())
@@ -143,7 +187,7 @@ def _images(folder, count, seed, labelled=False):
             coarse = torch.randint(0, 256, (1, 3, 2, 2), generator=generator).float()
             array = torch.nn.functional.interpolate(coarse, size=(64, 48 + 8 * i), mode="bilinear")[0]
             array = array.permute(1, 2, 0).to(torch.uint8)
-        name = f"{noisy}_{i:03d}.png" if labelled else f"image{i:03d}.png"
+        name = f"{noisy}_{i:03d}.png" if labelled else f"{'abcdefghij'[i // 2]}-shot{i % 2}.png"
         Image.fromarray(array.numpy()).save(folder / name)
     return folder
 
@@ -214,7 +258,23 @@ def test_results_page_on_a_shrunken_setting(tmp_path):
             assert tome["tokens"]["std"] == 0
             assert abs(tome["tokens"]["mean"] - study["variants"][v]["tokens"]["mean"]) <= 1
     assert probe["probe"]["train_images"] == 12 and probe["probe"]["classes"] == 2
-    assert all(0 <= v["probe"]["knn"] <= 1 for v in probe["variants"].values())
+    assert probe["probe"]["linear_weight_decay"] in metrics.WEIGHT_DECAYS
+
+    # Every accuracy and paired difference follows from the per-image predictions.
+    with open(tmp_path / "work/eval/probe/per_image.csv") as stream:
+        predictions = list(csv.DictReader(stream))
+    right = {
+        (kind, name): torch.tensor([row[f"{kind}:{name}"] == row["label"] for row in predictions])
+        for kind in ("knn", "linear")
+        for name in probe["variants"]
+    }
+    for (kind, name), correct in right.items():
+        entry = probe["variants"][name]["probe"]
+        assert entry[kind] == pytest.approx(float(correct.double().mean()))
+        if name != "full":
+            assert entry["vs_full"][kind] == metrics.paired_difference(correct, right[(kind, "full")])
+        if name in ("low", "mid", "high"):
+            assert entry["vs_tome"][kind] == metrics.paired_difference(correct, right[(kind, f"tome@{name}")])
 
     # The per-image table agrees with the summary, and the correlation is computed from it.
     with open(tmp_path / "work/eval/photos/per_image.csv") as stream:
@@ -223,8 +283,13 @@ def test_results_page_on_a_shrunken_setting(tmp_path):
     tokens = torch.tensor([float(row["tokens:mid"]) for row in rows])
     assert float(tokens.mean()) == pytest.approx(photos["variants"]["mid"]["tokens"]["mean"])
     bpp = torch.tensor([float(row["jpeg_bytes_per_pixel"]) for row in rows])
-    if "spearman_tokens_complexity" in photos["variants"]["mid"]:
-        assert metrics.spearman(tokens, bpp) == pytest.approx(photos["variants"]["mid"]["spearman_tokens_complexity"])
+    mid = photos["variants"]["mid"]
+    if "spearman_tokens_complexity" in mid:
+        assert metrics.spearman(tokens, bpp) == pytest.approx(mid["spearman_tokens_complexity"])
+        scenes = [row["scene"] for row in rows]  # "{letter}-shot{i % 2}": two frames per scene
+        assert scenes == [metrics.scene_of(row["key"]) for row in rows] and photos["scenes"]["count"] == 5
+        rho = metrics.spearman(metrics.group_means(tokens, scenes), metrics.group_means(bpp, scenes))
+        assert mid["spearman_scenes"] == pytest.approx(rho)
 
     # The page: its tables, every plot it links (and nothing else), the machine, and the commands.
     for heading in ("## Targets", "## Probe accuracy", "## Token counts, fidelity", "## Machine", "## Commands"):

@@ -102,6 +102,9 @@ class EvalEncoderRecipe:
     variants: dict[str, str] = field(default_factory=dict)  # DyMU variant name -> its thresholds.json
     tome: bool = True  # add ToMe (fixed r) at the mean token count of each DyMU variant
     complexity: bool = True  # JPEG bytes per pixel of each image vs its token count
+    # regex whose first group, matched on a sample key, names the image's scene (burst frames of one
+    # view); adds Spearman over scene means. None: every image counts on its own only
+    scene_pattern: str | None = None
 
 
 SCHEMAS: dict[str, type] = {"calibrate": CalibrationRecipe, "eval_encoder": EvalEncoderRecipe}

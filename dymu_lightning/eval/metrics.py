@@ -8,6 +8,7 @@ calibration reports with.
 from __future__ import annotations
 
 import io
+import re
 
 import torch
 from PIL import Image, ImageOps
@@ -67,6 +68,30 @@ def knn_predict(train: Tensor, train_labels: Tensor, test: Tensor, num_classes: 
     return votes.argmax(dim=1)
 
 
+WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the linear probe's L2 strengths, tried by cross-validation
+
+
+def choose_weight_decay(
+    train: Tensor, labels: Tensor, num_classes: int, grid: tuple[float, ...] = WEIGHT_DECAYS, folds: int = 5
+) -> tuple[float, dict[float, float]]:
+    """The linear probe's weight decay with the best ``folds``-fold accuracy on ``train`` ``[n, C]``.
+
+    Chosen on the training features alone (fold of row i: i mod ``folds``), so the choice cannot see
+    the evaluated variants. Ties go to the larger decay. Returns (decay, {decay: mean fold accuracy}).
+    """
+    fold = torch.arange(train.shape[0]) % folds
+    scores = {}
+    for decay in grid:
+        correct = 0
+        for held in range(folds):
+            fit = fold != held
+            probe = fit_linear_probe(train[fit], labels[fit], num_classes, decay)
+            correct += int((probe(train[~fit]) == labels[~fit]).sum())
+        scores[decay] = correct / train.shape[0]
+    best = max(scores.values())
+    return max(decay for decay, score in scores.items() if score == best), scores
+
+
 def fit_linear_probe(
     train: Tensor, labels: Tensor, num_classes: int, weight_decay: float = 1e-3, steps: int = 200
 ) -> torch.nn.Module:
@@ -110,9 +135,63 @@ def accuracy(predicted: Tensor, labels: Tensor, num_classes: int) -> float:
     return float(multiclass_accuracy(predicted, labels, num_classes=num_classes, average="micro"))
 
 
+def paired_difference(correct_a: Tensor, correct_b: Tensor) -> dict[str, float | int]:
+    """Accuracy of A minus accuracy of B on the same images, with a 95% interval.
+
+    Args:
+        correct_a, correct_b: ``[n]`` bool, whether each variant got each image right.
+
+    The interval is the normal one for the mean of the per-image differences (each -1, 0 or +1), so
+    it only counts the images where the two disagree: ``only_a`` right for A alone, ``only_b`` for B.
+    """
+    difference = correct_a.double() - correct_b.double()
+    n = difference.numel()
+    half_width = 1.96 * float(difference.std(correction=1)) / n**0.5 if n > 1 else float("inf")
+    mean = float(difference.mean())
+    return {
+        "difference": mean,
+        "low": mean - half_width,
+        "high": mean + half_width,
+        "only_a": int((correct_a & ~correct_b).sum()),
+        "only_b": int((correct_b & ~correct_a).sum()),
+        "images": n,
+    }
+
+
 def spearman(x: Tensor, y: Tensor) -> float:
     """Spearman's rank correlation of two ``[n]`` series (ties get their mean rank)."""
     return float(spearman_corrcoef(x.double(), y.double()))
+
+
+def spearman_interval(x: Tensor, y: Tensor, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of :func:`spearman` over the ``[n]`` pairs (seeded, so a rerun
+    prints the same interval). Resamples whose ``y`` is constant have no correlation and are skipped."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, x.numel(), (resamples, x.numel()), generator=generator)
+    values = [spearman(x[pick], y[pick]) for pick in picks if y[pick].unique().numel() > 1]
+    low, high = torch.tensor(values, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(low), float(high)
+
+
+def group_means(values: Tensor, groups: list[str]) -> Tensor:
+    """``[G]``: the mean of ``values`` ``[n]`` over each group, groups in order of first appearance."""
+    names = list(dict.fromkeys(groups))
+    index = torch.tensor([names.index(g) for g in groups])
+    sums = torch.zeros(len(names), dtype=torch.float64).index_add_(0, index, values.double())
+    return sums / torch.bincount(index, minlength=len(names)).double()
+
+
+SCENE_PATTERN = r"^(.*[A-Za-z])(?:[-_]?\d+)+[a-z]?$"  # a file name less its trailing frame number
+
+
+def scene_of(key: str, pattern: str = SCENE_PATTERN) -> str:
+    """The scene an image belongs to: the first group of ``pattern`` matched on its key, else the key.
+
+    With the default, ``calibration_left07`` and ``calibration_left12`` are one scene, ``campus_P1070493``
+    and ``campus_P1070512`` another, while ``rocks2-r`` and ``58060`` stay their own.
+    """
+    match = re.match(pattern, key)
+    return match.group(1) if match else key
 
 
 def jpeg_bytes_per_pixel(image: Image.Image, size: int, quality: int = 75) -> float:

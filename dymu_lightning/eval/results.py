@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dymu_lightning.eval.metrics import SCENE_PATTERN
+
 VARIANTS = ("low", "mid", "high")
 RECORD = "results.json"  # in the work folder: the steps run, their outputs, the wall time
 
@@ -43,6 +45,8 @@ class Setting:
     Attributes:
         model: overrides for the ``model`` section of both recipes (backbone, random weights, ...).
         photos_calibrate / photos_evaluate: image folders, or ``assets:skimage`` / ``assets:mvtb``.
+        scene_pattern: how the photos' file names name their scene (burst frames), for the per-scene
+            correlation; None: images only.
         photos_tokens_left: DyMU low / mid / high calibration targets at the photos' size.
         probe_train / probe_test: folders of labelled images named ``{label}_...``; None: Fashion-MNIST
             subsets of ``probe_train_images`` / ``probe_test_images`` images from ``dymu_lightning.assets``.
@@ -57,12 +61,13 @@ class Setting:
     photos_calibrate: str = "assets:skimage"
     photos_evaluate: str = "assets:mvtb"
     photos_tokens_left: dict[str, int] = field(default_factory=lambda: {"low": 40, "mid": 87, "high": 176})
+    scene_pattern: str | None = SCENE_PATTERN
     probe_train: str | None = None
     probe_test: str | None = None
-    probe_train_images: int = 1000
-    probe_test_images: int = 1000
+    probe_train_images: int = 10000
+    probe_test_images: int = 10000
     probe_image_size: int | None = 112
-    probe_calibration_images: int = 200
+    probe_calibration_images: int = 1000
     probe_tokens_left: dict[str, int] = field(default_factory=lambda: {"low": 10, "mid": 22, "high": 44})
     batch_size: int = 16
     next_token_source: str = "assets:mvtb"
@@ -148,6 +153,7 @@ def generate(setting: Setting, work: Path, page: Path, command: str = "python -m
     )
 
     # Natural photos: calibrate on one set, measure on another.
+    scenes = [f"scene_pattern={setting.scene_pattern}"] if setting.scene_pattern else []
     for variant in VARIANTS:
         thresholds[variant] = run(
             "quickstart",
@@ -170,6 +176,7 @@ def generate(setting: Setting, work: Path, page: Path, command: str = "python -m
                 f"data.shards={_shards(work, setting.photos_evaluate)}",
                 f"data.global_batch_size={setting.batch_size}",
                 *(f"variants.{v}={thresholds[v]}" for v in VARIANTS),
+                *scenes,
                 *setting.model,
             ],
         )
@@ -324,26 +331,54 @@ def _cosine(entry: dict[str, Any]) -> str:
 def _probe_section(c: Collected) -> str:
     study = c.studies["probe"]
     full = study["variants"]["full"]["probe"]
-    rows = []
+    rows, pairs = [], []
     for name, entry in study["variants"].items():
         p = entry["probe"]
         rows.append(
             f"| {name} | {_tokens(entry)} | {_cosine(entry)} | {p['knn']:.4f} ({_share(p['knn'], full['knn'])}) "
             f"| {p['linear']:.4f} ({_share(p['linear'], full['linear'])}) |"
         )
+        for key, other in (("vs_full", "full"), ("vs_tome", f"tome@{name}")):
+            if key in p:
+                cells = " | ".join(f"{_points(p[key][kind])} ({_disagree(p[key][kind])})" for kind in ("knn", "linear"))
+                pairs.append(f"| {name} − {other} | {cells} |")
+    probe = study["probe"]
+    folds = ", ".join(f"{float(d):g}: {a:.4f}" for d, a in probe.get("linear_cross_validation", {}).items())
+    decay = (
+        f"The linear probe is a logistic regression on standardised features; its L2 weight decay "
+        f"({probe['linear_weight_decay']:g}) was chosen by 5-fold cross-validation on the full model's "
+        f"training features alone (fold accuracy by decay: {folds})."
+        if "linear_weight_decay" in probe
+        else ""
+    )
     return f"""
 ## Probe accuracy and fidelity (Fashion-MNIST)
 
 {_table_head("kNN accuracy (of full)", "linear accuracy (of full)")}
 {chr(10).join(rows)}
 
-One test image is {1 / study["probe"]["test_images"]:.2%} of accuracy: differences of a few images are
-within the noise of this sample.
+Paired differences on the same {probe["test_images"]} test images, in accuracy points, with a 95%
+interval (normal, on the per-image differences); in brackets, the images only the first variant gets
+right / only the second:
+
+| pair | kNN | linear |
+|---|---|---|
+{chr(10).join(pairs)}
+
+{decay}
 
 {_schedules(study)}
 
 {_images(c, "probe")}
 """
+
+
+def _points(pair: dict[str, float]) -> str:
+    return f"{100 * pair['difference']:+.2f} [{100 * pair['low']:+.2f}, {100 * pair['high']:+.2f}]"
+
+
+def _disagree(pair: dict[str, float]) -> str:
+    return f"{pair['only_a']} / {pair['only_b']}"
 
 
 def _photos_section(c: Collected) -> str:
@@ -353,16 +388,29 @@ def _photos_section(c: Collected) -> str:
     )
     rows = []
     for name, entry in study["variants"].items():
-        rho = entry.get("spearman_tokens_complexity")
-        rows.append(f"| {name} | {_tokens(entry)} | {_cosine(entry)} | {'–' if rho is None else f'{rho:.3f}'} |")
+        rows.append(f"| {name} | {_tokens(entry)} | {_cosine(entry)} | {_rho(entry)} | {_rho_scenes(entry)} |")
+    scenes = study.get("scenes", {}).get("count")
+    largest = ", ".join(f"{frames} of `{name}`" for name, frames in study.get("scenes", {}).get("largest", {}).items())
+    per_scene = (
+        f"""The {study["images"]} photos show {scenes} scenes (a scene is a file name less its trailing frame
+number, `scene_pattern` in the eval recipe). The largest are bursts of one view ({largest} frames),
+whose complexity differs by less than the noise of their token counts, so per image they add ranks
+that are close to random. The last column counts each scene once: the mean token count against the
+mean complexity of its frames."""
+        if scenes
+        else ""
+    )
     return f"""
 ## Token counts, fidelity and image complexity (natural photos)
 
 Complexity is the JPEG size (quality 75) of the encoder's view of each image, in bytes per pixel: the
 paper's Figure 2. Full and ToMe keep the same count for every image, so they have no rank correlation.
+Spearman per image comes with a 95% bootstrap interval (1000 resamples of the images).
 
-{_table_head("Spearman(tokens, complexity)")}
+{_table_head("Spearman(tokens, complexity), per image", f"per scene ({scenes or '–'} scenes)")}
 {chr(10).join(rows)}
+
+{per_scene}
 
 {_schedules(study)}
 
@@ -377,23 +425,33 @@ def _targets_section(c: Collected) -> str:
     probe, photos = c.studies["probe"]["variants"], c.studies["photos"]["variants"]
     rows = []
     for kind in ("knn", "linear"):
-        share = probe["mid"]["probe"][kind] / max(probe["full"]["probe"][kind], 1e-12)
+        mid = probe["mid"]["probe"]
+        share = mid[kind] / max(probe["full"]["probe"][kind], 1e-12)
+        shown = f"{share:.2%}" + (f"; mid − full {_points(mid['vs_full'][kind])} pts" if "vs_full" in mid else "")
         rows.append(
-            f"| DyMU-mid keeps ≥ 99% of the full model's {kind} probe accuracy | {share:.2%} | {_met(share >= 0.99)} |"
+            f"| DyMU-mid keeps ≥ 99% of the full model's {kind} probe accuracy | {shown} | {_met(share >= 0.99)} |"
         )
     for kind in ("knn", "linear"):
-        pairs = [
-            (v, probe[v]["probe"][kind], probe[f"tome@{v}"]["probe"][kind]) for v in VARIANTS if f"tome@{v}" in probe
-        ]
-        shown = ", ".join(f"{v}: {d:.4f} vs {t:.4f}" for v, d, t in pairs)
-        met = _met(all(d >= t for _, d, t in pairs))
+        pairs = [(v, probe[v]["probe"]) for v in VARIANTS if f"tome@{v}" in probe]
+        shown = "; ".join(
+            f"{v}: {p[kind]:.4f} vs {probe[f'tome@{v}']['probe'][kind]:.4f}"
+            + (f", {_points(p['vs_tome'][kind])} pts" if "vs_tome" in p else "")
+            for v, p in pairs
+        )
+        met = _met(all(p[kind] >= probe[f"tome@{v}"]["probe"][kind] for v, p in pairs))
         rows.append(f"| DyMU's {kind} accuracy ≥ ToMe's at every matched count | {shown} | {met} |")
     rho = photos["mid"].get("spearman_tokens_complexity", float("nan"))
     images = c.studies["photos"]["images"]
     rows.append(
         f"| Spearman(tokens, complexity) ≥ 0.6 on natural photos (DyMU-mid, {images} held-out photos) "
-        f"| {rho:.3f} | {_met(rho >= 0.6)} |"
+        f"| {_rho(photos['mid'])} | {_met(rho >= 0.6)} |"
     )
+    if "spearman_scenes" in photos["mid"]:
+        scenes = c.studies["photos"]["scenes"]["count"]
+        rho = photos["mid"]["spearman_scenes"]
+        rows.append(
+            f"| the same, each scene counted once (DyMU-mid, {scenes} scenes) | {rho:.3f} | {_met(rho >= 0.6)} |"
+        )
     return f"""
 ## Targets
 
@@ -479,6 +537,18 @@ SECTIONS: list[Callable[[Collected], str]] = [
     _machine_section,
     _commands_section,
 ]
+
+
+def _rho(entry: dict[str, Any]) -> str:
+    rho = entry.get("spearman_tokens_complexity")
+    if rho is None:
+        return "–"
+    interval = entry.get("spearman_interval")
+    return f"{rho:.3f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def _rho_scenes(entry: dict[str, Any]) -> str:
+    return f"{entry['spearman_scenes']:.3f}" if "spearman_scenes" in entry else "–"
 
 
 def _table_head(*columns: str) -> str:

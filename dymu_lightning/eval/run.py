@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,22 +68,29 @@ def check(recipe: Recipe) -> EvalEncoderRecipe:
     """Validate an ``eval_encoder`` recipe beyond its types, without loading a model."""
     cfg: EvalEncoderRecipe = recipe.to_object()
     get_backbone(cfg.model.backbone)
+    if cfg.scene_pattern is not None:
+        _check_pattern(recipe, "scene_pattern", cfg.scene_pattern)
     if cfg.probe.feature not in FEATURES:
         raise ConfigError(f"{recipe.path}: probe.feature={cfg.probe.feature!r}; expected one of {FEATURES}")
     check_model_and_data(
         recipe.path, cfg.model, cfg.data, [("probe.max_images", cfg.probe.max_images, 1), ("probe.k", cfg.probe.k, 1)]
     )
-    try:
-        if re.compile(cfg.probe.label_pattern).groups < 1:
-            raise ConfigError(f"{recipe.path}: probe.label_pattern needs a group, e.g. '^(\\d+)_'")
-    except re.error as error:
-        raise ConfigError(f"{recipe.path}: probe.label_pattern is not a regular expression: {error}") from None
+    _check_pattern(recipe, "probe.label_pattern", cfg.probe.label_pattern)
     for name, path in cfg.variants.items():
         if name == "full" or name.startswith("tome@"):
             raise ConfigError(f"{recipe.path}: variants.{name}: 'full' and 'tome@...' are reserved names")
         if not Path(path).expanduser().is_file():
             raise ConfigError(f"{recipe.path}: variants.{name}: no thresholds file at {path}")
     return cfg
+
+
+def _check_pattern(recipe: Recipe, key: str, pattern: str) -> None:
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as error:
+        raise ConfigError(f"{recipe.path}: {key} is not a regular expression: {error}") from None
+    if groups < 1:
+        raise ConfigError(f"{recipe.path}: {key} needs a group, e.g. '^(\\d+)_'")
 
 
 def evaluate(recipe: Recipe) -> Path:
@@ -143,20 +151,25 @@ def evaluate(recipe: Recipe) -> Path:
         result["variants"][name] = entry
 
     keys = [data.dataset.key(int(i)) for i in runs["full"].index]
+    columns: dict[str, list[Any]] = {}  # extra per-image columns of per_image.csv
     if cfg.probe.train_shards is not None:
-        result["probe"] = _probe(cfg, backbone, model, transform, dtype, runs, keys, result["variants"])
+        result["probe"] = _probe(cfg, backbone, model, transform, dtype, runs, keys, result["variants"], columns)
     complexity = None
     if cfg.complexity:
         complexity = torch.tensor(
             [metrics.jpeg_bytes_per_pixel(data.dataset.image(int(i)), image_size) for i in runs["full"].index]
         )
+        scenes = None if cfg.scene_pattern is None else [metrics.scene_of(k, cfg.scene_pattern) for k in keys]
+        if scenes is not None:
+            result["scenes"] = {"count": len(set(scenes)), "largest": dict(Counter(scenes).most_common(4))}
+            columns["scene"] = scenes
         for name, run in runs.items():
             if run.lengths.unique().numel() > 1:  # a constant count (full, ToMe) has no rank correlation
-                result["variants"][name]["spearman_tokens_complexity"] = metrics.spearman(run.lengths, complexity)
+                result["variants"][name].update(_complexity_correlation(run.lengths, complexity, scenes))
 
     out_dir = Path(cfg.out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_per_image(out_dir / "per_image.csv", keys, runs, complexity)
+    _write_per_image(out_dir / "per_image.csv", keys, runs, complexity, columns)
     write_plots(out_dir, result, histograms, runs, complexity)
     path = out_dir / "metrics.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -199,6 +212,21 @@ def encode(
     )
 
 
+def _complexity_correlation(lengths: Tensor, complexity: Tensor, scenes: list[str] | None) -> dict[str, Any]:
+    """Spearman(tokens, complexity) over images with its bootstrap interval and, given each image's
+    scene, over scene means: frames of one burst differ in complexity by less than the noise of
+    their counts, so per image they add ranks that are close to random."""
+    entry: dict[str, Any] = {
+        "spearman_tokens_complexity": metrics.spearman(lengths, complexity),
+        "spearman_interval": metrics.spearman_interval(lengths, complexity),
+    }
+    if scenes is not None and len(set(scenes)) > 2:
+        entry["spearman_scenes"] = metrics.spearman(
+            metrics.group_means(lengths, scenes), metrics.group_means(complexity, scenes)
+        )
+    return entry
+
+
 def labels_from_keys(keys: list[str], pattern: str, where: str) -> Tensor:
     """``[n]`` long: the integer in the first group of ``pattern`` matched at the start of each key."""
     compiled = re.compile(pattern)
@@ -220,9 +248,15 @@ def _probe(
     runs: dict[str, Encoded],
     test_keys: list[str],
     variants: dict[str, dict[str, Any]],
+    columns: dict[str, list[Any]],
 ) -> dict[str, Any]:
     """Fit a kNN and a linear probe on the full model's features of the training shards; score every
-    variant's features of the evaluated images with them (accuracy into ``variants[name]["probe"]``)."""
+    variant's features of the evaluated images with them.
+
+    Into ``variants[name]["probe"]``: each accuracy, and its paired difference (95% interval) with the
+    full model and, for a DyMU variant, with ToMe at its count. Into ``columns``: each image's label
+    and every prediction. The linear probe's weight decay is chosen by cross-validation on the
+    training features (:func:`metrics.choose_weight_decay`)."""
     train_data = _shards(cfg.probe.train_shards, cfg.probe.train_images, cfg, transform, cfg.probe.max_images)
     train = encode(backbone, model, train_data, MergePolicy.off(), cfg.model.num_blocks, dtype, "probe training set")
     feature = cfg.probe.feature
@@ -232,20 +266,35 @@ def _probe(
     train_labels = labels_from_keys(train_keys, cfg.probe.label_pattern, f"probe.train_shards {train_data.shards}")
     test_labels = labels_from_keys(test_keys, cfg.probe.label_pattern, f"data.shards {cfg.data.shards}")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    linear = metrics.fit_linear_probe(train.features[feature], train_labels, num_classes)
+    weight_decay, fold_accuracy = metrics.choose_weight_decay(train.features[feature], train_labels, num_classes)
+    linear = metrics.fit_linear_probe(train.features[feature], train_labels, num_classes, weight_decay)
+    columns["label"] = test_labels.tolist()
+    correct: dict[str, dict[str, Tensor]] = {}
     for name, run in runs.items():
         test = run.features[feature]
-        knn = metrics.knn_predict(train.features[feature], train_labels, test, num_classes, cfg.probe.k)
-        variants[name]["probe"] = {
-            "knn": metrics.accuracy(knn, test_labels, num_classes),
-            "linear": metrics.accuracy(linear(test), test_labels, num_classes),
+        predicted = {
+            "knn": metrics.knn_predict(train.features[feature], train_labels, test, num_classes, cfg.probe.k),
+            "linear": linear(test),
         }
+        correct[name] = {}
+        for probe, labels in predicted.items():
+            columns[f"{probe}:{name}"] = labels.tolist()
+            correct[name][probe] = labels == test_labels
+        variants[name]["probe"] = {p: metrics.accuracy(x, test_labels, num_classes) for p, x in predicted.items()}
+    for name in runs:
+        entry = variants[name]["probe"]
+        pairs = {"vs_full": "full", "vs_tome": f"tome@{name}"}
+        for key, other in pairs.items():
+            if other in runs and other != name:
+                entry[key] = {p: metrics.paired_difference(correct[name][p], correct[other][p]) for p in correct[name]}
     return {
         "train_images": int(train.lengths.numel()),
         "test_images": int(test_labels.numel()),
         "classes": num_classes,
         "feature": feature,
         "k": cfg.probe.k,
+        "linear_weight_decay": weight_decay,
+        "linear_cross_validation": {str(decay): accuracy for decay, accuracy in fold_accuracy.items()},
         "train_shards": str(train_data.shards),
     }
 
@@ -290,13 +339,16 @@ def _load_thresholds(
     return thresholds
 
 
-def _write_per_image(path: Path, keys: list[str], runs: dict[str, Encoded], complexity: Tensor | None) -> None:
+def _write_per_image(
+    path: Path, keys: list[str], runs: dict[str, Encoded], complexity: Tensor | None, columns: dict[str, list[Any]]
+) -> None:
     with open(path, "w", newline="") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["key", "jpeg_bytes_per_pixel", *(f"tokens:{name}" for name in runs)])
+        writer.writerow(["key", "jpeg_bytes_per_pixel", *(f"tokens:{name}" for name in runs), *columns])
         for row, key in enumerate(keys):
             bpp = "" if complexity is None else f"{float(complexity[row]):.5f}"
-            writer.writerow([key, bpp, *(int(run.lengths[row]) for run in runs.values())])
+            extra = [values[row] for values in columns.values()]
+            writer.writerow([key, bpp, *(int(run.lengths[row]) for run in runs.values()), *extra])
 
 
 def write_plots(
