@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: tests/test_gpu.py, then the GPU benchmarks, in about 4 minutes on an H100 (7 at most:
-# every step is cut at a shared deadline, GPU_CHECK_BUDGET_S=420 from the start). Results go to $OUT.
+# The GPU check: tests/test_gpu.py, then the GPU benchmarks, in about 4 minutes on an H100 (6 at most:
+# every step is cut at a shared deadline, GPU_CHECK_BUDGET_S=360 from the start). Results go to $OUT.
 #
 # 1. Here, once (the GPU machine has no network): wheels of our pins into .whl/ (22 MiB) and the 26
 #    bundled photos into .gpu_assets/ (5 MiB); both are git-ignored, so they travel only as `carry`.
@@ -11,11 +11,12 @@
 #
 #      command: set -o pipefail; PYTHONUNBUFFERED=1 bash benchmarks/gpu_check.sh 2>&1 | tee $OUT/log.txt
 #      carry:   [".whl", ".gpu_assets"]
-#      timeout_s: 480
+#      timeout_s: 420
 #
 #    $OUT then holds log.txt, encoder_speed.md/.json, calibration_speed.md and llava_generate.md.
 #
-# Dry run here, on the CPU with tiny sizes (installs, imports and paths; no CUDA, the gpu tests skip):
+# Dry run here, on the CPU with tiny sizes (installs, imports and paths; no CUDA, the gpu tests skip;
+# a few minutes on 2 cores). PYTHON defaults to .venv/bin/python in a dry run, python3 otherwise:
 #
 #      GPU_CHECK_DRY=1 OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
 #
@@ -28,10 +29,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 DRY=${GPU_CHECK_DRY:-0}
+[[ $DRY == 1 && -x .venv/bin/python ]] && PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 PYTHON=${PYTHON:-python3}          # runs everything
 PIP_PYTHON=${PIP_PYTHON:-$PYTHON}  # installs the wheels (with pip, else by unzipping them)
 OUT=${OUT:?set OUT to the folder the results go to}
-BUDGET=${GPU_CHECK_BUDGET_S:-420}
+BUDGET=${GPU_CHECK_BUDGET_S:-360}
 DEADLINE=$(($(date +%s) + BUDGET))
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 mkdir -p "$OUT"
@@ -115,7 +117,7 @@ command -v nvidia-smi > /dev/null && step "nvidia-smi" 30 nvidia-smi
 
 # -P (here and above): the checkout's dymu_lightning/, without its subpackages, must not come first on
 # sys.path. The benchmark scripts are safe: their sys.path[0] is benchmarks/.
-step "tests/test_gpu.py" 150 "$PYTHON" -P -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu.py
+step "tests/test_gpu.py" 150 "$PYTHON" -P -m pytest -m gpu -q -rs --durations=5 -p no:cacheprovider tests/test_gpu.py
 
 BENCH=(--device cuda --dtype bfloat16)
 if [[ $DRY == 1 ]]; then  # the same scripts and options, tiny: only the plumbing is checked
