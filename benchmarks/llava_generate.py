@@ -1,15 +1,26 @@
-"""generate() on the small real LLaVA (DINOv2-S + projector + SmolLM2-135M): the stock model against
-DyMU with the compact and with the expanded KV cache, at several batch sizes.
+"""generate() on a LLaVA: the stock model against DyMU with the compact and with the expanded KV cache,
+at several batch sizes.
 
-Prompts are the chat template around one photo each (the bundled photos, so every sample of a batch
-has its own image and its own visual token count). Thresholds are DyMU-mid-like: found in this
-process on 13 photos with r = 35 over the 11 blocks the LLaVA reads, or read from `--thresholds`.
+`--model small` (default): the small real LLaVA (DINOv2-S + projector + SmolLM2-135M). Prompts are
+the chat template around one photo each (the bundled photos, so every sample of a batch has its own
+image and its own visual token count). Thresholds are DyMU-mid-like: found in this process on 13
+photos with r = 35 over the 11 blocks the LLaVA reads, or read from `--thresholds`.
+
+`--model llava15-7b`: LLaVA-1.5-7B's geometry with random weights (CLIP-L/14-336 tower read at its
+penultimate layer, 2-layer GELU projector, Llama-2-7B), built directly on the device in the run's
+dtype; about 14 GB in bfloat16, so for a GPU. No tokenizer: each prompt is BOS and 3 text tokens,
+576 image placeholders and 33 to 36 more text tokens (random ids), left-padded. Pixels are the
+bundled photos with CLIP's preprocessing at 336 px. Thresholds are found in this process on 16 photos
+with DyMU-mid's budget (195 of 576 patch tokens left after the 23 blocks read); the tower is random,
+so each photo's token count is not what the real CLIP-L would give it.
+
 For each variant, from inside one generate() call: the prefill (until the first next-token scores),
 the median time per further token (between consecutive scores), the visual rows, the KV cache bytes,
 and on GPU the peak memory. Rounds interleave the variants in one process.
 
     python benchmarks/llava_generate.py                      # batch 1 and 4, CPU, float32
     python benchmarks/llava_generate.py --batch 1 16 --device cuda --dtype bfloat16
+    python benchmarks/llava_generate.py --model llava15-7b --batch 1 16 --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -18,18 +29,81 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from encoder_speed import add_run_arguments, encoder_flops, machine_name, photos, write_report
-from transformers import LogitsProcessor, LogitsProcessorList
+from torch import Tensor
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 from vtu_prefill import prefill_flops
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.hf_llava import apply_dymu, dymu_inputs, is_dymu, last_prefill, remove_dymu
 from dymu_lightning.core import MergePolicy
+from dymu_lightning.core.schedule import merges_per_layer
 from dymu_lightning.thresholds import batch_thresholds
 
 VARIANTS = ("stock", "compact", "expanded")
+
+# LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf): CLIP ViT-L/14-336, Llama-2-7B, image token 32000, pad 32001.
+LLAVA15_VISION = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 336,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+LLAVA15_TEXT = {
+    "vocab_size": 32064,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
+# `--tiny` (tests on CPU only): the same structure, a few layers and narrow.
+TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2,
+               "image_size": 112}  # fmt: skip
+TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 4}  # fmt: skip
+IMAGE_TOKEN, PAD_TOKEN = 32000, 32001
+DYMU_MID_LEFT = 195 / 576  # patch tokens DyMU-mid leaves after LLaVA-1.5's feature layer
+
+
+@dataclass
+class Setup:
+    """A LLaVA ready to benchmark.
+
+    Attributes:
+        model: the LLaVA, on the device, in eval mode.
+        thresholds: what apply_dymu gets (a thresholds.json path or a policy).
+        inputs: batch size -> generate()'s inputs on the device (pixels in the model's dtype).
+        patches: image placeholders per image.
+        title: what the model is, for the report's heading.
+        about: one line on the tower, the prompts and the thresholds.
+    """
+
+    model: LlavaForConditionalGeneration
+    thresholds: str | MergePolicy
+    inputs: Callable[[int], dict[str, Tensor]]
+    patches: int
+    title: str
+    about: str
 
 
 class StepClock(LogitsProcessor):
@@ -52,25 +126,18 @@ def cache_bytes(cache: object) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", nargs="+", type=int, default=[1, 4])
-    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated in the timed decode")
-    parser.add_argument("--thresholds", help="a thresholds.json for the tower (default: found here, r = 35)")
-    add_run_arguments(parser, "llava_generate")
-    args = parser.parse_args(argv)
-
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def small_setup(device: torch.device, dtype: torch.dtype, thresholds_path: str | None) -> Setup:
+    """The small real LLaVA of `make assets`, its processor's chat template around each photo."""
+    from transformers import AutoProcessor
 
     from dymu_lightning.small_llava import small_llava_dir
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     processor = AutoProcessor.from_pretrained(small_llava_dir())
     processor.tokenizer.padding_side = "left"
     model = LlavaForConditionalGeneration.from_pretrained(small_llava_dir(), dtype=dtype).to(device).eval()
     tower = model.model.vision_tower
-    if args.thresholds:
-        thresholds = args.thresholds
+    if thresholds_path:
+        thresholds = thresholds_path
     else:
         calibration = processor.image_processor(photos(13), return_tensors="pt")["pixel_values"]
         found = batch_thresholds(get_backbone("hf_dinov2"), tower, calibration.to(device, dtype), r=[35] * 11 + [0])
@@ -78,6 +145,111 @@ def main(argv: list[str] | None = None) -> int:
     prompt = processor.tokenizer.apply_chat_template(
         [{"role": "user", "content": "<image>\nDescribe this picture."}], tokenize=False, add_generation_prompt=True
     )
+
+    def inputs(batch: int) -> dict[str, Tensor]:
+        encoded = processor(images=photos(batch), text=[prompt] * batch, return_tensors="pt", padding=True)
+        encoded = {k: v.to(device) for k, v in encoded.items()}
+        encoded["pixel_values"] = encoded["pixel_values"].to(dtype)
+        return encoded
+
+    about = "DINOv2-S tower at 336 px (576 patches, 11 blocks read) + SmolLM2-135M; one photo per prompt"
+    return Setup(model, thresholds, inputs, 576, "the small real LLaVA", about)
+
+
+def llava15_config(tiny: bool = False) -> LlavaConfig:
+    """LLaVA-1.5-7B's architecture (``tiny``: the same structure, shrunk for CPU tests)."""
+    vision = {**LLAVA15_VISION, **(TINY_VISION if tiny else {})}
+    text = {**LLAVA15_TEXT, **(TINY_TEXT if tiny else {})}
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision).to_dict(),
+        text_config=LlamaConfig(**text, pad_token_id=PAD_TOKEN).to_dict(),
+        image_token_id=IMAGE_TOKEN,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=patches,
+    )
+
+
+def random_llava(config: LlavaConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The model with seeded random weights, created on ``device`` in ``dtype`` (never on the CPU first:
+    7B parameters in float32 would be 28 GB)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.generation_config.pad_token_id = PAD_TOKEN
+    return model.eval()
+
+
+def llava15_prompts(batch: int, patches: int, seed: int = 0) -> dict[str, Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[batch, N]``: BOS and 3 text tokens, ``patches`` image
+    placeholders, then 36, 35, 34, 33, 36, ... text tokens (random ids), left-padded."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(batch):
+        before = [1, *torch.randint(3, IMAGE_TOKEN, (3,), generator=generator).tolist()]
+        after = torch.randint(3, IMAGE_TOKEN, (36 - i % 4,), generator=generator).tolist()
+        rows.append([*before, *[IMAGE_TOKEN] * patches, *after])
+    length = max(len(row) for row in rows)
+    input_ids = torch.tensor([[PAD_TOKEN] * (length - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows])
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def dymu_mid_r(model: LlavaForConditionalGeneration) -> list[int]:
+    """Per-layer r of the tower that leaves DyMU-mid's share of patch tokens after the blocks LLaVA reads."""
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    blocks = vision.num_hidden_layers + 1 + model.config.vision_feature_layer  # hidden_states[-2]: all but one
+    left = round(patches * DYMU_MID_LEFT) + 1  # and the CLS token
+    return merges_per_layer(vision.num_hidden_layers, "constant", tokens_left=left, tokens=patches + 1,
+                            merging_layers=blocks)  # fmt: skip
+
+
+def llava15_setup(device: torch.device, dtype: torch.dtype, thresholds_path: str | None, tiny: bool) -> Setup:
+    model = random_llava(llava15_config(tiny), device, dtype)
+    tower, backbone = model.model.vision_tower, get_backbone("hf_clip")
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    r = dymu_mid_r(model)
+    if thresholds_path:
+        thresholds = thresholds_path
+    else:
+        calibration = backbone.preprocess(tower, photos(16)).to(device, dtype)
+        thresholds = MergePolicy(thresholds=batch_thresholds(backbone, tower, calibration, r=r))
+
+    def inputs(batch: int) -> dict[str, Tensor]:
+        prompts = {k: v.to(device) for k, v in llava15_prompts(batch, patches).items()}
+        return {**prompts, "pixel_values": backbone.preprocess(tower, photos(batch)).to(device, dtype)}
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    about = (
+        f"LLaVA-1.5-7B geometry{' (--tiny)' if tiny else ''}, RANDOM weights ({weights / 2**30:.1f} GiB): "
+        f"CLIP-L/14 tower at {vision.image_size} px ({patches} patches, {sum(x > 0 for x in r)} blocks read) + "
+        f"Llama-2-7B; one photo per prompt, 40 or fewer text tokens; thresholds found here on 16 photos, "
+        f"r = {r[0]}..{min(x for x in r if x)} per block ({sum(r)} merges: DyMU-mid's budget); random tower, "
+        "so per-image counts are not real CLIP's"
+    )
+    return Setup(model, thresholds, inputs, patches, "LLaVA-1.5-7B geometry, random weights", about)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["small", "llava15-7b"], default="small")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # llava15-7b shrunk, for tests
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated in the timed decode")
+    parser.add_argument("--thresholds", help="a thresholds.json for the tower (default: found here)")
+    add_run_arguments(parser, "llava_generate")
+    args = parser.parse_args(argv)
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.model == "small":
+        setup = small_setup(device, dtype, args.thresholds)
+    else:
+        setup = llava15_setup(device, dtype, args.thresholds, args.tiny)
+    model, thresholds = setup.model, setup.thresholds
     text, vision = model.config.text_config, model.config.vision_config
     llm = {
         "hidden_size": text.hidden_size,
@@ -106,23 +278,23 @@ def main(argv: list[str] | None = None) -> int:
                 logits_processor=LogitsProcessorList([clock]),
                 return_dict_in_generate=True,
             )
+        generated = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+        if generated != new_tokens:  # min_new_tokens holds a random model's EOS back; check it did
+            raise RuntimeError(f"{variant}: generate() made {generated} tokens, not {new_tokens}")
         steps = [b - a for a, b in zip(clock.stamps[:-1], clock.stamps[1:], strict=True)]
         return clock.stamps[0] - start, statistics.median(steps), out
 
     lines = [
-        f"# generate() on the small real LLaVA, {machine_name(device)}, {args.dtype}, torch {torch.__version__}",
+        f"# generate() on {setup.title}, {machine_name(device)}, {args.dtype}, torch {torch.__version__}",
         f"# command: python {' '.join(sys.argv)}",
-        "DINOv2-S tower at 336 px (576 patches, 11 blocks read) + SmolLM2-135M; one photo per prompt; "
-        f"decode = {args.new_tokens} new tokens after the first",
+        f"{setup.about}; decode = {args.new_tokens} new tokens after the first",
         "",
         "| batch | variant | visual rows (mean) | prefill | / stock | FLOPs ideal | per new token | / stock "
         "| KV cache | / stock | peak memory |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch in args.batch:
-        inputs = processor(images=photos(batch), text=[prompt] * batch, return_tensors="pt", padding=True)
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        inputs = setup.inputs(batch)
         prefill: dict[str, list[float]] = {v: [] for v in VARIANTS}
         decode: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for round_ in range(args.repeats + 1):  # round 0 warms up
@@ -158,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else "-"
             size = cache_bytes(out.cache)
             if variant == "stock":
-                stock_size, visual = size, 576.0
+                stock_size, visual = size, float(setup.patches)
             else:
                 visual = float(last_prefill(model)["visual_rows"].float().mean())
             ideal = f"{dymu / stock:.2f}x" if variant != "stock" else "1.00x"

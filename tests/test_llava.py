@@ -6,11 +6,18 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from tests_support import FAMILIES, TINY, naive_reference
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+from tests_support import (
+    FAMILIES,
+    IMAGE_TOKEN,
+    PATCHES,
+    TINY,
+    generate,
+    merging_policy,
+    naive_reference,
+    prompt_batch,
+    tiny_llava,
+)
 
-from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.hf_llava import (
     apply_dymu,
     dymu_inputs,
@@ -21,61 +28,7 @@ from dymu_lightning.backbones.hf_llava import (
 )
 from dymu_lightning.backbones.hf_llm import HFCompactCache
 from dymu_lightning.core import MergePolicy
-from dymu_lightning.thresholds import ThresholdsFile, batch_thresholds
-
-IMAGE_TOKEN = 63
-PATCHES = 16  # 32 px images, 8 px patches
-VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
-
-
-def tiny_llava(family: str = "llama") -> LlavaForConditionalGeneration:
-    """A random LLaVA: CLIP tower (3 layers, features after 2, CLS dropped) and a tiny ``family`` LLM."""
-    config_class, _ = FAMILIES[family]
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION).to_dict(),
-        text_config=config_class(**TINY).to_dict(),
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=PATCHES,
-    )
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).double().eval()
-
-
-def images(count: int, seed: int = 0) -> torch.Tensor:
-    """Alternately smooth (a 2 x 2 colour field blown up: few distinct patches) and noisy images."""
-    generator = torch.Generator().manual_seed(seed)
-    smooth = F.interpolate(torch.randn(count, 3, 2, 2, generator=generator), size=32, mode="bilinear")
-    noisy = torch.randn(count, 3, 32, 32, generator=generator)
-    return torch.where(torch.arange(count)[:, None, None, None] % 2 == 0, smooth, noisy).double()
-
-
-def prompt_batch() -> dict[str, torch.Tensor]:
-    """Two samples, left-padded: sample 0 has two images (smooth, noisy) between text, sample 1 one
-    image (smooth) after padding; 3 images in all, in placeholder order."""
-    image = [IMAGE_TOKEN] * PATCHES
-    first = [1, 2, *image, 3, *image, 4, 5]
-    second = [6, *image, 7, 8]
-    pad = len(first) - len(second)
-    input_ids = torch.tensor([first, [0] * pad + second])
-    attention_mask = torch.tensor([[1] * len(first), [0] * pad + [1] * len(second)])
-    pixels = images(3)[[0, 1, 2]]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels}
-
-
-def merging_policy(model: LlavaForConditionalGeneration) -> MergePolicy:
-    """Thresholds from the test images themselves: about 6 merges per image and layer."""
-    backbone = get_backbone("hf_clip")
-    found = batch_thresholds(backbone, model.model.vision_tower, images(4), r=6)
-    return MergePolicy(thresholds=[t + 1e-6 for t in found])
+from dymu_lightning.thresholds import ThresholdsFile
 
 
 def greedy_reference(model, batch: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
@@ -95,10 +48,6 @@ def greedy_reference(model, batch: dict[str, torch.Tensor], steps: int) -> torch
         rows = torch.cat([rows, model.get_input_embeddings()(token)], dim=1)
         layout = layout.extend(layout.positions[:, -1:] + 1)
     return torch.cat(tokens, dim=1)
-
-
-def generate(model, batch: dict[str, torch.Tensor], steps: int, **kwargs):
-    return model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, **kwargs)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

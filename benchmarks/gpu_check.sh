@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The GPU check: tests/test_gpu.py, then the GPU benchmarks, in about 4 minutes on an H100 (6 at most:
+# every step is cut at a shared deadline, GPU_CHECK_BUDGET_S=360 from the start). Results go to $OUT.
+#
+# 1. Here, once (the GPU machine has no network): wheels of our pins into .whl/ (22 MiB) and the 26
+#    bundled photos into .gpu_assets/ (5 MiB); both are git-ignored, so they travel only as `carry`.
+#
+#      bash benchmarks/fetch_gpu_wheels.sh
+#
+# 2. The device `run` call, from the repository root (timeout_s leaves a minute over the deadline):
+#
+#      command: set -o pipefail; PYTHONUNBUFFERED=1 bash benchmarks/gpu_check.sh 2>&1 | tee $OUT/log.txt
+#      carry:   [".whl", ".gpu_assets"]
+#      timeout_s: 420
+#
+#    $OUT then holds log.txt, encoder_speed.md/.json, calibration_speed.md and llava_generate.md.
+#
+# Dry run here, on the CPU with tiny sizes (installs, imports and paths; no CUDA, the gpu tests skip;
+# a few minutes on 2 cores). PYTHON defaults to .venv/bin/python in a dry run, python3 otherwise:
+#
+#      GPU_CHECK_DRY=1 OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
+#
+# The machine has Python 3.12, torch 2.11+cu130 and transformers 5.17; the wheels (transformers 5.24.0,
+# timm 1.0.31, huggingface-hub 2.4.0, pytest, omegaconf, webdataset, ...) go to a --target folder put
+# first on PYTHONPATH. The repository is not pip-installed: its package is assembled in a temporary
+# folder (backbones/ and recipes/ become dymu_lightning.backbones and .recipes, as pyproject.toml maps
+# them), and pytest runs with `python -P` so that the checkout's own dymu_lightning/ does not shadow it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DRY=${GPU_CHECK_DRY:-0}
+[[ $DRY == 1 && -x .venv/bin/python ]] && PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+PYTHON=${PYTHON:-python3}          # runs everything
+PIP_PYTHON=${PIP_PYTHON:-$PYTHON}  # installs the wheels (with pip, else by unzipping them)
+OUT=${OUT:?set OUT to the folder the results go to}
+BUDGET=${GPU_CHECK_BUDGET_S:-360}
+DEADLINE=$(($(date +%s) + BUDGET))
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+mkdir -p "$OUT"
+FAILED=()
+
+# step NAME CAP_S COMMAND...: run with a time limit of CAP_S, or less if the deadline is nearer.
+step() {
+    local name=$1 cap=$2 start rc
+    shift 2
+    local left=$((DEADLINE - $(date +%s)))
+    if ((left < 10)); then
+        echo "=== $name: skipped, the ${BUDGET} s budget is spent"
+        FAILED+=("$name (not run)")
+        return
+    fi
+    ((cap > left)) && cap=$left
+    echo "=== $name (at most ${cap} s): $*"
+    start=$(date +%s)
+    if declare -F "$1" > /dev/null; then
+        "$@"  # a function of this script: quick file operations, not timed out
+    else
+        timeout --kill-after=10 "$cap" "$@"
+    fi
+    rc=$?
+    echo "=== $name: exit $rc after $(($(date +%s) - start)) s"
+    ((rc == 0)) || FAILED+=("$name (exit $rc$( ((rc == 124)) && echo ', timed out'))")
+}
+
+install_wheels() {
+    if "$PIP_PYTHON" -m pip --version > /dev/null 2>&1; then
+        PIP_ROOT_USER_ACTION=ignore "$PIP_PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$WORK/site" "$ROOT"/.whl/*.whl
+    else  # no pip: these wheels have no .data folders, so unzipping is installing
+        for wheel in "$ROOT"/.whl/*.whl; do "$PYTHON" -m zipfile -e "$wheel" "$WORK/site" || return 1; done
+    fi
+}
+
+assemble_package() {
+    mkdir -p "$WORK/src" &&
+        cp -r "$ROOT/dymu_lightning" "$WORK/src/" &&
+        cp -r "$ROOT/backbones" "$WORK/src/dymu_lightning/backbones" &&
+        cp -r "$ROOT/recipes" "$WORK/src/dymu_lightning/recipes"
+}
+
+echo "=== gpu_check $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '(no git)'), $(date -u +%FT%TZ), dry=$DRY"
+ls "$ROOT"/.whl/*.whl > /dev/null 2>&1 || { echo "no wheels in .whl/: run benchmarks/fetch_gpu_wheels.sh"; exit 2; }
+ls "$ROOT"/.gpu_assets/images/skimage/*.png > /dev/null 2>&1 || { echo "no .gpu_assets/: run benchmarks/fetch_gpu_wheels.sh"; exit 2; }
+step "install wheels" 120 install_wheels
+step "assemble dymu_lightning" 30 assemble_package
+export PYTHONPATH=$WORK/site:$WORK/src
+export DYMU_CACHE=$ROOT/.gpu_assets  # assets.sample_images() finds the photos there
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+step "versions" 90 "$PYTHON" -P - << 'PY'
+import importlib, platform, sys
+
+import torch
+
+print("python", platform.python_version(), "|", platform.platform())
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "| available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), "| capability", torch.cuda.get_device_capability())
+pins = {"transformers": "5.24.0", "timm": "1.0.31", "huggingface_hub": "2.4.0", "tokenizers": "0.23.3",
+        "omegaconf": "2.4.0", "webdataset": "1.0.2", "pytest": "9.2.0", "lightning": None, "torchmetrics": None,
+        "torchvision": None, "numpy": None, "PIL": None, "dymu_lightning": None}
+wrong = []
+for name, pin in pins.items():
+    module = importlib.import_module(name)
+    version = getattr(module, "__version__", "?")
+    print(f"{name:16} {version:14} {module.__file__}")
+    if pin is not None and version != pin:
+        wrong.append(f"{name} {version}, expected {pin}")
+import dymu_lightning.backbones  # noqa: E402  (the assembled package, with its subpackages)
+from dymu_lightning import assets  # noqa: E402
+
+print("dymu_lightning.backbones", dymu_lightning.backbones.__file__)
+print(len(assets.sample_images()), "photos in", assets.cache_dir())
+sys.exit("not our pins: " + "; ".join(wrong) if wrong else 0)
+PY
+command -v nvidia-smi > /dev/null && step "nvidia-smi" 30 nvidia-smi
+
+# -P (here and above): the checkout's dymu_lightning/, without its subpackages, must not come first on
+# sys.path. The benchmark scripts are safe: their sys.path[0] is benchmarks/.
+step "tests/test_gpu.py" 150 "$PYTHON" -P -m pytest -m gpu -q -rs --durations=5 -p no:cacheprovider tests/test_gpu.py
+
+BENCH=(--device cuda --dtype bfloat16)
+if [[ $DRY == 1 ]]; then  # the same scripts and options, tiny: only the plumbing is checked
+    BENCH=(--device cpu --dtype float32)
+    step "encoder_speed" 300 "$PYTHON" benchmarks/encoder_speed.py "${BENCH[@]}" --geometry b16_224 \
+        --batch 1 2 --repeats 1 --out "$OUT/encoder_speed"
+    step "calibration_speed" 120 "$PYTHON" benchmarks/calibration_speed.py "${BENCH[@]}" --geometry b16_224 \
+        --batch 4 --r 16 --repeats 1 --out "$OUT/calibration_speed"
+    step "llava_generate" 120 "$PYTHON" benchmarks/llava_generate.py --model llava15-7b --tiny "${BENCH[@]}" \
+        --batch 1 2 --repeats 1 --new-tokens 2 --out "$OUT/llava_generate"
+else
+    step "encoder_speed" 200 "$PYTHON" benchmarks/encoder_speed.py "${BENCH[@]}" --geometry siglip_b16_384 l14_336 \
+        --batch 1 64 --repeats 3 --out "$OUT/encoder_speed"
+    step "calibration_speed" 90 "$PYTHON" benchmarks/calibration_speed.py "${BENCH[@]}" --geometry l14_336 \
+        --batch 64 --r 16 --repeats 5 --out "$OUT/calibration_speed"
+    step "llava_generate" 200 "$PYTHON" benchmarks/llava_generate.py --model llava15-7b "${BENCH[@]}" \
+        --batch 1 16 --repeats 3 --new-tokens 16 --out "$OUT/llava_generate"
+fi
+
+rm -rf "$WORK"
+echo "=== files in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+if ((${#FAILED[@]})); then
+    echo "=== FAILED: ${FAILED[*]}"
+    exit 1
+fi
+echo "=== all steps passed"

@@ -1,0 +1,262 @@
+"""The CPU suite's properties on a CUDA device, with the same tiny random models.
+
+Marked ``gpu`` and skipped without CUDA; ``benchmarks/gpu_check.sh`` runs them on a lent GPU machine
+(``python -m pytest -m gpu tests/test_gpu.py``, well under a minute on an H100). They need no assets.
+
+Float32 comparisons run with TF32 off: by default PyTorch lets cuDNN run convolutions (the patch
+embeddings) in TF32, about 1e-3 off. CUDA then differs from CPU by rounding only, and thresholds
+are placed inside a gap between edge scores; each test checks the gap first, because equal token
+counts where rounding could flip a decision would be luck rather than a property.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests_support import FAMILIES, PATCHES, generate, merging_policy, prompt_batch, recipe_file, run, tiny_llava
+
+from dymu_lightning.backbones.hf_llava import apply_dymu, last_prefill
+from dymu_lightning.core import MergedTokens, MergePolicy
+from dymu_lightning.thresholds import batch_thresholds
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none is available)"),
+]
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def ieee_float32():
+    """Float32 matmuls and convolutions without TF32 for the duration of a test."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def on_cuda(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A copy of ``model`` on the GPU (the CPU original stays the reference)."""
+    return copy.deepcopy(model).to(device=CUDA, dtype=dtype)
+
+
+# Where a layer's threshold goes: (sorted finite edge scores of the batch, k) -> (threshold, margin).
+Picker = Callable[[torch.Tensor, int], tuple[float, float]]
+
+
+def widest_gap_near_k(scores: torch.Tensor, k: int) -> tuple[float, float]:
+    """The middle of the widest gap between consecutive scores with k/2 to 3k/2 edges above it:
+    about k merges, none of them decided by rounding."""
+    low, high = max(1, k // 2), min(scores.numel() - 1, (3 * k) // 2)
+    gaps = scores[low - 1 : high] - scores[low : high + 1]
+    i = int(gaps.argmax()) + low
+    return float(scores[i - 1] + scores[i]) / 2, float(scores[i - 1] - scores[i]) / 2
+
+
+def farthest_from_every_score(scores: torch.Tensor, k: int) -> tuple[float, float]:
+    """The value in [0.5, 0.95] (a 0.01 grid) farthest from every edge score."""
+    grid = torch.linspace(0.5, 0.95, 46, dtype=scores.dtype, device=scores.device)
+    distance = (scores[None, :] - grid[:, None]).abs().amin(dim=1)
+    best = int(distance.argmax())
+    return float(grid[best]), float(distance[best])
+
+
+def spaced_thresholds(backbone, model, pixels: torch.Tensor, pick: Picker, r: int = 6) -> tuple[list[float], float]:
+    """Per-layer thresholds chosen by ``pick`` on this batch's own edges, and the smallest distance
+    from any threshold to an edge score. Runs batch top-k mode with the cut moved to each threshold,
+    so every layer sees the tokens that threshold mode will give it."""
+    thresholds, margins = [], []
+
+    def cut(layer: int, scores: torch.Tensor, k: int) -> torch.Tensor:
+        flat = scores.flatten().float().sort(descending=True).values
+        flat = flat[torch.isfinite(flat)]
+        threshold, margin = pick(flat, k)
+        thresholds.append(threshold)
+        margins.append(margin)
+        return flat.new_tensor(threshold)
+
+    with torch.inference_mode():
+        backbone.merged_forward(model, pixels, MergePolicy(mode="batch_topk", r=r, batch_cut=cut))
+    return thresholds, min(margins)
+
+
+def blocky_images(size: int, grids: tuple[int, ...] = (1, 2, 4, 8), seed: int = 0) -> torch.Tensor:
+    """``[len(grids), 3, size, size]``: an n x n grid of flat blocks per image, colours drawn from the
+    8 corners of the RGB cube. Patches of one colour give near-identical keys, patches of two colours
+    clearly different ones: a threshold between the two cannot flip on bfloat16 rounding."""
+    generator = torch.Generator().manual_seed(seed)
+    corners = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=torch.float32) * 2 - 1
+    images = []
+    for n in grids:
+        colours = corners[torch.randint(0, 8, (n * n,), generator=generator)].T.reshape(1, 3, n, n)
+        images.append(F.interpolate(colours, size=size, mode="nearest")[0])
+    return torch.stack(images)
+
+
+def assert_same_merges(ours: MergedTokens, reference: MergedTokens) -> None:
+    assert torch.equal(ours.tokens_per_layer.cpu(), reference.tokens_per_layer.cpu())
+    assert torch.equal(ours.group.cpu(), reference.group.cpu())
+    assert torch.equal(ours.sizes.cpu(), reference.sizes.cpu())
+
+
+# 1. The DToMe forward: CUDA equals CPU, merging off equals the stock model. --------------------------
+def test_merged_forward_on_cuda_equals_cpu(tiny):
+    pixels = tiny.images(4)
+    thresholds, margin = spaced_thresholds(tiny.backbone, tiny.model, pixels, widest_gap_near_k)
+    assert margin > 1e-4, f"thresholds {margin:.1e} from an edge score: rounding could flip a merge"
+    policy = MergePolicy(thresholds=thresholds)
+    model = on_cuda(tiny.model)
+    with torch.inference_mode():
+        cpu = tiny.backbone.merged_forward(tiny.model, pixels, policy)
+        cuda = tiny.backbone.merged_forward(model, pixels.to(CUDA), policy)
+    assert len(set(cpu.lengths.tolist())) > 1  # a variable-length batch
+    assert_same_merges(cuda, cpu)
+    torch.testing.assert_close(cuda.tokens.cpu(), cpu.tokens, rtol=1e-4, atol=1e-4)
+
+
+def test_merging_off_equals_stock_model_on_cuda(tiny):
+    model = on_cuda(tiny.model)
+    pixels = tiny.images(3).to(CUDA)
+    with torch.inference_mode():
+        stock = tiny.backbone.stock_features(model, pixels)
+        for policy in (MergePolicy(thresholds=[math.inf] * tiny.num_layers), MergePolicy.off()):
+            merged = tiny.backbone.merged_forward(model, pixels, policy)
+            torch.testing.assert_close(merged.tokens, stock, rtol=1e-5, atol=1e-4)
+            assert (merged.tokens_per_layer == stock.shape[1]).all()
+
+
+# 2. bfloat16 on CUDA. ---------------------------------------------------------------------------------
+def test_bfloat16_merging_off_equals_stock_bfloat16(tiny):
+    model = on_cuda(tiny.model, torch.bfloat16)
+    pixels = tiny.images(3).to(CUDA, torch.bfloat16)
+    with torch.inference_mode():
+        stock = tiny.backbone.stock_features(model, pixels).float()
+        merged = tiny.backbone.merged_forward(model, pixels, MergePolicy.off()).tokens.float()
+    # outputs reach about 4 in size, where one bfloat16 step is 1/32: allow a few steps
+    torch.testing.assert_close(merged, stock, rtol=2e-2, atol=5e-2)
+
+
+def test_bfloat16_token_counts_equal_float32_on_separable_images(tiny):
+    """Flat colour blocks: every edge is clearly within a colour or clearly across two. bfloat16
+    keys are about 1e-2 off, so thresholds at least 0.05 from every edge give float32's counts."""
+    pixels = blocky_images(tiny.image_size).to(CUDA)
+    model = on_cuda(tiny.model)
+    thresholds, margin = spaced_thresholds(tiny.backbone, model, pixels, farthest_from_every_score)
+    assert margin > 0.05, f"thresholds only {margin:.3f} from an edge score"
+    policy = MergePolicy(thresholds=thresholds)
+    with torch.inference_mode():
+        full = tiny.backbone.merged_forward(model, pixels, policy)
+        half = tiny.backbone.merged_forward(model.to(torch.bfloat16), pixels.to(torch.bfloat16), policy)
+    assert torch.equal(half.tokens_per_layer, full.tokens_per_layer)
+    assert len(set(full.lengths.tolist())) > 1
+
+
+# 3. An image's tokens do not depend on its batch-mates. ----------------------------------------------
+def test_result_is_independent_of_batch_mates_on_cuda(tiny):
+    """To rounding only: merges accumulate with index_add_, which on CUDA adds in no fixed order."""
+    model = on_cuda(tiny.model)
+    pixels = tiny.images(5).to(CUDA)
+    thresholds, margin = spaced_thresholds(tiny.backbone, model, pixels, widest_gap_near_k)
+    assert margin > 1e-4, f"thresholds {margin:.1e} from an edge score: rounding could flip a merge"
+    policy = MergePolicy(thresholds=thresholds)
+    with torch.inference_mode():
+        batch = tiny.backbone.merged_forward(model, pixels, policy)
+        assert len(set(batch.lengths.tolist())) > 1
+        for b in (0, 1, 4):
+            alone = tiny.backbone.merged_forward(model, pixels[b : b + 1], policy)
+            n = int(alone.lengths[0])
+            assert int(batch.lengths[b]) == n
+            assert torch.equal(batch.group[b], alone.group[0])
+            assert torch.equal(batch.sizes[b, :n], alone.sizes[0, :n])
+            torch.testing.assert_close(batch.tokens[b, :n], alone.tokens[0, :n], rtol=1e-4, atol=1e-4)
+
+
+# 4. DyMU in a LLaVA on CUDA (float64: greedy decoding must not hinge on rounding). ----------------------
+def llava_on_cuda(family: str, dtype: torch.dtype = torch.float64):
+    model = tiny_llava(family)
+    policy = merging_policy(model)  # found on the CPU, in float64
+    batch = {k: v.to(CUDA) for k, v in prompt_batch().items()}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return model.to(CUDA, dtype), batch, policy
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_llava_infinite_thresholds_equal_the_stock_model_on_cuda(family):
+    model, batch, _ = llava_on_cuda(family)
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        stock = model(**batch, position_ids=positions).logits
+        stock_tokens = generate(model, batch, 5)
+        for cache in ("compact", "expanded"):
+            apply_dymu(model, MergePolicy(thresholds=[math.inf] * 3), cache=cache)
+            ours = model(**batch, position_ids=positions).logits
+            assert torch.equal(generate(model, batch, 5), stock_tokens), cache
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[valid], stock[valid], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_llava_expanded_and_compact_caches_generate_the_same_on_cuda(family):
+    model, batch, policy = llava_on_cuda(family)
+    out = {}
+    with torch.inference_mode():
+        for cache in ("compact", "expanded"):
+            apply_dymu(model, policy, cache=cache)
+            out[cache] = generate(model, batch, 6)
+            assert last_prefill(model)["visual_rows"].lt(PATCHES).all()  # every image merged something
+    assert torch.equal(out["compact"], out["expanded"])
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_llava_infinite_thresholds_in_lower_precision_on_cuda(dtype, tolerance):
+    """Logits are about 0.4 in size: 1e-2 is five bfloat16 steps there."""
+    model, batch, _ = llava_on_cuda("llama", dtype)
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        stock = model(**batch, position_ids=positions).logits
+        apply_dymu(model, MergePolicy(thresholds=[math.inf] * 3))
+        ours = model(**batch, position_ids=positions).logits
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[valid].float(), stock[valid].float(), rtol=0, atol=tolerance)
+
+
+# 5. Calibration on CUDA finds the CPU thresholds. -------------------------------------------------
+def cut_gaps(backbone, model, pixels: torch.Tensor, r: int) -> list[float]:
+    """Per layer of a batch top-k run: the k-th best edge score minus the (k+1)-th, the cut's. Where
+    it is about the rounding, which edges merge (and so every later layer) is up to the device."""
+    gaps = []
+
+    def cut(layer: int, scores: torch.Tensor, k: int) -> torch.Tensor:
+        best = torch.topk(scores.flatten(), k + 1).values
+        gaps.append(float(best[-2] - best[-1]))
+        return best[-1]
+
+    with torch.inference_mode():
+        backbone.merged_forward(model, pixels, MergePolicy(mode="batch_topk", r=r, batch_cut=cut))
+    return gaps
+
+
+def test_batch_thresholds_on_cuda_equal_cpu(tiny):
+    pixels = tiny.images(4)  # every cut of these 4 images is at least 4.9e-5 wide (on CPU, any adapter)
+    gap = min(cut_gaps(tiny.backbone, tiny.model, pixels, r=6))
+    assert gap > 2e-5, f"a cut only {gap:.1e} wide: rounding could pick other edges"
+    cpu = batch_thresholds(tiny.backbone, tiny.model, pixels, r=6)
+    cuda = batch_thresholds(tiny.backbone, on_cuda(tiny.model), pixels.to(CUDA), r=6)
+    assert cuda == pytest.approx(cpu, abs=1e-5)
+
+
+def test_lightning_calibration_on_one_gpu_equals_cpu(tmp_path, shards, monkeypatch):
+    """The CLI's calibration (Lightning, trainer.accelerator=gpu, 1 device) against the same run on CPU.
+    Its narrowest cut (3 steps x 3 layers, on CPU) is 3.8e-5 wide."""
+    monkeypatch.setattr("dymu_lightning.lit.run.write_report", lambda *args, **kwargs: None)  # no matplotlib
+    cpu = run(recipe_file(tmp_path / "cpu", shards))
+    gpu = run(recipe_file(tmp_path / "gpu", shards), "trainer.accelerator=gpu", "trainer.devices=1")
+    assert gpu.images_seen == cpu.images_seen == 10
+    assert gpu.thresholds == pytest.approx(cpu.thresholds, abs=1e-5)
+    assert gpu.tokens == cpu.tokens
