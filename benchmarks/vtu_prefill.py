@@ -9,6 +9,7 @@ All variants run interleaved in one process.
 
     python benchmarks/vtu_prefill.py                  # batch 1 and 4, CPU, float32
     python benchmarks/vtu_prefill.py --batch 1 16 --device cuda --dtype bfloat16
+    python benchmarks/vtu_prefill.py --geometry llama2-7b --batch 1 16 --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ SMOLLM2_135M = {
     "rope_theta": 100000.0,
     "max_position_embeddings": 8192,
 }
+LLAMA2_7B = {  # LLaVA-1.5-7B's language model
+    "vocab_size": 32064,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 4096,
+}
+GEOMETRIES = {"smollm2-135m": SMOLLM2_135M, "llama2-7b": LLAMA2_7B}
 
 
 def grouped_layout(batch: int, text: int, visual: int, rows: int, seed: int = 0) -> VirtualLayout:
@@ -48,19 +60,30 @@ def grouped_layout(batch: int, text: int, visual: int, rows: int, seed: int = 0)
     return VirtualLayout(expand, positions, torch.ones_like(expand, dtype=torch.bool), text + rows)
 
 
-def language_model(weights: str) -> tuple[LlamaModel, str]:
+def language_model(weights: str, geometry: str, device: torch.device, dtype: torch.dtype) -> tuple[LlamaModel, str]:
     """The base model of the real SmolLM2-135M if asked for (or available, with "auto"), else random
-    weights of its architecture; and a description of which it is."""
+    weights of the geometry; and a description of which it is. Random weights are created on
+    ``device`` in ``dtype`` (7B parameters in float32 on the CPU first would be 28 GB)."""
     from dymu_lightning.small_llava import smollm2_dir
+
+    if geometry != "smollm2-135m":
+        if weights == "smollm2":
+            raise SystemExit("--weights smollm2 needs --geometry smollm2-135m")
+        torch.manual_seed(0)
+        with torch.device(device):
+            config = LlamaConfig(**GEOMETRIES[geometry])
+            return LlamaModel._from_config(config, dtype=dtype, attn_implementation="sdpa"), "random weights"
 
     if weights != "random" and (smollm2_dir() / "config.json").is_file():
         from transformers import LlamaForCausalLM
 
-        return LlamaForCausalLM.from_pretrained(smollm2_dir(), attn_implementation="sdpa").model, "real weights"
+        model = LlamaForCausalLM.from_pretrained(smollm2_dir(), attn_implementation="sdpa").model
+        return model.to(device=device, dtype=dtype), "real weights"
     if weights == "smollm2":
         raise SystemExit(f"no SmolLM2 at {smollm2_dir()}: run `make assets` first")
     torch.manual_seed(0)
-    return LlamaModel(LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa")), "random weights"
+    model = LlamaModel(LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa"))
+    return model.to(device=device, dtype=dtype), "random weights"
 
 
 def prefill_flops(rows: int, positions: int, config: dict) -> float:
@@ -80,21 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--visual", type=int, default=576)
     parser.add_argument("--rows", type=int, default=195)
     parser.add_argument("--weights", choices=["auto", "smollm2", "random"], default="auto")
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="smollm2-135m", help="llama2-7b: random")
     add_run_arguments(parser, "vtu_prefill")
     args = parser.parse_args(argv)
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    model, weights = language_model(args.weights)
-    model = model.to(device=device, dtype=dtype).eval()
+    model, weights = language_model(args.weights, args.geometry, device, dtype)
+    model = model.eval()
+    geometry = GEOMETRIES[args.geometry]
     full, rows = args.text + args.visual, args.text + args.rows
-    ideal = prefill_flops(rows, full, SMOLLM2_135M) / prefill_flops(full, full, SMOLLM2_135M)
-    head = SMOLLM2_135M["hidden_size"] // SMOLLM2_135M["num_attention_heads"]
-    kv_per_position = 2 * SMOLLM2_135M["num_hidden_layers"] * SMOLLM2_135M["num_key_value_heads"] * head
+    ideal = prefill_flops(rows, full, geometry) / prefill_flops(full, full, geometry)
+    head = geometry["hidden_size"] // geometry["num_attention_heads"]
+    kv_per_position = 2 * geometry["num_hidden_layers"] * geometry["num_key_value_heads"] * head
     element = torch.finfo(dtype).bits // 8
     lines = [
         f"# VTU prefill on {machine_name(device)}, {args.dtype}, torch {torch.__version__}",
         f"# command: python {' '.join(sys.argv)}",
-        f"SmolLM2-135M, {weights}; {args.text} text + {args.visual} visual positions, "
+        f"{args.geometry}, {weights}; {args.text} text + {args.visual} visual positions, "
         f"{args.rows} visual rows after DToMe",
         "",
         "| batch | full sequence | VTU | VTU / full | FLOPs ideal | rows without VTU | no-VTU / full |",
@@ -105,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         layout = VirtualLayout(
             *(t.to(device) for t in (layout.expand, layout.positions, layout.valid)), layout.num_rows
         )
-        full_embeds = torch.randn(batch, full, SMOLLM2_135M["hidden_size"], device=device, dtype=dtype)
+        full_embeds = torch.randn(batch, full, geometry["hidden_size"], device=device, dtype=dtype)
         row_embeds = full_embeds[:, :rows]
         with torch.inference_mode():
             seconds = timed(

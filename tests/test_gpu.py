@@ -243,11 +243,14 @@ def cut_gaps(backbone, model, pixels: torch.Tensor, r: int) -> list[float]:
 
 
 def test_batch_thresholds_on_cuda_equal_cpu(tiny):
-    pixels = tiny.images(4)  # every cut of these 4 images is at least 4.9e-5 wide (on CPU, any adapter)
-    gap = min(cut_gaps(tiny.backbone, tiny.model, pixels, r=6))
-    assert gap > 2e-5, f"a cut only {gap:.1e} wide: rounding could pick other edges"
-    cpu = batch_thresholds(tiny.backbone, tiny.model, pixels, r=6)
-    cuda = batch_thresholds(tiny.backbone, on_cuda(tiny.model), pixels.to(CUDA), r=6)
+    """The property holds where the cuts are unambiguous. How wide they are depends on the CPU's
+    kernels (one r gave 4.9e-5 here and 1.5e-6 on the H100 machine's CPU), so the test takes the first
+    r whose every cut is wider than 2e-5 on the CPU it runs on."""
+    pixels = tiny.images(4)
+    r = next((r for r in (6, 5, 7, 4, 8) if min(cut_gaps(tiny.backbone, tiny.model, pixels, r)) > 2e-5), None)
+    assert r is not None, "every r from 4 to 8 has a cut narrower than 2e-5 on these images"
+    cpu = batch_thresholds(tiny.backbone, tiny.model, pixels, r=r)
+    cuda = batch_thresholds(tiny.backbone, on_cuda(tiny.model), pixels.to(CUDA), r=r)
     assert cuda == pytest.approx(cpu, abs=1e-5)
 
 
