@@ -43,7 +43,7 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
 )
-from vtu_prefill import prefill_flops
+from vtu_prefill import LLAMA2_7B, prefill_flops
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.hf_llava import apply_dymu, dymu_inputs, is_dymu, last_prefill, remove_dymu
@@ -65,17 +65,7 @@ LLAVA15_VISION = {
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
 }
-LLAVA15_TEXT = {
-    "vocab_size": 32064,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-}
+LLAVA15_TEXT = LLAMA2_7B
 # `--tiny` (tests on CPU only): the same structure, a few layers and narrow.
 TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2,
                "image_size": 112}  # fmt: skip

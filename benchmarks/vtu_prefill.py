@@ -34,15 +34,16 @@ SMOLLM2_135M = {
     "rope_theta": 100000.0,
     "max_position_embeddings": 8192,
 }
-LLAMA2_7B = {  # LLaVA-1.5-7B's language model
+LLAMA2_7B = {  # LLaVA-1.5-7B's language model (llava-hf/llava-1.5-7b-hf's text config)
     "vocab_size": 32064,
     "hidden_size": 4096,
     "intermediate_size": 11008,
     "num_hidden_layers": 32,
     "num_attention_heads": 32,
     "num_key_value_heads": 32,
-    "rope_theta": 10000.0,
     "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
 }
 GEOMETRIES = {"smollm2-135m": SMOLLM2_135M, "llama2-7b": LLAMA2_7B}
 

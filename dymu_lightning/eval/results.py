@@ -392,11 +392,12 @@ def _photos_section(c: Collected) -> str:
     scenes = study.get("scenes", {}).get("count")
     largest = ", ".join(f"{frames} of `{name}`" for name, frames in study.get("scenes", {}).get("largest", {}).items())
     per_scene = (
-        f"""The {study["images"]} photos show {scenes} scenes (a scene is a file name less its trailing frame
-number, `scene_pattern` in the eval recipe). The largest are bursts of one view ({largest} frames),
-whose complexity differs by less than the noise of their token counts, so per image they add ranks
-that are close to random. The last column counts each scene once: the mean token count against the
-mean complexity of its frames."""
+        f"""A scene here is a file-name series: the images whose names differ only in a trailing number
+(`scene_pattern` in the eval recipe). The {study["images"]} photos form {scenes} of them; the largest
+hold {largest} images. Such a series is burst frames of one view, overlapping tiles, or a photo series
+of one place. Within it, complexity varies by less than the noise of the token counts, so per image
+these images add ranks that are close to random. The last column counts each scene once: its mean
+token count against its mean complexity."""
         if scenes
         else ""
     )
