@@ -161,11 +161,14 @@ def evaluate(recipe: Recipe) -> Path:
         )
         scenes = None if cfg.scene_pattern is None else [metrics.scene_of(k, cfg.scene_pattern) for k in keys]
         if scenes is not None:
-            result["scenes"] = {"count": len(set(scenes)), "largest": dict(Counter(scenes).most_common(4))}
+            largest = dict(Counter(scenes).most_common(4))
+            result["scenes"] = {"count": len(set(scenes)), "largest": largest, "within": {}}
             columns["scene"] = scenes
         for name, run in runs.items():
             if run.lengths.unique().numel() > 1:  # a constant count (full, ToMe) has no rank correlation
                 result["variants"][name].update(_complexity_correlation(run.lengths, complexity, scenes))
+                if scenes is not None:
+                    result["scenes"]["within"][name] = _within_scenes(run.lengths, complexity, scenes, largest)
 
     out_dir = Path(cfg.out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +228,17 @@ def _complexity_correlation(lengths: Tensor, complexity: Tensor, scenes: list[st
             metrics.group_means(lengths, scenes), metrics.group_means(complexity, scenes)
         )
     return entry
+
+
+def _within_scenes(lengths: Tensor, complexity: Tensor, scenes: list[str], names: dict[str, int]) -> dict[str, float]:
+    """Spearman(tokens, complexity) among the images of each named scene of three images or more."""
+    out = {}
+    for name, count in names.items():
+        if count >= 3:
+            rows = torch.tensor([i for i, scene in enumerate(scenes) if scene == name])
+            if lengths[rows].unique().numel() > 1:
+                out[name] = metrics.spearman(lengths[rows], complexity[rows])
+    return out
 
 
 def labels_from_keys(keys: list[str], pattern: str, where: str) -> Tensor:
