@@ -398,7 +398,8 @@ def _photos_section(c: Collected) -> str:
 (`scene_pattern` in the eval recipe). The {study["images"]} photos form {scenes} of them; the largest
 hold {largest} images: burst frames of one view, overlapping tiles, or a photo series of one place.
 Within most of these series the token counts follow complexity weakly or not at all (DyMU-mid,
-Spearman within each: {within or "–"}), yet each image counts as much as a photo of its own. The last column counts each scene once: its mean token count against its mean complexity."""
+Spearman within each: {within or "–"}), yet each image counts as much as a photo of its own. The
+last column counts each scene once: its mean token count against its mean complexity."""
         if scenes
         else ""
     )
