@@ -217,8 +217,7 @@ def encode(
 
 def _complexity_correlation(lengths: Tensor, complexity: Tensor, scenes: list[str] | None) -> dict[str, Any]:
     """Spearman(tokens, complexity) over images with its bootstrap interval and, given each image's
-    scene, over scene means: frames of one burst differ in complexity by less than the noise of
-    their counts, so per image they add ranks that are close to random."""
+    scene, over scene means, so that a series of frames of one view counts once, like one photo."""
     entry: dict[str, Any] = {
         "spearman_tokens_complexity": metrics.spearman(lengths, complexity),
         "spearman_interval": metrics.spearman_interval(lengths, complexity),
