@@ -71,7 +71,9 @@ def encoder_cases(lines: list[str], dtype: torch.dtype, rows: int) -> None:
     model = backbone.build({"model_name": model_name, **kwargs}).to("cuda", dtype).eval()
     pixels = backbone.preprocess(model, photos(64)).to("cuda", dtype)
     layers = backbone.num_layers(model)
-    r = round(0.67 * (pixels.shape[-1] // 14) ** 2 / layers)
+    with torch.inference_mode():
+        full = backbone.embed(model, pixels[:1]).shape[1]
+    r = round(0.67 * (full - backbone.num_prefix_tokens(model)) / layers)  # 33% left, as encoder_speed.py
     policy = MergePolicy(thresholds=batch_thresholds(backbone, model, pixels, r))
     with torch.inference_mode():
         for batch in (1, 64):
@@ -103,11 +105,10 @@ def llava_cases(lines: list[str], dtype: torch.dtype, rows: int, batch: int) -> 
         apply_dymu(model, setup.thresholds, cache="expanded")
         profiled(f"LLaVA-7B geometry prefill, batch {batch}: DyMU + VTU (expanded cache)", prefill, lines, rows)
         tower, backbone = model.model.vision_tower, get_backbone("hf_clip")
-        pixels = inputs["pixel_values"]
-        policy = setup.thresholds
+        blocks = model.config.vision_config.num_hidden_layers + 1 + model.config.vision_feature_layer
         profiled(
-            f"CLIP-L tower alone, batch {batch}: DToMe",
-            lambda: backbone.merged_forward(tower, pixels, policy, num_blocks=23),
+            f"CLIP-L tower alone, batch {batch}: DToMe ({blocks} blocks, as LLaVA reads it)",
+            lambda: backbone.merged_forward(tower, inputs["pixel_values"], setup.thresholds, num_blocks=blocks),
             lines,
             rows,
         )

@@ -65,7 +65,6 @@ LLAVA15_VISION = {
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
 }
-LLAVA15_TEXT = LLAMA2_7B
 # `--tiny` (tests on CPU only): the same structure, a few layers and narrow.
 TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2,
                "image_size": 112}  # fmt: skip
@@ -149,7 +148,7 @@ def small_setup(device: torch.device, dtype: torch.dtype, thresholds_path: str |
 def llava15_config(tiny: bool = False) -> LlavaConfig:
     """LLaVA-1.5-7B's architecture (``tiny``: the same structure, shrunk for CPU tests)."""
     vision = {**LLAVA15_VISION, **(TINY_VISION if tiny else {})}
-    text = {**LLAVA15_TEXT, **(TINY_TEXT if tiny else {})}
+    text = {**LLAMA2_7B, **(TINY_TEXT if tiny else {})}
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     return LlavaConfig(
         vision_config=CLIPVisionConfig(**vision).to_dict(),
