@@ -8,6 +8,8 @@ import io
 import json
 import math
 import re
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,17 @@ from dymu_lightning.config import load_recipe
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
 from dymu_lightning.eval import metrics
-from dymu_lightning.eval.results import Setting, generate, render
+from dymu_lightning.eval.results import (
+    RECORD,
+    STUDIES,
+    Invocation,
+    Setting,
+    Step,
+    _record,
+    _verdict,
+    generate,
+    render,
+)
 from dymu_lightning.eval.run import check, evaluate, labels_from_keys
 from tests.tests_support import tiny_timm
 
@@ -223,6 +235,35 @@ def test_the_eval_recipe_is_packaged_and_checks(tmp_path, capsys):
     assert "probe.feature='pooled'; expected one of ('cls', 'mean')" in capsys.readouterr().err
     assert main(["check", "recipe=eval_encoder", f"variants.mid={tmp_path}/none.json"]) == 2
     assert f"variants.mid: no thresholds file at {tmp_path}/none.json" in capsys.readouterr().err
+    assert main(["check", "recipe=eval_encoder", "device=tpu"]) == 2
+    assert "device='tpu'; expected cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["check", "recipe=eval_encoder", "device=cuda"]) == 2
+        assert "device='cuda', but torch sees no CUDA device here" in capsys.readouterr().err
+
+
+def test_a_random_init_evaluation_is_seeded(tmp_path):
+    """Two evaluations of a random_init model build the same weights (``seed``), so they agree."""
+    images = _images(tmp_path / "images", 4, 0)
+    from dymu_lightning.lit.run import calibrate
+
+    calibration = load_recipe(
+        "quickstart",
+        [f"out_dir={tmp_path}/cal", f"data.images={images}", f"data.shards={tmp_path}/shards", *TINY_MODEL]
+        + ["schedule.r=4", "data.global_batch_size=4", "trainer.progress_bar=false"],
+    )
+    path = calibrate(calibration)
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        recipe = load_recipe(
+            "eval_encoder",
+            [f"out_dir={tmp_path}/{name}", f"data.shards={tmp_path}/shards", f"variants.mid={path}", *TINY_MODEL]
+            + [f"seed={seed}", "complexity=false"],
+        )
+        variants = json.loads(evaluate(recipe).read_text())["variants"]
+        runs.append({v: {k: x for k, x in e.items() if k != "images_per_second"} for v, e in variants.items()})
+    assert runs[0] == runs[1]
+    assert runs[0]["mid"]["cosine_cls"] != runs[2]["mid"]["cosine_cls"]  # another seed, other weights
 
 
 @pytest.mark.slow
@@ -234,15 +275,26 @@ def test_results_page_on_a_shrunken_setting(tmp_path):
         photos_tokens_left={"low": 10, "mid": 22, "high": 44},
         probe_train=str(_images(tmp_path / "train", 12, 3, labelled=True)),
         probe_test=str(_images(tmp_path / "test", 8, 4, labelled=True)),
-        probe_image_size=None,
+        # the native 64 px, and 32 px (16 patches + CLS = 17 tokens)
+        probe_sizes={None: {"low": 10, "mid": 22, "high": 44}, 32: {"low": 4, "mid": 7, "high": 11}},
         batch_size=4,
+        eval_batch_size=3,
         next_token_images=0,  # the small LLaVA's study has its own test (tests/test_next_token.py)
     )
-    page = generate(setting, tmp_path / "work", tmp_path / "docs" / "results.md", "python -m dymu_lightning results")
+    # Two invocations into one work folder, as a GPU machine and a CPU machine would share the work:
+    # the page combines them.
+    work, page = tmp_path / "work", tmp_path / "docs" / "results.md"
+    for studies in (("probe",), ("photos",)):
+        page = generate(replace(setting, studies=studies), work, page, f"results --studies {studies[0]}")
     text = page.read_text()
+    record = json.loads((work / RECORD).read_text())
+    assert [i["studies"] for i in record["invocations"]] == [["probe"], ["photos"]]
+    assert all(not Path(t["output"]).is_absolute() for i in record["invocations"] for t in i["steps"])
 
     probe = json.loads((tmp_path / "work/eval/probe/metrics.json").read_text())
+    small = json.loads((tmp_path / "work/eval/probe_32/metrics.json").read_text())
     photos = json.loads((tmp_path / "work/eval/photos/metrics.json").read_text())
+    assert small["image_size"] == 32 and small["full_tokens"] == 17 and small["images"] == 8
     for study, images in ((probe, 8), (photos, 10)):
         assert study["images"] == images and study["full_tokens"] == 65
         names = list(study["variants"])
@@ -290,19 +342,54 @@ def test_results_page_on_a_shrunken_setting(tmp_path):
         assert scenes == [metrics.scene_of(row["key"]) for row in rows] and photos["scenes"]["count"] == 5
         rho = metrics.spearman(metrics.group_means(tokens, scenes), metrics.group_means(bpp, scenes))
         assert mid["spearman_scenes"] == pytest.approx(rho)
+        interval = metrics.spearman_interval(metrics.group_means(tokens, scenes), metrics.group_means(bpp, scenes))
+        assert mid["spearman_scenes_interval"] == pytest.approx(list(interval))
 
     # The page: its tables, every plot it links (and nothing else), the machine, and the commands.
-    for heading in ("## Targets", "## Probe accuracy", "## Token counts, fidelity", "## Machine", "## Commands"):
+    for heading in ("## Targets", "## Token counts, fidelity", "## Machine", "## Commands"):
         assert heading in text
+    # One probe section per side, smallest first, and the targets checked at each.
+    assert text.index("## Probe accuracy and fidelity (Fashion-MNIST at 32 px)") < text.index(
+        "## Probe accuracy and fidelity (Fashion-MNIST at 64 px)"
+    )
+    assert text.count("probe accuracy (32 px) |") == 2 and text.count("probe accuracy (64 px) |") == 2
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert sorted(linked) == sorted(
-        f"results/{s}_{n}.png" for s in ("probe", "photos") for n in ("tokens", "complexity")
+        f"results/{s}_{n}.png" for s in ("probe", "probe_32", "photos") for n in ("tokens", "complexity")
     )
+    assert sorted(p.name for p in (page.parent / "results").iterdir()) == sorted(Path(p).name for p in linked)
     assert all((page.parent / p).is_file() and (page.parent / p).read_bytes()[:4] == b"\x89PNG" for p in linked)
-    assert text.count("python -m dymu_lightning recipe=quickstart") == 6
-    assert text.count("python -m dymu_lightning recipe=eval_encoder") == 3
+    assert text.count("python -m dymu_lightning recipe=quickstart") == 9
+    assert text.count("python -m dymu_lightning recipe=eval_encoder") == 4
+    assert text.count("data.global_batch_size=3") == 4  # the evaluations' batch; calibrations keep 4
     assert f"| mid | {probe['variants']['mid']['tokens']['mean']:.1f} ±" in text
 
-    # The page is a function of the recorded runs: rendering again, elsewhere, measures nothing new.
-    again = render(tmp_path / "work", tmp_path / "elsewhere" / "results.md")
-    assert again.read_text() == text and (tmp_path / "elsewhere/results/probe_tokens.png").is_file()
+    # The page is a function of the recorded runs: rendering again, elsewhere, measures nothing new,
+    # also from a work folder that moved.
+    (tmp_path / "work").rename(tmp_path / "moved")
+    again = render(tmp_path / "moved", tmp_path / "elsewhere" / "results.md")
+    assert again.read_text() == text and (tmp_path / "elsewhere/results/probe_32_tokens.png").is_file()
+
+
+def test_target_verdicts_say_when_the_target_is_inside_the_interval():
+    assert _verdict(0.62, 0.6, (0.41, 0.80)) == "yes (the target lies inside the 95% interval)"
+    assert _verdict(0.62, 0.6, (0.61, 0.70)) == "yes"
+    assert _verdict(0.42, 0.6, (0.25, 0.59)) == "**no**"
+    assert _verdict(0.986, 0.99, (0.979, 0.993)) == "**no** (the target lies inside the 95% interval)"
+    assert _verdict(0.5, 0.6, None) == "**no**"
+
+
+def test_an_invocation_replaces_the_studies_it_ran_and_keeps_the_others(tmp_path):
+    def invocation(command, studies, outputs):
+        steps = [Step(study, "eval_encoder", [], tmp_path / out) for study, out in outputs]
+        return Invocation(command, 1.0, "here", list(studies), steps)
+
+    _record(tmp_path, invocation("all", STUDIES, [("probe", "eval/probe_112/m.json"), ("photos", "eval/p/m.json")]))
+    _record(tmp_path, invocation("gpu", ["probe"], [("probe", "eval/probe_224/m.json")]))
+    record = json.loads((tmp_path / RECORD).read_text())["invocations"]
+    assert [(i["command"], i["studies"]) for i in record] == [("all", ["photos", "next_token"]), ("gpu", ["probe"])]
+    assert [t["output"] for t in record[0]["steps"]] == ["eval/p/m.json"]
+    # Running the others again leaves only the newest of each.
+    _record(tmp_path, invocation("cpu", ["photos", "next_token"], []))
+    record = json.loads((tmp_path / RECORD).read_text())["invocations"]
+    assert [i["command"] for i in record] == ["gpu", "cpu"]

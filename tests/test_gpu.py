@@ -12,13 +12,24 @@ counts where rounding could flip a decision would be luck rather than a property
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests_support import FAMILIES, PATCHES, generate, merging_policy, prompt_batch, recipe_file, run, tiny_llava
+from tests_support import (
+    FAMILIES,
+    PATCHES,
+    TINY_TIMM_ARCH,
+    generate,
+    merging_policy,
+    prompt_batch,
+    recipe_file,
+    run,
+    tiny_llava,
+)
 
 from dymu_lightning.backbones.hf_llava import apply_dymu, last_prefill
 from dymu_lightning.core import MergedTokens, MergePolicy
@@ -263,3 +274,33 @@ def test_lightning_calibration_on_one_gpu_equals_cpu(tmp_path, shards, monkeypat
     assert gpu.images_seen == cpu.images_seen == 10
     assert gpu.thresholds == pytest.approx(cpu.thresholds, abs=1e-5)
     assert gpu.tokens == cpu.tokens
+
+
+def test_eval_encoder_on_cuda_agrees_with_cpu(tmp_path, shards, monkeypatch):
+    """recipe=eval_encoder with device=cuda (the results page's GPU runs) against device=cpu: the same
+    images and full-model features, and DyMU counts within rounding of the CPU's. The thresholds come
+    from a calibration on the same images, so an edge can sit exactly on a threshold: counts may
+    differ by a merge where rounding decides, hence the half-token bound on the mean."""
+    from dymu_lightning.config import load_recipe
+    from dymu_lightning.eval.run import evaluate
+
+    monkeypatch.setattr("dymu_lightning.eval.run.write_plots", lambda *args, **kwargs: None)  # no matplotlib
+    monkeypatch.setattr("dymu_lightning.lit.run.write_report", lambda *args, **kwargs: None)
+    thresholds = tmp_path / "cal" / "out" / "thresholds.json"
+    run(recipe_file(tmp_path / "cal", shards))
+    model = ["model.backbone=timm_vit", "model.random_init=true"]
+    model += [f"model.arch.{key}={value}" for key, value in TINY_TIMM_ARCH.items()]
+    results = {}
+    for device in ("cpu", "cuda"):
+        recipe = load_recipe(
+            "eval_encoder",
+            [f"out_dir={tmp_path}/{device}", f"data.shards={shards}", f"variants.mid={thresholds}", *model]
+            + [f"device={device}", "data.global_batch_size=3", "complexity=false"],
+        )
+        results[device] = json.loads(evaluate(recipe).read_text())
+    cpu, cuda = results["cpu"]["variants"], results["cuda"]["variants"]
+    assert results["cuda"]["images"] == results["cpu"]["images"] == 10
+    assert cuda["full"]["tokens"] == cpu["full"]["tokens"]
+    assert abs(cuda["mid"]["tokens"]["mean"] - cpu["mid"]["tokens"]["mean"]) <= 0.5
+    assert cuda["mid"]["cosine_cls"]["mean"] == pytest.approx(cpu["mid"]["cosine_cls"]["mean"], abs=1e-3)
+    assert cuda["tome@mid"]["tokens"]["std"] == 0

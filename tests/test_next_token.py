@@ -59,7 +59,7 @@ def test_study_on_the_small_llava(tmp_path):
     assert len(metrics["per_image"]["DyMU-mid + VTU"]["kl"]) == 4
 
     section = _next_token_section(
-        Collected([], {}, {}, 0.0, "", {"command": "python -m dymu_lightning.eval.next_token", "metrics": metrics})
+        Collected([], {}, {}, {"command": "python -m dymu_lightning.eval.next_token", "metrics": metrics})
     )
     assert "## Next-token fidelity (small LLaVA)" in section
     assert f"| DyMU-mid + VTU | {dymu['visual_rows_mean']:.1f} | {dymu['kl_mean']:.4f}" in section

@@ -105,6 +105,9 @@ class EvalEncoderRecipe:
     # regex whose first group, matched on a sample key, names the image's scene (burst frames of one
     # view); adds Spearman over scene means. None: every image counts on its own only
     scene_pattern: str | None = None
+    # where the encoder runs: cpu | cuda | cuda:N (the metrics are computed on the CPU either way)
+    device: str = "cpu"
+    seed: int = 0  # seeds a random_init model before it is built (calibration seeds the same way)
 
 
 SCHEMAS: dict[str, type] = {"calibrate": CalibrationRecipe, "eval_encoder": EvalEncoderRecipe}

@@ -70,6 +70,7 @@ def check(recipe: Recipe) -> EvalEncoderRecipe:
     get_backbone(cfg.model.backbone)
     if cfg.scene_pattern is not None:
         _check_pattern(recipe, "scene_pattern", cfg.scene_pattern)
+    _check_device(recipe, cfg.device)
     if cfg.probe.feature not in FEATURES:
         raise ConfigError(f"{recipe.path}: probe.feature={cfg.probe.feature!r}; expected one of {FEATURES}")
     check_model_and_data(
@@ -84,6 +85,17 @@ def check(recipe: Recipe) -> EvalEncoderRecipe:
     return cfg
 
 
+def _check_device(recipe: Recipe, device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"{recipe.path}: device={device!r}; expected cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{recipe.path}: device={device!r}, but torch sees no CUDA device here")
+
+
 def _check_pattern(recipe: Recipe, key: str, pattern: str) -> None:
     try:
         groups = re.compile(pattern).groups
@@ -96,9 +108,12 @@ def _check_pattern(recipe: Recipe, key: str, pattern: str) -> None:
 def evaluate(recipe: Recipe) -> Path:
     """Run the recipe; returns the path of ``metrics.json`` in ``out_dir``."""
     cfg = check(recipe)
+    torch.manual_seed(cfg.seed)  # a random_init model is then the one calibration built with this seed
     backbone, model, transform = load_encoder(cfg.model)
+    device = torch.device(cfg.device)
+    model = model.to(device)
     dtype = DTYPES[cfg.model.dtype]
-    probe_pixels = transform(Image.new("RGB", (64, 64)))[None].to(dtype)
+    probe_pixels = transform(Image.new("RGB", (64, 64)))[None].to(device, dtype)
     image_size = int(probe_pixels.shape[-1])
     with torch.no_grad():
         full_tokens = backbone.embed(model, probe_pixels).shape[1]
@@ -189,7 +204,9 @@ def encode(
     dtype: torch.dtype,
     label: str = "",
 ) -> Encoded:
-    """Run one variant over every image of ``data``; prints one progress line when ``label`` is given."""
+    """Run one variant over every image of ``data`` on the model's device; the outputs are on the CPU.
+    Prints one progress line when ``label`` is given."""
+    device = next(model.parameters()).device
     lengths, index, features = [], [], {name: [] for name in FEATURES}
     start = time.perf_counter()
     with torch.inference_mode():
@@ -197,20 +214,23 @@ def encode(
             valid = batch["valid"].bool()
             if not valid.any():
                 continue
-            out = backbone.merged_forward(model, batch["pixels"][valid].to(dtype), policy, num_blocks=num_blocks)
-            lengths.append(out.lengths)
+            pixels = batch["pixels"][valid].to(device, dtype)
+            out = backbone.merged_forward(model, pixels, policy, num_blocks=num_blocks)
+            lengths.append(out.lengths.cpu())
             index.append(batch["index"][valid])
             for name, value in metrics.pooled_features(out.tokens, out.sizes, out.num_prefix).items():
-                features[name].append(value)
+                features[name].append(value.cpu())
     seconds = time.perf_counter() - start
     if not lengths:
         raise ValueError(f"no decodable image in the shards at {data.shards}")
     if label:
         print(f"  {label}: {sum(len(x) for x in lengths)} images in {seconds:.1f} s", flush=True)
+    # Rows in global sample order whatever the loader's interleaving, so variants align row by row.
+    order = torch.cat(index).argsort()
     return Encoded(
-        lengths=torch.cat(lengths),
-        features={name: torch.cat(values) for name, values in features.items() if values},
-        index=torch.cat(index),
+        lengths=torch.cat(lengths)[order],
+        features={name: torch.cat(values)[order] for name, values in features.items() if values},
+        index=torch.cat(index)[order],
         seconds=seconds,
     )
 
@@ -223,9 +243,10 @@ def _complexity_correlation(lengths: Tensor, complexity: Tensor, scenes: list[st
         "spearman_interval": metrics.spearman_interval(lengths, complexity),
     }
     if scenes is not None and len(set(scenes)) > 2:
-        entry["spearman_scenes"] = metrics.spearman(
-            metrics.group_means(lengths, scenes), metrics.group_means(complexity, scenes)
-        )
+        scene_lengths, scene_complexity = metrics.group_means(lengths, scenes), metrics.group_means(complexity, scenes)
+        entry["spearman_scenes"] = metrics.spearman(scene_lengths, scene_complexity)
+        # resampling scenes, not images: the scenes are the independent units here
+        entry["spearman_scenes_interval"] = metrics.spearman_interval(scene_lengths, scene_complexity)
     return entry
 
 
