@@ -1,8 +1,8 @@
 """DyMU in HF ``LlavaForConditionalGeneration``: DToMe in the vision tower, VTU in the language model.
 
-:func:`apply_dymu` sets two instance attributes on the model (``forward`` and the patch state), and
-:func:`remove_dymu` deletes them: nothing inside the model changes, so removing restores the stock
-model exactly. While applied:
+:func:`apply_dymu` sets three instance attributes on the model (``forward``, generate()'s
+``_expand_inputs_for_generation`` and the patch state), and :func:`remove_dymu` deletes them: nothing
+inside the model changes, so removing restores the stock model exactly. While applied:
 
 * a forward with ``pixel_values`` (the prefill of ``generate()``) runs the vision tower with DToMe up to
   LLaVA's feature layer, drops the CLS token as LLaVA's "default" strategy does, runs the projector on
@@ -35,6 +35,8 @@ from dymu_lightning.core.vtu import VirtualLayout
 from dymu_lightning.thresholds import ThresholdsFile
 
 STATE_ATTRIBUTE = "_dymu_llava"
+# generate()'s hook that copies each sample for beams and returned sequences (see its override below)
+EXPAND_ATTRIBUTE = "_expand_inputs_for_generation"
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ def apply_dymu(
     state = LlavaPatch(backbone, policy, num_blocks, strategy == "default", cache)
     object.__setattr__(model, STATE_ATTRIBUTE, state)
     object.__setattr__(model, "forward", types.MethodType(_dymu_forward, model))
+    object.__setattr__(model, EXPAND_ATTRIBUTE, types.MethodType(_expand_inputs_for_generation, model))
     return model
 
 
@@ -143,6 +146,7 @@ def remove_dymu(model: nn.Module) -> nn.Module:
     if not is_dymu(model):
         raise ValueError(f"DyMU is not applied to this {type(model).__name__}")
     object.__delattr__(model, "forward")
+    object.__delattr__(model, EXPAND_ATTRIBUTE)
     object.__delattr__(model, STATE_ATTRIBUTE)
     return model
 
@@ -265,6 +269,33 @@ def next_token_logits(
     ).last_hidden_state
     last = inputs.layout.expand[:, -1]  # the row of the prompt's last position
     return model.lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+
+
+def _expand_inputs_for_generation(
+    self: nn.Module, expand_size: int = 1, input_ids: Tensor | None = None, **model_kwargs: object
+) -> tuple[Tensor | None, dict[str, object]]:
+    """``generate()`` copies each sample ``expand_size`` times (beams, ``num_return_sequences``).
+
+    The stock LLaVA encodes the images first and copies each sample's group of image features. Our
+    forward takes ``pixel_values`` instead, which generate() would copy image by image: ``[A, B]``
+    for one sample would become ``[A, A, B, B]``, and its first copy would see image A twice. This
+    copies each sample's group of images whole (``[A, B, A, B]``), in the order of the copied
+    samples; everything else is copied as generate() does.
+    """
+    pixel_values = model_kwargs.pop("pixel_values", None)
+    input_ids, model_kwargs = type(self)._expand_inputs_for_generation(
+        self, expand_size=expand_size, input_ids=input_ids, **model_kwargs
+    )
+    if pixel_values is not None and expand_size > 1 and input_ids is not None:
+        placeholders = (input_ids[::expand_size] == self.config.image_token_id).sum(1)  # [B], one copy each
+        per_image = int(placeholders.sum()) // max(pixel_values.shape[0], 1)
+        images = (placeholders // max(per_image, 1)).tolist()  # images per sample
+        starts = [sum(images[:i]) for i in range(len(images))]
+        order = [s + i for s, n in zip(starts, images, strict=True) for _ in range(expand_size) for i in range(n)]
+        pixel_values = pixel_values[torch.tensor(order, dtype=torch.long, device=pixel_values.device)]
+    if pixel_values is not None:
+        model_kwargs["pixel_values"] = pixel_values
+    return input_ids, model_kwargs
 
 
 def _positions_kept(length: int, logits_to_keep: int | Tensor, device: torch.device) -> Tensor:

@@ -144,12 +144,42 @@ def test_removing_dymu_restores_the_stock_model_exactly():
         assert is_dymu(model)
         remove_dymu(model)
         after = model(**batch).logits
-    assert not is_dymu(model) and "forward" not in vars(model)
+    assert not is_dymu(model) and "forward" not in vars(model) and "_expand_inputs_for_generation" not in vars(model)
     assert torch.equal(after, before)
     assert not torch.allclose(merged, before)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="DyMU is not applied"):
         remove_dymu(model)
+
+
+@pytest.mark.parametrize("cache", ["compact", "expanded"])
+def test_beam_search_with_infinite_thresholds_equals_the_stock_model(cache):
+    """Beams copy each sample; sample 0 has two images, which must stay a pair in every copy."""
+    model = tiny_llava()
+    batch = prompt_batch()
+    with torch.no_grad():
+        stock = generate(model, batch, 4, num_beams=2, num_return_sequences=2)
+        apply_dymu(model, MergePolicy(thresholds=[math.inf] * 3), cache=cache)
+        ours = generate(model, batch, 4, num_beams=2, num_return_sequences=2)
+    assert ours.shape[0] == 4 and torch.equal(ours, stock)
+
+
+def test_beam_search_with_merging_is_independent_of_batch_mates():
+    model = tiny_llava()
+    batch = prompt_batch()
+    apply_dymu(model, merging_policy(model))
+    pad = int((batch["attention_mask"][1] == 0).sum())
+    alone = [
+        {"input_ids": batch["input_ids"][:1], "attention_mask": batch["attention_mask"][:1]},
+        {"input_ids": batch["input_ids"][1:, pad:], "attention_mask": batch["attention_mask"][1:, pad:]},
+    ]
+    alone[0]["pixel_values"], alone[1]["pixel_values"] = batch["pixel_values"][:2], batch["pixel_values"][2:]
+    with torch.no_grad():
+        together = generate(model, batch, 4, num_beams=2)
+        singles = [generate(model, sample, 4, num_beams=2) for sample in alone]
+    assert last_prefill(model)["visual_rows"].lt(PATCHES).all()  # the image merged something
+    for i, single in enumerate(singles):
+        assert torch.equal(together[i, -4:], single[0, -4:])
 
 
 def thresholds_file(**changes) -> ThresholdsFile:
