@@ -393,3 +393,23 @@ def test_an_invocation_replaces_the_studies_it_ran_and_keeps_the_others(tmp_path
     _record(tmp_path, invocation("cpu", ["photos", "next_token"], []))
     record = json.loads((tmp_path / RECORD).read_text())["invocations"]
     assert [i["command"] for i in record] == ["gpu", "cpu"]
+
+
+def test_the_results_command_line_names_its_non_default_flags(monkeypatch, tmp_path):
+    """The page shows the command that made each part: the flags that differ from the defaults."""
+    from dymu_lightning.eval import results
+
+    seen = {}
+
+    def fake_generate(setting, work, page, command):
+        seen.update(setting=setting, command=command)
+        return page
+
+    monkeypatch.setattr(results, "generate", fake_generate)
+    results.main(["--studies", "probe", "--accelerator", "cuda", "--eval-batch", "256", "--work", str(tmp_path)])
+    assert seen["command"] == ("python -m dymu_lightning results --studies probe --accelerator cuda --eval-batch 256")
+    setting = seen["setting"]
+    assert (setting.studies, setting.accelerator, setting.eval_batch_size) == (("probe",), "cuda", 256)
+    assert setting.batch_size == 16  # calibration batches keep the published size: they shape the thresholds
+    results.main(["--work", str(tmp_path)])
+    assert seen["command"] == "python -m dymu_lightning results" and seen["setting"].studies == STUDIES
