@@ -204,16 +204,21 @@ def _images(folder, count, seed, labelled=False):
     return folder
 
 
-def test_eval_recipe_rejects_a_thresholds_file_for_another_image_size(tmp_path):
-    images = _images(tmp_path / "images", 4, 0)
+def _tiny_calibration(tmp_path):
+    """Thresholds (r = 4) of the tiny model on 4 images, with their shards at ``tmp_path / "shards"``."""
     from dymu_lightning.lit.run import calibrate
 
+    images = _images(tmp_path / "images", 4, 0)
     calibration = load_recipe(
         "quickstart",
         [f"out_dir={tmp_path}/cal", f"data.images={images}", f"data.shards={tmp_path}/shards", *TINY_MODEL]
         + ["schedule.r=4", "data.global_batch_size=4", "trainer.progress_bar=false"],
     )
-    path = calibrate(calibration)
+    return calibrate(calibration)
+
+
+def test_eval_recipe_rejects_a_thresholds_file_for_another_image_size(tmp_path):
+    path = _tiny_calibration(tmp_path)
     recipe = load_recipe(
         "eval_encoder",
         [f"out_dir={tmp_path}/eval", f"data.shards={tmp_path}/shards", f"variants.mid={path}", *TINY_MODEL]
@@ -244,15 +249,7 @@ def test_the_eval_recipe_is_packaged_and_checks(tmp_path, capsys):
 
 def test_a_random_init_evaluation_is_seeded(tmp_path):
     """Two evaluations of a random_init model build the same weights (``seed``), so they agree."""
-    images = _images(tmp_path / "images", 4, 0)
-    from dymu_lightning.lit.run import calibrate
-
-    calibration = load_recipe(
-        "quickstart",
-        [f"out_dir={tmp_path}/cal", f"data.images={images}", f"data.shards={tmp_path}/shards", *TINY_MODEL]
-        + ["schedule.r=4", "data.global_batch_size=4", "trainer.progress_bar=false"],
-    )
-    path = calibrate(calibration)
+    path = _tiny_calibration(tmp_path)
     runs = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         recipe = load_recipe(
