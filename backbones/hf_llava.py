@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import types
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -290,8 +291,8 @@ def _expand_inputs_for_generation(
         placeholders = (input_ids[::expand_size] == self.config.image_token_id).sum(1)  # [B], one copy each
         per_image = int(placeholders.sum()) // max(pixel_values.shape[0], 1)
         images = (placeholders // max(per_image, 1)).tolist()  # images per sample
-        starts = [sum(images[:i]) for i in range(len(images))]
-        order = [s + i for s, n in zip(starts, images, strict=True) for _ in range(expand_size) for i in range(n)]
+        starts = accumulate(images, initial=0)  # each sample's first image
+        order = [s + i for s, n in zip(starts, images, strict=False) for _ in range(expand_size) for i in range(n)]
         pixel_values = pixel_values[torch.tensor(order, dtype=torch.long, device=pixel_values.device)]
     if pixel_values is not None:
         model_kwargs["pixel_values"] = pixel_values

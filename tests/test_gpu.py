@@ -33,6 +33,7 @@ from tests_support import (
 
 from dymu_lightning.backbones.hf_llava import apply_dymu, last_prefill
 from dymu_lightning.core import MergedTokens, MergePolicy
+from dymu_lightning.eval.results import ieee_float32
 from dymu_lightning.thresholds import batch_thresholds
 
 pytestmark = [
@@ -43,13 +44,10 @@ CUDA = torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)
-def ieee_float32():
+def without_tf32():
     """Float32 matmuls and convolutions without TF32 for the duration of a test."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with ieee_float32():
+        yield
 
 
 def on_cuda(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -30,7 +30,8 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ class Step:
     recipe: str
     overrides: list[str]
     output: Path
-    shown: str = ""  # the command as the page shows it (the cache folder written as $DYMU_CACHE)
+    shown: str = ""  # the command as the page shows it (the cache folder as $DYMU_CACHE); set when recorded
 
     def command(self) -> str:
         return " ".join(["python -m dymu_lightning", f"recipe={self.recipe}", *map(shlex.quote, self.overrides)])
@@ -146,7 +147,7 @@ def generate(setting: Setting, work: Path, page: Path, command: str = "python -m
         steps.append(Step(study, recipe, overrides, output))
         return output
 
-    with _ieee_float32():
+    with ieee_float32():
         if "probe" in setting.studies:
             for size, tokens_left in setting.probe_sizes.items():
                 _probe_study(setting, work, run, size, tokens_left)
@@ -254,20 +255,18 @@ def _photos_study(setting: Setting, work: Path, run: Callable[..., Path]) -> Non
         )
 
 
-class _ieee_float32:
+@contextmanager
+def ieee_float32() -> Iterator[None]:
     """Float32 without TF32 on CUDA for the duration (PyTorch lets cuDNN convolutions, the patch
     embeddings, use TF32 by default: about 1e-3 off, where the CPU computes in float32)."""
+    import torch
 
-    def __enter__(self) -> None:
-        import torch
-
-        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _machine(accelerator: str) -> str:
@@ -694,7 +693,7 @@ other jobs, so they are not comparable between variants; encoder speed is measur
 def _commands_section(c: Collected) -> str:
     blocks = []
     for i in c.invocations:
-        commands = [t.shown or _display(t.command()) for t in i.steps]
+        commands = [t.shown for t in i.steps]
         if i.next_token is not None:
             commands.append(i.next_token["command"])
         lines = "\n".join(commands)
