@@ -9,7 +9,7 @@ ASSETS := $(CACHE)/dinov2-vits14/config.json
 # The small real LLaVA (DINOv2-S + projector + SmolLM2-135M) the inference tests and docs run.
 LLAVA  := $(CACHE)/llava-dinov2s-smollm2/config.json
 
-.PHONY: venv assets run test test-fast lint format bench clean
+.PHONY: venv assets run test test-fast lint docs format bench clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,10 +31,11 @@ assets: $(ASSETS) $(LLAVA)
 run: $(ASSETS)
 	$(BIN)/python -m dymu_lightning recipe=quickstart
 
-## The whole suite: lint, then every test (slow and distributed included).
+## The whole suite: lint, the docs site, then every test (slow and distributed included).
 test: $(ASSETS) $(LLAVA)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m mkdocs build --strict -d site
 	$(BIN)/python -m pytest
 
 ## Everything but the slow and distributed tests.
@@ -45,6 +46,10 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+## The docs site (mkdocs.yml) into site/; a broken link, anchor or API reference fails it.
+docs: venv
+	$(BIN)/python -m mkdocs build --strict -d site
+
 format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
@@ -53,4 +58,4 @@ bench: venv
 	$(BIN)/python benchmarks/encoder_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site build/api_src
