@@ -44,7 +44,6 @@ MARKER_BODY = re.compile(
 # A command of ours: `-m dymu_lightning` (python, .venv/bin/python, torchrun) or the `dymu` script.
 OURS = re.compile(r"(?:^|\s)-m\s+dymu_lightning\b|(?:^|[\s;&|(])dymu(?:\s|$)")
 PRINTS = re.compile(r"#\s*prints:\s*(?P<text>.+?)\s*$")
-SUBCOMMANDS = {"ls", "show", "check", "shards", "demo", "results", "help"}
 
 
 @dataclass
@@ -191,7 +190,7 @@ def expected(command: Command, cwd: Path) -> tuple[list[Path], list[str]]:
         return [cwd / out / "metrics.json"], texts
     if module != "dymu_lightning":
         return [], texts
-    sub = args[0] if args and args[0] in SUBCOMMANDS else "run"
+    sub = args[0] if args and "=" not in args[0] else "run"  # `recipe=... key=value`: run the recipe
     if sub == "ls":
         return [], [*texts, "recipes:", "backbones:"]
     if sub == "show":
