@@ -15,8 +15,9 @@ command fails, and so does an unmarked command that does not run. A block that s
 script file, not commands to type, and is not collected.
 
 Besides exit status 0, a command must leave what the docs say: a run its `thresholds.json` (or the
-eval's `metrics.json`) in its `out_dir`, `shards` its `index.json`, `ls`/`show`/`check` their
-listing, resolved config or `PATH: ok`, and any text after `# prints:` in its comment.
+eval's `metrics.json`) in its `out_dir`, `shards` its `index.json`, `dymu_lightning.assets` the weights
+and photos in `DYMU_CACHE`, `ls`/`show`/`check` their listing, resolved config or `PATH: ok`, and
+any text after `# prints:` in its comment.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def command_params() -> list:
             kind = command.marker.kind if command.marker else None
             marks = {
                 "slow": [pytest.mark.slow],
-                "skip": [pytest.mark.skip(reason=f"{command.id}: {command.marker.reason}" if command.marker else "")],
+                "skip": [pytest.mark.skip(reason=f"docs-test: {command.marker.reason}" if command.marker else "")],
             }.get(kind, [])
             params.append(pytest.param(command, id=command.id, marks=marks))
     return params
@@ -188,6 +189,8 @@ def expected(command: Command, cwd: Path) -> tuple[list[Path], list[str]]:
         out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), "runs/next_token")
         out = args[args.index("--out") + 1] if "--out" in args else out
         return [cwd / out / "metrics.json"], texts
+    if module == "dymu_lightning.assets":  # docs/assets.md: what lands in $DYMU_CACHE
+        return [CACHE / "dinov2-vits14" / "config.json", CACHE / "images" / "skimage" / "astronaut.png"], texts
     if module != "dymu_lightning":
         return [], texts
     sub = args[0] if args and "=" not in args[0] else "run"  # `recipe=... key=value`: run the recipe
