@@ -224,7 +224,11 @@ def test_eval_recipe_rejects_a_thresholds_file_for_another_image_size(tmp_path):
         [f"out_dir={tmp_path}/eval", f"data.shards={tmp_path}/shards", f"variants.mid={path}", *TINY_MODEL]
         + ["model.image_size=48"],
     )
-    with pytest.raises(ValueError, match="calibrated at 64 px but this evaluation feeds 48 px"):
+    with pytest.raises(
+        ValueError,
+        match=r"variants.mid \(.*\): calibrated at 64 px, but this run feeds 48 px images; "
+        r"set model.image_size=64 or recalibrate",
+    ):
         evaluate(recipe)
     with pytest.raises(ValueError, match="'full' and 'tome@...' are reserved"):
         check(load_recipe("eval_encoder", [f"out_dir={tmp_path}/e", f"variants.full={path}", *TINY_MODEL]))

@@ -25,10 +25,10 @@ def test_study_on_the_small_llava(tmp_path):
     from PIL import Image
     from transformers import AutoProcessor
 
-    from dymu_lightning import assets
+    from dymu_lightning.assets import fetch as assets
+    from dymu_lightning.assets.paths import small_llava_dir, small_llava_tower_dir
     from dymu_lightning.backbones import get_backbone
-    from dymu_lightning.small_llava import small_llava_dir, small_llava_tower_dir
-    from dymu_lightning.thresholds import ThresholdsFile, batch_thresholds
+    from dymu_lightning.backbones.thresholds import ThresholdsFile, batch_thresholds
 
     photos = assets.sample_images()
     folder = tmp_path / "photos"

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.cli import main
 from dymu_lightning.config import ConfigError, load_recipe, packaged_recipes
 from dymu_lightning.lit.run import calibrate, check
-from dymu_lightning.thresholds import ThresholdsFile
 
 # The calibration recipes; the evaluation recipe is checked in tests/test_eval.py.
 RECIPES = sorted(name for name, path in packaged_recipes().items() if "task: eval_encoder" not in path.read_text())

@@ -11,15 +11,13 @@ thresholds file (low / mid / high), three variants at the same token count:
 - **ToMe + VTU**: ToMe's fixed r per layer, chosen so that its token count equals DyMU's mean on these
   images (:func:`~dymu_lightning.core.schedule.matched_fixed_r`).
 
-    python -m dymu_lightning.eval.next_token low=runs/l/thresholds.json mid=runs/m/thresholds.json \\
+    python -m dymu_lightning next_token low=runs/l/thresholds.json mid=runs/m/thresholds.json \\
         --images assets:mvtb --max-images 24 --out runs/results/next_token
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,9 +37,12 @@ from dymu_lightning.backbones.hf_llava import (
     next_token_logits,
     remove_dymu,
 )
+from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import matched_fixed_r
-from dymu_lightning.thresholds import ThresholdsFile
+from dymu_lightning.data.shards import image_files
+from dymu_lightning.data.source import resolve_images
+from dymu_lightning.files import write_text_atomic
 
 PROMPT = "<image>\nDescribe this picture in one sentence."
 
@@ -142,15 +143,13 @@ def study(
     """The whole study on the small real LLaVA; returns what ``metrics.json`` holds."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from dymu_lightning.lit.datamodule import resolve_images
-    from dymu_lightning.small_llava import small_llava_dir
+    from dymu_lightning.assets.paths import small_llava_dir
 
     started = time.perf_counter()
     processor = AutoProcessor.from_pretrained(small_llava_dir())
     processor.tokenizer.padding_side = "left"
     model = LlavaForConditionalGeneration.from_pretrained(small_llava_dir()).eval()
-    suffixes = (".png", ".jpg", ".jpeg")
-    paths = sorted(p for p in Path(resolve_images(images)).iterdir() if p.suffix.lower() in suffixes)[:max_images]
+    paths = image_files(resolve_images(images))[:max_images]
     pictures = [Image.open(p).convert("RGB") for p in paths]
     files = {name: ThresholdsFile.load(path) for name, path in thresholds.items()}
     variants = matched_variants(model, processor, pictures, files)
@@ -167,34 +166,20 @@ def study(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dymu_lightning.eval.next_token",
-        description="Next-token KL of the small real LLaVA under DyMU (with and without VTU) and ToMe.",
-    )
-    parser.add_argument("thresholds", nargs="+", help="NAME=path/to/thresholds.json, one per DyMU variant")
-    parser.add_argument("--images", default="assets:mvtb", help="image folder, or assets:skimage / assets:mvtb")
-    parser.add_argument("--max-images", type=int, default=24)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=Path("runs/next_token"), help="folder for metrics.json")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+def run_command(thresholds: list[str], images: str, max_images: int, batch_size: int, out: Path) -> int:
+    """The ``next_token`` command: run the study, write ``out/metrics.json``, print a line per variant."""
     named = {}
-    for item in args.thresholds:
+    for item in thresholds:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            parser.error(f"expected NAME=path/to/thresholds.json, got {item!r}")
+            raise ValueError(f"expected NAME=path/to/thresholds.json, got {item!r}")
         named[name] = path
-    metrics = study(named, args.images, args.max_images, args.batch_size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics = study(named, images, max_images, batch_size)
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     for name, entry in metrics["variants"].items():
         print(
             f"{name}: {entry['visual_rows_mean']:.1f} visual rows, KL {entry['kl_mean']:.4f} ± {entry['kl_std']:.4f}, "
             f"top-1 agreement {entry['top1_agreement']:.0%}"
         )
-    print(f"wrote {args.out / 'metrics.json'}")
+    print(f"wrote {out / 'metrics.json'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

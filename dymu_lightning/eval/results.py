@@ -359,7 +359,7 @@ def render(work: Path, page: Path) -> Path:
 
 def _next_token_study(setting: Setting, work: Path, run: Callable[..., Path]) -> dict[str, Any]:
     """Calibrate the small LLaVA's tower (DyMU low / mid / high), then run the next-token study."""
-    from dymu_lightning.eval.next_token import main as next_token_main
+    from dymu_lightning.eval.next_token import run_command as next_token
 
     named = []
     for variant in VARIANTS:
@@ -377,8 +377,8 @@ def _next_token_study(setting: Setting, work: Path, run: Callable[..., Path]) ->
         named.append(f"{variant}={path}")
     out = work / "next_token"
     arguments = [*named, f"--images={setting.next_token_source}", f"--max-images={setting.next_token_images}"]
-    next_token_main([*arguments, f"--out={out}"])
-    command = " ".join(["python -m dymu_lightning.eval.next_token", *arguments, f"--out={out}"])
+    next_token(named, setting.next_token_source, setting.next_token_images, batch_size=4, out=out)
+    command = " ".join(["python -m dymu_lightning next_token", *arguments, f"--out={out}"])
     return {"command": command, "output": out / "metrics.json"}
 
 
@@ -387,7 +387,7 @@ def _probe_folders(setting: Setting) -> tuple[str, str, str]:
     index in the data set (a folder of its own: shards sort files by name, which leads with the label)."""
     if setting.probe_train is not None and setting.probe_test is not None:
         return setting.probe_train, setting.probe_test, setting.probe_train
-    from dymu_lightning import assets
+    from dymu_lightning.assets import fetch as assets
 
     return (
         str(assets.fashion_mnist_images("train", setting.probe_train_images)),
@@ -783,7 +783,7 @@ def _cpu_model() -> str:
 
 def _display(command: str) -> str:
     """A command line with the cache folder written as ``$DYMU_CACHE``, so it reads the same anywhere."""
-    from dymu_lightning import assets
+    from dymu_lightning.assets import fetch as assets
 
     return command.replace(str(assets.cache_dir()), "$DYMU_CACHE")
 

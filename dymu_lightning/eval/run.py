@@ -31,16 +31,19 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from dymu_lightning.backbones import Backbone, get_backbone
+from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.config.recipes import ConfigError, Recipe
 from dymu_lightning.config.schema import EvalEncoderRecipe
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
+from dymu_lightning.data import GlobalBatchShards, read_index
+from dymu_lightning.data.source import prepare_shards
 from dymu_lightning.eval import metrics
-from dymu_lightning.lit.datamodule import ShardsDataModule
-from dymu_lightning.lit.run import DTYPES, check_model_and_data, load_encoder
-from dymu_lightning.thresholds import ThresholdsFile
+from dymu_lightning.loading import DTYPES, check_model_and_data, load_encoder
+from dymu_lightning.plots import draw_token_histogram, pyplot
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,21 @@ class Encoded:
     features: dict[str, Tensor]
     index: Tensor
     seconds: float
+
+
+@dataclass(frozen=True)
+class Images:
+    """The images one pass reads: the dataset (keys, decoded images) and how many loader workers."""
+
+    dataset: GlobalBatchShards
+    num_workers: int
+
+    @property
+    def shards(self) -> Path:
+        return self.dataset.index.root
+
+    def batches(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
 
 
 def check(recipe: Recipe) -> EvalEncoderRecipe:
@@ -198,7 +216,7 @@ def evaluate(recipe: Recipe) -> Path:
 def encode(
     backbone: Backbone,
     model: torch.nn.Module,
-    data: ShardsDataModule,
+    data: Images,
     policy: MergePolicy,
     num_blocks: int | None,
     dtype: torch.dtype,
@@ -210,7 +228,7 @@ def encode(
     lengths, index, features = [], [], {name: [] for name in FEATURES}
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch in data.val_dataloader():
+        for batch in data.batches():
             valid = batch["valid"].bool()
             if not valid.any():
                 continue
@@ -333,23 +351,17 @@ def _probe(
     }
 
 
-def _shards(
-    shards: str, images: str | None, cfg: EvalEncoderRecipe, transform: Any, max_images: int | None
-) -> ShardsDataModule:
+def _shards(shards: str, images: str | None, cfg: EvalEncoderRecipe, transform: Any, max_images: int | None) -> Images:
     """A single-process view of a shard folder (written from ``images`` on first use)."""
-    data = ShardsDataModule(
-        shards,
-        images,
-        cfg.data.global_batch_size,
-        transform,
-        max_images=max_images,
-        num_workers=cfg.data.num_workers,
+    folder = prepare_shards(shards, images, cfg.data.shard_size)
+    dataset = GlobalBatchShards(
+        read_index(folder),
+        global_batch_size=cfg.data.global_batch_size,
+        transform=transform,
         strict=cfg.data.strict,
-        shard_size=cfg.data.shard_size,
+        max_samples=max_images,
     )
-    data.prepare_data()
-    data.val_dataloader()  # builds data.dataset, whose keys and images the metrics read
-    return data
+    return Images(dataset, cfg.data.num_workers)
 
 
 def _load_thresholds(
@@ -357,19 +369,9 @@ def _load_thresholds(
 ) -> ThresholdsFile:
     thresholds = ThresholdsFile.load(Path(path).expanduser())
     try:
-        thresholds.check_matches(backbone, model)
+        thresholds.check_fits(backbone, model, image_size, cfg.model.num_blocks)
     except ValueError as error:
         raise ValueError(f"variants.{name} ({path}): {error}") from None
-    if thresholds.image_size != image_size:
-        raise ValueError(
-            f"variants.{name} ({path}) was calibrated at {thresholds.image_size} px but this evaluation feeds "
-            f"{image_size} px images; set model.image_size={thresholds.image_size} or recalibrate"
-        )
-    if thresholds.num_blocks != cfg.model.num_blocks:
-        raise ValueError(
-            f"variants.{name} ({path}) was calibrated with num_blocks={thresholds.num_blocks}, "
-            f"but model.num_blocks={cfg.model.num_blocks}"
-        )
     return thresholds
 
 
@@ -394,13 +396,7 @@ def write_plots(
 ) -> list[Path]:
     """``tokens.png`` (a token histogram per DyMU variant) and ``complexity.png`` (tokens against JPEG
     bytes per pixel, one colour per DyMU variant); returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    from dymu_lightning.lit.report import draw_token_histogram
-
+    plt = pyplot()
     written = []
     # Full and ToMe keep one count for every image: a single bar each, which the tables already say.
     dymu = [name for name in runs if result["variants"][name]["kind"] == "dymu"]
