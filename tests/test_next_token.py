@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dymu_lightning.eval.next_token import kl_from_reference, study
-from dymu_lightning.eval.results import Collected, _next_token_section
+from dymu_lightning.eval.page import Collected, NextTokenStudy, _next_token_section
+from dymu_lightning.eval.schema import NextTokenMetrics
 
 
 def test_kl_matches_hand_computed_values():
@@ -58,9 +59,8 @@ def test_study_on_the_small_llava(tmp_path):
     assert all(e["kl_mean"] > 0 and 0 <= e["top1_agreement"] <= 1 for e in variants.values())
     assert len(metrics["per_image"]["DyMU-mid + VTU"]["kl"]) == 4
 
-    section = _next_token_section(
-        Collected([], {}, {}, {"command": "python -m dymu_lightning.eval.next_token", "metrics": metrics})
-    )
+    recorded = NextTokenStudy("python -m dymu_lightning.eval.next_token", NextTokenMetrics.from_json(metrics))
+    section = _next_token_section(Collected([], {}, {}, recorded))
     assert "## Next-token fidelity (small LLaVA)" in section
     assert f"| DyMU-mid + VTU | {dymu['visual_rows_mean']:.1f} | {dymu['kl_mean']:.4f}" in section
     assert Path(path).is_file()
