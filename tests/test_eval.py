@@ -21,7 +21,16 @@ from dymu_lightning.config import load_recipe
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
 from dymu_lightning.eval import metrics, results, studies
-from dymu_lightning.eval.page import VARIANTS, collect, copy_plots, markdown, not_behind_tome, render, verdict
+from dymu_lightning.eval.page import (
+    VARIANTS,
+    collect,
+    copy_plots,
+    markdown,
+    not_behind_tome,
+    render,
+    verdict,
+    within_series,
+)
 from dymu_lightning.eval.run import check, evaluate, labels_from_keys
 from dymu_lightning.eval.schema import (
     RECORD,
@@ -430,6 +439,61 @@ def test_the_tome_verdict_flips_with_the_accuracies():
     assert not_behind_tome(behind, "knn") == "**no** (mid: behind by less than the noise, the 95% interval includes 0)"
     clearly = [("low", scores(0.70, high=-0.05), tome), ("mid", scores(0.79, high=0.01), tome)]
     assert not_behind_tome(clearly, "knn") == "**no**"
+
+
+def test_the_within_series_sentence_counts_the_weak_series():
+    weak = within_series({"campus_P": 0.61, "calibration_left": -0.01, "flowers": 0.17})
+    assert weak.startswith("Within 2 of these 3 series the token counts follow complexity weakly or not at all")
+    assert "`campus_P` 0.61, `calibration_left` -0.01, `flowers` 0.17), yet" in weak
+    strong = within_series({"campus_P": 0.61, "calibration_left": 0.45})
+    assert strong.startswith("Within each of these 2 series the token counts follow complexity (Spearman 0.4 or more")
+    assert within_series({}).startswith("None of the largest series has three images or more whose counts vary")
+
+
+def test_the_pages_sentences_flip_when_the_numbers_do():
+    """The recorded photos have no series of three; given within-series correlations, the page says
+    what they show, and a verdict follows its number across the target."""
+    c = collect(WORK)
+    assert "None of the largest series" in markdown(c)
+    c.studies["photos"].scenes.within["mid"] = {"a-shot": 0.1, "b-shot": 0.9}
+    assert "Within 1 of these 2 series the token counts follow complexity weakly" in markdown(c)
+    c.studies["photos"].scenes.within["mid"] = {"a-shot": 0.5, "b-shot": 0.9}
+    assert "Within each of these 2 series the token counts follow complexity (" in markdown(c)
+    mid = c.studies["photos"].variants["mid"]
+    row = "| Spearman(tokens, complexity) ≥ 0.6 on natural photos (DyMU-mid, 10 held-out photos) | "
+    assert f"{row}0.679 [0.05, 0.89] | yes (the target lies inside the 95% interval) |" in markdown(c)
+    mid.spearman_tokens_complexity, mid.spearman_interval = 0.5, (0.1, 0.59)
+    assert f"{row}0.500 [0.10, 0.59] | **no** |" in markdown(c)
+
+
+def test_the_published_pages_conclusions_follow_from_its_numbers():
+    """docs/results.md was rendered from a work folder that is not here; its verdicts and its
+    within-series sentence are the ones the renderer draws from the numbers printed on it."""
+    text = (Path(__file__).parents[1] / "docs" / "results.md").read_text()
+    within = re.search(r"within each: ([^)]*)\)", text).group(1)
+    shown = {name: float(rho) for name, rho in re.findall(r"`([^`]+)` (-?[\d.]+)", within)}
+    assert within_series(shown) in text
+    checked = 0
+    for measured, met in _table(text, "## Targets").values():
+        tome = re.findall(r"(\w+): ([\d.]+) vs ([\d.]+), [+-][\d.]+ \[([+-][\d.]+), ([+-][\d.]+)\] pts", measured)
+        share = re.fullmatch(r"([\d.]+)% \[([\d.]+)%, ([\d.]+)%\].*", measured)
+        rho = re.fullmatch(r"(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]", measured)
+        if tome:  # DyMU against ToMe at each count: accuracies, and the paired interval in points
+            pairs = []
+            for v, a, b, low, high in tome:
+                interval = {"knn": PairedDifference(0, float(low), float(high), 0, 0, 0)}
+                pairs.append((v, ProbeScores(float(a), float(a), vs_tome=interval), ProbeScores(float(b), float(b))))
+            assert met == not_behind_tome(pairs, "knn"), measured
+        elif share:
+            value, low, high = (float(x) / 100 for x in share.groups())
+            assert met == verdict(value, 0.99, (low, high)), measured
+        elif rho:
+            value, low, high = (float(x) for x in rho.groups())
+            assert met == verdict(value, 0.6, (low, high)), measured
+        else:
+            continue
+        checked += 1
+    assert checked == 10  # per side: two shares of the full model, two comparisons with ToMe; two correlations
 
 
 def test_an_invocation_replaces_the_studies_it_ran_and_keeps_the_others(tmp_path):
