@@ -108,6 +108,14 @@ class Step:
 
 
 @dataclass
+class NextTokenRun:
+    """The next-token study's command line and the metrics.json it wrote."""
+
+    command: str
+    output: Path
+
+
+@dataclass
 class Invocation:
     """One run of the results command: what it ran, where, and for how long."""
 
@@ -117,14 +125,6 @@ class Invocation:
     studies: list[str]
     steps: list[Step]
     next_token: NextTokenRun | None = None  # when the study ran
-
-
-@dataclass
-class NextTokenRun:
-    """The next-token study's command line and the metrics.json it wrote."""
-
-    command: str
-    output: Path
 
 
 def generate(setting: Setting, work: Path, page: Path, command: str = "python -m dymu_lightning results") -> Path:
