@@ -17,7 +17,6 @@ thresholds file (low / mid / high), three variants at the same token count:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import matched_fixed_r
 from dymu_lightning.data.shards import image_files
 from dymu_lightning.data.source import resolve_images
-from dymu_lightning.files import write_text_atomic
+from dymu_lightning.eval.schema import NextTokenMetrics, NextTokenVariant
 
 PROMPT = "<image>\nDescribe this picture in one sentence."
 
@@ -122,24 +121,24 @@ def matched_variants(
     return variants
 
 
-def summarise(found: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation of the KL, top-1 agreement and mean visual rows, per variant."""
+def summarise(found: dict[str, dict[str, list[float]]]) -> dict[str, NextTokenVariant]:
+    """Mean, standard deviation and median of the KL, top-1 agreement and mean visual rows, per variant."""
     summary = {}
     for name, entry in found.items():
         kl = torch.tensor(entry["kl"], dtype=torch.float64)
-        summary[name] = {
-            "kl_mean": float(kl.mean()),
-            "kl_std": float(kl.std()) if kl.numel() > 1 else 0.0,
-            "kl_median": float(kl.median()),
-            "top1_agreement": float(torch.tensor(entry["top1"]).mean()),
-            "visual_rows_mean": float(torch.tensor(entry["visual_rows"]).mean()),
-        }
+        summary[name] = NextTokenVariant(
+            kl_mean=float(kl.mean()),
+            kl_std=float(kl.std()) if kl.numel() > 1 else 0.0,
+            kl_median=float(kl.median()),
+            top1_agreement=float(torch.tensor(entry["top1"]).mean()),
+            visual_rows_mean=float(torch.tensor(entry["visual_rows"]).mean()),
+        )
     return summary
 
 
 def study(
     thresholds: dict[str, str | Path], images: str = "assets:mvtb", max_images: int = 24, batch_size: int = 4
-) -> dict[str, Any]:
+) -> NextTokenMetrics:
     """The whole study on the small real LLaVA; returns what ``metrics.json`` holds."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -154,16 +153,16 @@ def study(
     files = {name: ThresholdsFile.load(path) for name, path in thresholds.items()}
     variants = matched_variants(model, processor, pictures, files)
     found = measure(model, processor, pictures, variants, batch_size)
-    return {
-        "images": len(pictures),
-        "image_source": images,
-        "prompt": PROMPT,
-        "thresholds": {name: str(path) for name, path in thresholds.items()},
-        "tome_r": {v.name: v.policy.r for v in variants if v.policy.mode == "fixed_r"},
-        "variants": summarise(found),
-        "per_image": {"names": [p.name for p in paths], **found},
-        "seconds": time.perf_counter() - started,
-    }
+    return NextTokenMetrics(
+        images=len(pictures),
+        image_source=images,
+        prompt=PROMPT,
+        thresholds={name: str(path) for name, path in thresholds.items()},
+        tome_r={v.name: v.policy.r for v in variants if v.policy.mode == "fixed_r"},
+        variants=summarise(found),
+        per_image={"names": [p.name for p in paths], **found},
+        seconds=time.perf_counter() - started,
+    )
 
 
 def run_command(thresholds: list[str], images: str, max_images: int, batch_size: int, out: Path) -> int:
@@ -175,11 +174,11 @@ def run_command(thresholds: list[str], images: str, max_images: int, batch_size:
             raise ValueError(f"expected NAME=path/to/thresholds.json, got {item!r}")
         named[name] = path
     metrics = study(named, images, max_images, batch_size)
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    for name, entry in metrics["variants"].items():
+    metrics.save(out / "metrics.json")
+    for name, entry in metrics.variants.items():
         print(
-            f"{name}: {entry['visual_rows_mean']:.1f} visual rows, KL {entry['kl_mean']:.4f} ± {entry['kl_std']:.4f}, "
-            f"top-1 agreement {entry['top1_agreement']:.0%}"
+            f"{name}: {entry.visual_rows_mean:.1f} visual rows, KL {entry.kl_mean:.4f} ± {entry.kl_std:.4f}, "
+            f"top-1 agreement {entry.top1_agreement:.0%}"
         )
     print(f"wrote {out / 'metrics.json'}")
     return 0
