@@ -48,7 +48,6 @@ class Command:
     target: str
     options: tuple[Option, ...] = ()
     example: str = ""
-    passthrough: bool = False  # the target parses its own arguments: called with ``argv`` (a list)
 
 
 def _recipe_options() -> tuple[Option, ...]:
@@ -88,7 +87,19 @@ COMMANDS: tuple[Command, ...] = (
         Option(("--images",), "a folder of images (default: the bundled photos)", {"type": Path, "default": None}),
     ), "dymu demo --r 12"),
     Command("results", "calibrate and evaluate DyMU on real DINOv2-S; write docs/results.md",
-            "dymu_lightning.eval.results:main", example="dymu results --studies probe", passthrough=True),
+            "dymu_lightning.eval.studies:run_command", (
+        Option(("--page",), "the page to write", {"type": Path, "default": Path("docs/results.md")}),
+        Option(("--work",), "calibration and eval outputs", {"type": Path, "default": Path("runs/results")}),
+        Option(("--studies",), "run these of probe, photos, next_token; the others stay as recorded in --work",
+               {"nargs": "+"}),
+        Option(("--train",), "Fashion-MNIST training images (default: the published setting)", {"type": int}),
+        Option(("--test",), "Fashion-MNIST test images (default: the published setting)", {"type": int}),
+        Option(("--next-token-images",), "photos for the small LLaVA's next-token study (0 skips it)", {"type": int}),
+        Option(("--accelerator",), "where the studies run (default cpu)", {"choices": ("cpu", "cuda")}),
+        Option(("--eval-batch",), "images per evaluation forward pass", {"type": int}),
+        Option(("--workers",), "evaluation data-loader workers", {"type": int}),
+        Option(("--render-only",), "rewrite the page from --work, measuring nothing", {"action": "store_true"}),
+    ), "dymu results --studies probe --accelerator cuda"),
     Command("next_token", "next-token fidelity of the small LLaVA under DyMU and ToMe",
             "dymu_lightning.eval.next_token:run_command", (
         Option(("thresholds",), "NAME=path/to/thresholds.json, one per DyMU variant", {"nargs": "+"}),
@@ -130,8 +141,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnknownCommand as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if command.passthrough:
-        return _call(command, {"argv": arguments})
     options = vars(_parser(command).parse_args(arguments))
     return _call(command, options)
 

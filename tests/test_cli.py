@@ -21,7 +21,7 @@ def test_every_target_imports_and_takes_its_options(command):
 
     function = cli._load(command.target)
     parameters = inspect.signature(function).parameters
-    expected = {"argv"} if command.passthrough else {o.flags[-1].lstrip("-").replace("-", "_") for o in command.options}
+    expected = {o.flags[-1].lstrip("-").replace("-", "_") for o in command.options}
     assert expected <= set(parameters), f"{command.target} lacks {expected - set(parameters)}"
 
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from dymu_lightning.cli import main as cli_main
 from dymu_lightning.config import load_recipe
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
-from dymu_lightning.eval import metrics, results, studies
+from dymu_lightning.eval import metrics, studies
 from dymu_lightning.eval.page import (
     VARIANTS,
     collect,
@@ -528,12 +529,17 @@ def test_the_results_command_line_names_its_non_default_flags(monkeypatch, tmp_p
         return page
 
     monkeypatch.setattr(studies, "generate", fake_generate)
-    results.main(["--studies", "probe", "--accelerator", "cuda", "--eval-batch", "256", "--work", str(tmp_path)])
+    assert (
+        cli_main(
+            ["results", "--studies", "probe", "--accelerator", "cuda", "--eval-batch", "256", "--work", str(tmp_path)]
+        )
+        == 0
+    )
     assert seen["command"] == ("python -m dymu_lightning results --studies probe --accelerator cuda --eval-batch 256")
     setting = seen["setting"]
     assert (setting.studies, setting.accelerator, setting.eval_batch_size) == (("probe",), "cuda", 256)
     assert setting.batch_size == 16  # calibration batches keep the published size: they shape the thresholds
-    results.main(["--work", str(tmp_path)])
+    assert cli_main(["results", "--work", str(tmp_path)]) == 0
     assert seen["command"] == "python -m dymu_lightning results" and seen["setting"].studies == STUDIES
 
 

@@ -25,16 +25,14 @@ Adding a study: a ``_NAME_study(setting, work, run)`` here that makes its runs t
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import platform
 import re
 import shlex
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -372,64 +370,51 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dymu_lightning results",
-        description="Calibrate and evaluate DyMU on real DINOv2-S; write docs/results.md (docs/evaluation.md).",
-    )
-    parser.add_argument("--page", type=Path, default=Path("docs/results.md"), help="the page to write")
-    parser.add_argument("--work", type=Path, default=Path("runs/results"), help="calibration and eval outputs")
-    parser.add_argument(
-        "--studies",
-        nargs="+",
-        choices=STUDIES,
-        default=list(STUDIES),
-        help="run these studies; the others stay as recorded in --work (all: %(default)s)",
-    )
-    parser.add_argument("--train", type=int, default=Setting.probe_train_images, help="Fashion-MNIST train images")
-    parser.add_argument("--test", type=int, default=Setting.probe_test_images, help="Fashion-MNIST test images")
-    parser.add_argument(
-        "--next-token-images",
-        type=int,
-        default=Setting.next_token_images,
-        help="photos for the small LLaVA's next-token study (0 skips it)",
-    )
-    parser.add_argument(
-        "--accelerator", choices=("cpu", "cuda"), default=Setting.accelerator, help="where the studies run"
-    )
-    parser.add_argument(
-        "--eval-batch", type=int, default=Setting.eval_batch_size, help="images per evaluation forward pass"
-    )
-    parser.add_argument("--workers", type=int, default=Setting.num_workers, help="evaluation data-loader workers")
-    parser.add_argument("--render-only", action="store_true", help="rewrite the page from --work, measuring nothing")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.render_only:
-        print(f"wrote {render(args.work, args.page)}")
+def run_command(
+    page: Path,
+    work: Path,
+    studies: list[str] | None = None,
+    train: int | None = None,
+    test: int | None = None,
+    next_token_images: int | None = None,
+    accelerator: str | None = None,
+    eval_batch: int | None = None,
+    workers: int | None = None,
+    render_only: bool = False,
+) -> int:
+    """The ``results`` command. Options left at None keep the published setting (:class:`Setting`);
+    the page records the command with the options that were given."""
+    if render_only:
+        print(f"wrote {render(work, page)}")
         return 0
-    setting = Setting(
-        probe_train_images=args.train,
-        probe_test_images=args.test,
-        next_token_images=args.next_token_images,
-        accelerator=args.accelerator,
-        eval_batch_size=args.eval_batch,
-        num_workers=args.workers,
-        studies=tuple(args.studies),
-    )
-    defaults = {
-        "studies": list(STUDIES),
-        "train": Setting.probe_train_images,
-        "test": Setting.probe_test_images,
-        "next_token_images": Setting.next_token_images,
-        "accelerator": Setting.accelerator,
-        "eval_batch": Setting.eval_batch_size,
-        "workers": Setting.num_workers,
+    unknown = sorted(set(studies or ()) - set(STUDIES))
+    if unknown:
+        raise ValueError(f"--studies: unknown {', '.join(unknown)}; expected some of {', '.join(STUDIES)}")
+    given = {
+        "studies": studies,
+        "train": train,
+        "test": test,
+        "next_token_images": next_token_images,
+        "accelerator": accelerator,
+        "eval_batch": eval_batch,
+        "workers": workers,
     }
-    flags = []
-    for name, default in defaults.items():
-        value = getattr(args, name)
-        if value != default:
-            shown = " ".join(value) if isinstance(value, list) else value
-            flags.append(f"--{name.replace('_', '-')} {shown}")
-    page = generate(setting, args.work, args.page, " ".join(["python -m dymu_lightning results", *flags]))
-    print(f"wrote {page}")
+    fields = {
+        "studies": "studies",
+        "train": "probe_train_images",
+        "test": "probe_test_images",
+        "next_token_images": "next_token_images",
+        "accelerator": "accelerator",
+        "eval_batch": "eval_batch_size",
+        "workers": "num_workers",
+    }
+    values = {fields[name]: tuple(v) if name == "studies" else v for name, v in given.items() if v is not None}
+    setting = Setting(**values)
+    flags = [
+        f"--{name.replace('_', '-')} {' '.join(value) if isinstance(value, list) else value}"
+        for name, value in given.items()
+        if value is not None
+    ]
+    written = generate(setting, work, page, " ".join(["python -m dymu_lightning results", *flags]))
+    print(f"wrote {written}")
     return 0
