@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 venv: $(STAMP)
 
 $(ASSETS): $(STAMP)
-	$(BIN)/python -m dymu_lightning.assets
+	$(BIN)/python -m dymu_lightning assets
 
 $(LLAVA): $(ASSETS)
-	$(BIN)/python -m dymu_lightning.small_llava
+	$(BIN)/python -m dymu_lightning small_llava
 
 assets: $(ASSETS) $(LLAVA)
 

@@ -31,9 +31,9 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from dymu_lightning.backbones.base import Backbone
 from dymu_lightning.backbones.hf_llm import CACHE_KINDS, CacheKind, HFCompactCache, vtu_decode, vtu_prefill
 from dymu_lightning.backbones.registry import find_backbone, get_backbone
+from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.core import MergedTokens, MergePolicy
 from dymu_lightning.core.vtu import VirtualLayout
-from dymu_lightning.thresholds import ThresholdsFile
 
 STATE_ATTRIBUTE = "_dymu_llava"
 # generate()'s hook that copies each sample for beams and returned sequences (see its override below)

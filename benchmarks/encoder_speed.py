@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
-from dymu_lightning.thresholds import batch_thresholds
 
 GEOMETRIES = {
     # name: (timm model, kwargs)
@@ -95,7 +95,7 @@ def machine_name(device: torch.device) -> str:
 
 
 def photos(count: int) -> list[Image.Image]:
-    from dymu_lightning import assets
+    from dymu_lightning.assets import fetch as assets
 
     paths = sorted(assets.sample_images().values())
     images = [Image.open(path).convert("RGB") for path in paths]

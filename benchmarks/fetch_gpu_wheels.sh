@@ -105,7 +105,7 @@ PY
 import shutil
 from pathlib import Path
 
-from dymu_lightning import assets
+from dymu_lightning.assets import fetch as assets
 
 target = Path(".gpu_assets/images/skimage")
 target.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ for name, pin in pins.items():
     if pin is not None and version != pin:
         wrong.append(f"{name} {version}, expected {pin}")
 import dymu_lightning.backbones  # noqa: E402  (the assembled package, with its subpackages)
-from dymu_lightning import assets  # noqa: E402
+from dymu_lightning.assets import fetch as assets  # noqa: E402
 
 print("dymu_lightning.backbones", dymu_lightning.backbones.__file__)
 print(len(assets.sample_images()), "photos in", assets.cache_dir())

@@ -23,8 +23,8 @@ from encoder_speed import GEOMETRIES, machine_name, photos, write_report
 from torch.profiler import ProfilerActivity, profile
 
 from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
-from dymu_lightning.thresholds import batch_thresholds
 
 PSEUDO_KERNELS = ("Command Buffer Full", "Activity Buffer Request")
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")

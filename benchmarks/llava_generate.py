@@ -55,9 +55,9 @@ from vtu_prefill import LLAMA2_7B, prefill_flops
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.hf_llava import apply_dymu, dymu_inputs, is_dymu, last_prefill, remove_dymu
+from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import merges_per_layer
-from dymu_lightning.thresholds import batch_thresholds
 
 VARIANTS = ("stock", "compact", "expanded")
 
@@ -127,7 +127,7 @@ def small_setup(device: torch.device, dtype: torch.dtype, thresholds_path: str |
     """The small real LLaVA of `make assets`, its processor's chat template around each photo."""
     from transformers import AutoProcessor
 
-    from dymu_lightning.small_llava import small_llava_dir
+    from dymu_lightning.assets.small_llava import small_llava_dir
 
     processor = AutoProcessor.from_pretrained(small_llava_dir())
     processor.tokenizer.padding_side = "left"
@@ -236,8 +236,8 @@ def dinov2s_7b_setup(device: torch.device, dtype: torch.dtype, thresholds_path: 
     """The small LLaVA's real DINOv2-S tower with a random projector and a random Llama-2-7B."""
     from transformers import Dinov2Model
 
-    from dymu_lightning import assets
-    from dymu_lightning.small_llava import FEATURE_LAYER, IMAGE_SIZE, PATCH_SIZE, small_llava_image_processor
+    from dymu_lightning.assets import fetch as assets
+    from dymu_lightning.assets.small_llava import FEATURE_LAYER, IMAGE_SIZE, PATCH_SIZE, small_llava_image_processor
 
     patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
     config = LlavaConfig(

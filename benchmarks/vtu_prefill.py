@@ -65,7 +65,7 @@ def language_model(weights: str, geometry: str, device: torch.device, dtype: tor
     """The base model of the real SmolLM2-135M if asked for (or available, with "auto"), else random
     weights of the geometry; and a description of which it is. Random weights are created on
     ``device`` in ``dtype`` (7B parameters in float32 on the CPU first would be 28 GB)."""
-    from dymu_lightning.small_llava import smollm2_dir
+    from dymu_lightning.assets.paths import smollm2_dir
 
     if geometry != "smollm2-135m":
         if weights == "smollm2":

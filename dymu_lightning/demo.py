@@ -12,17 +12,22 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dymu_lightning.assets.paths import photos
 from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
-from dymu_lightning.thresholds import batch_thresholds
+
+
+def run_demo(r: int = 12, images: Path | None = None) -> int:
+    """The ``demo`` command."""
+    main(r, images)
+    return 0
 
 
 def main(r: int = 12, image_dir: Path | None = None) -> dict[str, int]:
-    from dymu_lightning import assets
-
     backbone = get_backbone("dinov2_vits14_offline")
     model = backbone.load()
-    paths = sorted(image_dir.glob("*")) if image_dir else sorted(assets.sample_images().values())
+    paths = sorted(image_dir.glob("*")) if image_dir else sorted(photos("skimage").values())
     names = [path.stem for path in paths]
     images = [Image.open(path).convert("RGB") for path in paths]
     pixels = backbone.preprocess(model, images)

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from dymu_lightning.backbones.base import Backbone, is_patched
+from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
-from dymu_lightning.thresholds import batch_thresholds
 
 
 def check_backbone(backbone: Backbone, model: nn.Module, pixels: Tensor, r: int = 4, atol: float = 1e-5) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dymu_lightning.backbones import get_backbone, list_backbones
-from dymu_lightning.thresholds import batch_thresholds
+from dymu_lightning.backbones.thresholds import batch_thresholds
 
 
 def tiny_cases() -> list:

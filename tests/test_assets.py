@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from dymu_lightning import assets
+from dymu_lightning.assets import fetch as assets
 
 pytest.importorskip("onnx", reason="materialising DINOv2 needs the 'assets' extra (onnx)")
 timm = pytest.importorskip("timm")

@@ -12,12 +12,12 @@ from tests_support import TINY_TIMM_ARCH as ARCH
 from tests_support import assert_same_calibration, make_images, recipe_file, run
 
 from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.config import ConfigError, load_recipe
 from dymu_lightning.core.calibration import GlobalBatchCut
 from dymu_lightning.core.policy import local_batch_cut
 from dymu_lightning.data import write_shards
 from dymu_lightning.lit.run import check
-from dymu_lightning.thresholds import ThresholdsFile
 
 FULL = 65  # 64 patches + CLS
 

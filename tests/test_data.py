@@ -22,8 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dymu_lightning.cli import main as cli_main
 from dymu_lightning.data import GlobalBatchShards, num_steps, read_index, write_shards
-from dymu_lightning.data.shards import main as shards_main
 
 wds = pytest.importorskip("webdataset")
 TF = pytest.importorskip("torchvision.transforms.functional")
@@ -165,7 +165,7 @@ def test_existing_shards_without_index_are_scanned_in_memory(shard_dir, tmp_path
 def test_missing_index_and_missing_shard_name_the_path(shard_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "index.json"))) as error:
         read_index(tmp_path / "index.json")
-    assert "python -m dymu_lightning.data.shards" in str(error.value)
+    assert "python -m dymu_lightning shards" in str(error.value)
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
         read_index(tmp_path)  # an empty folder: no index, nothing to scan
 
@@ -369,7 +369,7 @@ def test_corrupt_image_raises_when_strict(corrupt_shards):
 
 def test_cli_writes_shards_and_prints_a_summary(image_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert shards_main([str(image_dir), str(out), "--shard-size", "5", "--prefix", "train"]) == 0
+    assert cli_main(["shards", str(image_dir), str(out), "--shard-size", "5", "--prefix", "train"]) == 0
     printed = capsys.readouterr().out
     tars = sorted(out.glob("train-*.tar"))
     assert [p.name for p in tars] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
@@ -378,14 +378,14 @@ def test_cli_writes_shards_and_prints_a_summary(image_dir, tmp_path, capsys):
     assert str(out / "index.json") in printed
     assert [s.count for s in read_index(out).shards] == [5, 5, 1]
 
-    with pytest.raises(SystemExit) as exit_info:
-        shards_main([str(image_dir), str(out)])
-    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert cli_main(["shards", str(image_dir), str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and "--overwrite" in error
 
 
 def test_cli_runs_as_a_module(image_dir, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "dymu_lightning.data.shards", str(image_dir), str(out), "--shard-size", "100"]
+    command = [sys.executable, "-m", "dymu_lightning", "shards", str(image_dir), str(out), "--shard-size", "100"]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     assert f"wrote 1 shards, {N} samples" in result.stdout
     assert read_index(out).total == N

@@ -1,5 +1,6 @@
-"""Evaluation: metrics against hand-computed values, ToMe's matched counts, the eval recipe and the
-results page on a shrunken setting (tiny random DINOv2, a few synthetic images)."""
+"""Evaluation: metrics against hand-computed values, ToMe's matched counts, the eval recipe, and the
+results page: rendered from a recorded shrunken run (tests/fixtures/results), and one live study on a
+tiny random DINOv2."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 import json
 import math
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,22 +17,31 @@ import pytest
 import torch
 from PIL import Image
 
+from dymu_lightning.cli import main as cli_main
 from dymu_lightning.config import load_recipe
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
-from dymu_lightning.eval import metrics
-from dymu_lightning.eval.results import (
-    RECORD,
-    STUDIES,
-    Invocation,
-    Setting,
-    Step,
-    _record,
-    _verdict,
-    generate,
+from dymu_lightning.eval import metrics, studies
+from dymu_lightning.eval.page import (
+    VARIANTS,
+    collect,
+    copy_plots,
+    markdown,
+    not_behind_tome,
     render,
+    verdict,
+    within_series,
 )
 from dymu_lightning.eval.run import check, evaluate, labels_from_keys
+from dymu_lightning.eval.schema import (
+    RECORD,
+    EvalMetrics,
+    NextTokenMetrics,
+    PairedDifference,
+    ProbeScores,
+    ResultsRecord,
+)
+from dymu_lightning.eval.studies import STUDIES, Invocation, Setting, Step, generate, record_invocation
 from tests.tests_support import tiny_timm
 
 # A 3-block HF DINOv2 at 64 px, 8 px patches: 64 patches + CLS = 65 tokens.
@@ -224,7 +235,11 @@ def test_eval_recipe_rejects_a_thresholds_file_for_another_image_size(tmp_path):
         [f"out_dir={tmp_path}/eval", f"data.shards={tmp_path}/shards", f"variants.mid={path}", *TINY_MODEL]
         + ["model.image_size=48"],
     )
-    with pytest.raises(ValueError, match="calibrated at 64 px but this evaluation feeds 48 px"):
+    with pytest.raises(
+        ValueError,
+        match=r"variants.mid \(.*\): calibrated at 64 px, but this run feeds 48 px images; "
+        r"set model.image_size=64 or recalibrate",
+    ):
         evaluate(recipe)
     with pytest.raises(ValueError, match="'full' and 'tome@...' are reserved"):
         check(load_recipe("eval_encoder", [f"out_dir={tmp_path}/e", f"variants.full={path}", *TINY_MODEL]))
@@ -263,117 +278,227 @@ def test_a_random_init_evaluation_is_seeded(tmp_path):
     assert runs[0]["mid"]["cosine_cls"] != runs[2]["mid"]["cosine_cls"]  # another seed, other weights
 
 
-@pytest.mark.slow
-def test_results_page_on_a_shrunken_setting(tmp_path):
-    setting = Setting(
-        model=TINY_MODEL,
-        photos_calibrate=str(_images(tmp_path / "photos_a", 8, 1)),
-        photos_evaluate=str(_images(tmp_path / "photos_b", 10, 2)),
-        photos_tokens_left={"low": 10, "mid": 22, "high": 44},
-        probe_train=str(_images(tmp_path / "train", 12, 3, labelled=True)),
-        probe_test=str(_images(tmp_path / "test", 8, 4, labelled=True)),
-        # the native 64 px, and 32 px (16 patches + CLS = 17 tokens)
-        probe_sizes={None: {"low": 10, "mid": 22, "high": 44}, 32: {"low": 4, "mid": 7, "high": 11}},
-        batch_size=4,
-        eval_batch_size=3,
-        next_token_images=0,  # the small LLaVA's study has its own test (tests/test_next_token.py)
-    )
-    # Two invocations into one work folder, as a GPU machine and a CPU machine would share the work:
-    # the page combines them.
-    work, page = tmp_path / "work", tmp_path / "docs" / "results.md"
-    for studies in (("probe",), ("photos",)):
-        page = generate(replace(setting, studies=studies), work, page, f"results --studies {studies[0]}")
-    text = page.read_text()
-    record = json.loads((work / RECORD).read_text())
-    assert [i["studies"] for i in record["invocations"]] == [["probe"], ["photos"]]
-    assert all(not Path(t["output"]).is_absolute() for i in record["invocations"] for t in i["steps"])
+# --------------------------------------------------------------------------------------------------
+# the results page: rendered from a recorded work folder (tests/fixtures/results, see record.py there)
+# --------------------------------------------------------------------------------------------------
 
-    probe = json.loads((tmp_path / "work/eval/probe/metrics.json").read_text())
-    small = json.loads((tmp_path / "work/eval/probe_32/metrics.json").read_text())
-    photos = json.loads((tmp_path / "work/eval/photos/metrics.json").read_text())
-    assert small["image_size"] == 32 and small["full_tokens"] == 17 and small["images"] == 8
-    for study, images in ((probe, 8), (photos, 10)):
-        assert study["images"] == images and study["full_tokens"] == 65
-        names = list(study["variants"])
-        assert names == ["full", "low", "mid", "high", "tome@low", "tome@mid", "tome@high"]
-        full = study["variants"]["full"]
-        assert full["tokens"]["mean"] == 65 and full["tokens"]["std"] == 0
-        assert full["cosine_cls"]["min"] == pytest.approx(1.0) and full["cosine_mean"]["min"] == pytest.approx(1.0)
-        means = [study["variants"][v]["tokens"]["mean"] for v in ("low", "mid", "high")]
-        assert means == sorted(means) and means[-1] < 65
-        for v in ("low", "mid", "high"):
-            tome = study["variants"][f"tome@{v}"]
-            # ToMe keeps the same count for every image, within one token of DyMU's mean.
-            assert tome["tokens"]["std"] == 0
-            assert abs(tome["tokens"]["mean"] - study["variants"][v]["tokens"]["mean"]) <= 1
-    assert probe["probe"]["train_images"] == 12 and probe["probe"]["classes"] == 2
-    assert probe["probe"]["linear_weight_decay"] in metrics.WEIGHT_DECAYS
+FIXTURE = Path(__file__).parent / "fixtures" / "results"
+WORK = FIXTURE / "work"
 
-    # Every accuracy and paired difference follows from the per-image predictions.
-    with open(tmp_path / "work/eval/probe/per_image.csv") as stream:
-        predictions = list(csv.DictReader(stream))
-    right = {
-        (kind, name): torch.tensor([row[f"{kind}:{name}"] == row["label"] for row in predictions])
-        for kind in ("knn", "linear")
-        for name in probe["variants"]
-    }
-    for (kind, name), correct in right.items():
-        entry = probe["variants"][name]["probe"]
-        assert entry[kind] == pytest.approx(float(correct.double().mean()))
-        if name != "full":
-            assert entry["vs_full"][kind] == metrics.paired_difference(correct, right[(kind, "full")])
-        if name in ("low", "mid", "high"):
-            assert entry["vs_tome"][kind] == metrics.paired_difference(correct, right[(kind, f"tome@{name}")])
 
-    # The per-image table agrees with the summary, and the correlation is computed from it.
-    with open(tmp_path / "work/eval/photos/per_image.csv") as stream:
-        rows = list(csv.DictReader(stream))
-    assert len(rows) == 10
-    tokens = torch.tensor([float(row["tokens:mid"]) for row in rows])
-    assert float(tokens.mean()) == pytest.approx(photos["variants"]["mid"]["tokens"]["mean"])
-    bpp = torch.tensor([float(row["jpeg_bytes_per_pixel"]) for row in rows])
-    mid = photos["variants"]["mid"]
-    if "spearman_tokens_complexity" in mid:
-        assert metrics.spearman(tokens, bpp) == pytest.approx(mid["spearman_tokens_complexity"])
-        scenes = [row["scene"] for row in rows]  # "{letter}-shot{i % 2}": two frames per scene
-        assert scenes == [metrics.scene_of(row["key"]) for row in rows] and photos["scenes"]["count"] == 5
-        rho = metrics.spearman(metrics.group_means(tokens, scenes), metrics.group_means(bpp, scenes))
-        assert mid["spearman_scenes"] == pytest.approx(rho)
-        interval = metrics.spearman_interval(metrics.group_means(tokens, scenes), metrics.group_means(bpp, scenes))
-        assert mid["spearman_scenes_interval"] == pytest.approx(list(interval))
+def _table(text: str, *headings: str) -> dict[str, list[str]]:
+    """The first table after ``headings`` (each found after the one before) on a page: first cell ->
+    the other cells."""
+    start = 0
+    for heading in headings:
+        start = text.index(heading, start)
+    lines = text[start:].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        rows[cells[0]] = cells[1:]
+    return rows
 
-    # The page: its tables, every plot it links (and nothing else), the machine, and the commands.
-    for heading in ("## Targets", "## Token counts, fidelity", "## Machine", "## Commands"):
-        assert heading in text
-    # One probe section per side, smallest first, and the targets checked at each.
-    assert text.index("## Probe accuracy and fidelity (Fashion-MNIST at 32 px)") < text.index(
-        "## Probe accuracy and fidelity (Fashion-MNIST at 64 px)"
-    )
-    assert text.count("probe accuracy (32 px) |") == 2 and text.count("probe accuracy (64 px) |") == 2
-    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+
+def _csv(study: str) -> list[dict[str, str]]:
+    with open(WORK / "eval" / study / "per_image.csv") as stream:
+        return list(csv.DictReader(stream))
+
+
+def _tokens_cell(counts: list[int]) -> str:
+    values = torch.tensor(counts, dtype=torch.float64)
+    return f"{values.mean():.1f} ± {values.std(correction=0):.1f} ({min(counts)}–{max(counts)})"
+
+
+def test_the_fixture_renders_to_the_golden_page_from_anywhere(tmp_path):
+    """The page is a function of the recorded files alone, byte for byte (expected.md was rendered
+    by the code of the day the fixture was recorded; docs/results.md comes from the same code)."""
+    shutil.copytree(WORK, tmp_path / "moved")  # a work folder that moved: outputs are relative to it
+    page = render(tmp_path / "moved", tmp_path / "docs" / "results.md")
+    assert page.read_text() == (FIXTURE / "expected.md").read_text()
+    # Every plot of the probe and photos studies is linked and copied next to the page, and nothing else.
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page.read_text())
     assert sorted(linked) == sorted(
         f"results/{s}_{n}.png" for s in ("probe", "probe_32", "photos") for n in ("tokens", "complexity")
     )
-    assert sorted(p.name for p in (page.parent / "results").iterdir()) == sorted(Path(p).name for p in linked)
-    assert all((page.parent / p).is_file() and (page.parent / p).read_bytes()[:4] == b"\x89PNG" for p in linked)
-    assert text.count("python -m dymu_lightning recipe=quickstart") == 9
-    assert text.count("python -m dymu_lightning recipe=eval_encoder") == 4
-    assert text.count("data.global_batch_size=3") == 4  # the evaluations' batch; calibrations keep 4
-    assert f"| mid | {probe['variants']['mid']['tokens']['mean']:.1f} ±" in text
+    assert sorted(p.name for p in (tmp_path / "docs" / "results").iterdir()) == sorted(Path(p).name for p in linked)
 
-    # The page is a function of the recorded runs: rendering again, elsewhere, measures nothing new,
-    # also from a work folder that moved.
-    (tmp_path / "work").rename(tmp_path / "moved")
-    again = render(tmp_path / "moved", tmp_path / "elsewhere" / "results.md")
-    assert again.read_text() == text and (tmp_path / "elsewhere/results/probe_32_tokens.png").is_file()
+
+def test_every_recorded_file_round_trips_through_its_schema():
+    """The dataclasses read every file the writers wrote and write it back to the same text."""
+    files = [(path, EvalMetrics) for path in sorted(WORK.glob("eval/*/metrics.json"))]
+    files += [(WORK / "next_token" / "metrics.json", NextTokenMetrics), (WORK / RECORD, ResultsRecord)]
+    assert len(files) == 6
+    for path, schema in files:
+        assert json.dumps(schema.load(path).to_json(), indent=2) + "\n" == path.read_text(), path
+    with pytest.raises(ValueError, match="EvalMetrics: no 'variants'"):
+        EvalMetrics.from_json({k: v for k, v in json.loads(files[0][0].read_text()).items() if k != "variants"})
+
+
+def test_the_probe_tables_follow_from_the_per_image_predictions(tmp_path):
+    text = render(WORK, tmp_path / "results.md").read_text()
+    for study, side in (("probe_32", 32), ("probe", 64)):
+        rows = _csv(study)
+        names = [c.removeprefix("tokens:") for c in rows[0] if c.startswith("tokens:")]
+        right = {
+            (kind, name): torch.tensor([row[f"{kind}:{name}"] == row["label"] for row in rows])
+            for kind in ("knn", "linear")
+            for name in names
+        }
+        accuracy = {key: float(correct.double().mean()) for key, correct in right.items()}
+        section = f"## Probe accuracy and fidelity (Fashion-MNIST at {side} px)"
+        table = _table(text, section)
+        assert list(table) == names
+        for name in names:
+            tokens, *_, knn, linear = table[name]
+            assert tokens == _tokens_cell([int(row[f"tokens:{name}"]) for row in rows])
+            for kind, cell in (("knn", knn), ("linear", linear)):
+                share = accuracy[(kind, name)] / accuracy[(kind, "full")]
+                assert cell == f"{accuracy[(kind, name)]:.4f} ({share:.1%})"
+        pairs = _table(text, section, f"same {len(rows)} test images")
+        for name in names[1:]:
+            others = ["full"] + ([f"tome@{name}"] if f"tome@{name}" in names else [])
+            for other in others:
+                cells = pairs[f"{name} − {other}"]
+                for kind, cell in zip(("knn", "linear"), cells, strict=True):
+                    pair = metrics.paired_difference(right[(kind, name)], right[(kind, other)])
+                    shown = f"{100 * pair['difference']:+.2f} [{100 * pair['low']:+.2f}, {100 * pair['high']:+.2f}]"
+                    assert cell == f"{shown} ({pair['only_a']} / {pair['only_b']})"
+        # The targets: DyMU-mid's share of the full model's accuracy, and DyMU against ToMe per count.
+        targets = _table(text, "## Targets")
+        for kind in ("knn", "linear"):
+            measured, met = targets[f"DyMU-mid keeps ≥ 99% of the full model's {kind} probe accuracy ({side} px)"]
+            share = accuracy[(kind, "mid")] / accuracy[(kind, "full")]
+            assert measured.startswith(f"{share:.2%} [") and met.startswith("yes" if share >= 0.99 else "**no**")
+            measured, met = targets[f"DyMU's {kind} accuracy ≥ ToMe's at every matched count ({side} px)"]
+            ahead = all(accuracy[(kind, v)] >= accuracy[(kind, f"tome@{v}")] for v in ("low", "mid", "high"))
+            assert met.startswith("yes" if ahead else "**no**")
+            for v in ("low", "mid", "high"):
+                assert f"{v}: {accuracy[(kind, v)]:.4f} vs {accuracy[(kind, f'tome@{v}')]:.4f}" in measured
+
+
+def test_the_photos_table_follows_from_the_per_image_counts(tmp_path):
+    text = render(WORK, tmp_path / "results.md").read_text()
+    rows = _csv("photos")
+    bpp = torch.tensor([float(row["jpeg_bytes_per_pixel"]) for row in rows])
+    scenes = [row["scene"] for row in rows]
+    assert scenes == [metrics.scene_of(row["key"]) for row in rows]
+    table = _table(text, "## Token counts, fidelity and image complexity")
+    assert f"per scene ({len(set(scenes))} scenes)" in text
+    for name, (tokens, _, _, per_image, per_scene) in table.items():
+        counts = [int(row[f"tokens:{name}"]) for row in rows]
+        assert tokens == _tokens_cell(counts)
+        if len(set(counts)) == 1:  # full and ToMe: one count for every image, no correlation
+            assert per_image == per_scene == "–"
+            continue
+        values = torch.tensor(counts, dtype=torch.float64)
+        assert per_image.startswith(f"{metrics.spearman(values, bpp):.3f} [")
+        by_scene = metrics.spearman(metrics.group_means(values, scenes), metrics.group_means(bpp, scenes))
+        assert per_scene.startswith(f"{by_scene:.3f} [")
+    rho = metrics.spearman(torch.tensor([float(row["tokens:mid"]) for row in rows]), bpp)
+    measured, met = _table(text, "## Targets")[
+        f"Spearman(tokens, complexity) ≥ 0.6 on natural photos (DyMU-mid, {len(rows)} held-out photos)"
+    ]
+    assert measured.startswith(f"{rho:.3f}") and met.startswith("yes" if rho >= 0.6 else "**no**")
+    # The in-sample sentence: the same thresholds on their own calibration photos.
+    inside = _csv("photos_calibration")
+    complexity = torch.tensor([float(row["jpeg_bytes_per_pixel"]) for row in inside])
+    rhos = [metrics.spearman(torch.tensor([float(row[f"tokens:{v}"]) for row in inside]), complexity) for v in VARIANTS]
+    in_sample = ", ".join(f"{v} {rho:.3f}" for v, rho in zip(VARIANTS, rhos, strict=True))
+    assert f"On the {len(inside)} calibration photos" in text
+    assert f"Spearman(tokens, complexity) is {in_sample}." in text
+
+
+def test_the_next_token_table_follows_from_the_per_image_values(tmp_path):
+    text = render(WORK, tmp_path / "results.md").read_text()
+    per_image = json.loads((WORK / "next_token" / "metrics.json").read_text())["per_image"]
+    table = _table(text, "## Next-token fidelity (small LLaVA)")
+    assert list(table) == [name for name in per_image if name != "names"]
+    for name, (rows, kl, median, top1) in table.items():
+        values = torch.tensor(per_image[name]["kl"], dtype=torch.float64)
+        assert rows == f"{sum(per_image[name]['visual_rows']) / len(values):.1f}"
+        assert kl == f"{values.mean():.4f} ± {values.std():.4f}" and median == f"{values.median():.4f}"
+        assert top1 == f"{sum(per_image[name]['top1']) / len(values):.0%}"
+    assert f"on {len(per_image['names'])} held-out photos" in text
 
 
 def test_target_verdicts_say_when_the_target_is_inside_the_interval():
-    assert _verdict(0.62, 0.6, (0.41, 0.80)) == "yes (the target lies inside the 95% interval)"
-    assert _verdict(0.62, 0.6, (0.61, 0.70)) == "yes"
-    assert _verdict(0.42, 0.6, (0.25, 0.59)) == "**no**"
-    assert _verdict(0.986, 0.99, (0.979, 0.993)) == "**no** (the target lies inside the 95% interval)"
-    assert _verdict(0.5, 0.6, None) == "**no**"
+    assert verdict(0.62, 0.6, (0.41, 0.80)) == "yes (the target lies inside the 95% interval)"
+    assert verdict(0.62, 0.6, (0.61, 0.70)) == "yes"
+    assert verdict(0.42, 0.6, (0.25, 0.59)) == "**no**"
+    assert verdict(0.986, 0.99, (0.979, 0.993)) == "**no** (the target lies inside the 95% interval)"
+    assert verdict(0.5, 0.6, None) == "**no**"
+
+
+def test_the_tome_verdict_flips_with_the_accuracies():
+    def scores(accuracy, high=None):
+        vs_tome = None if high is None else {"knn": PairedDifference(0.0, -0.01, high, 1, 1, 100)}
+        return ProbeScores(knn=accuracy, linear=accuracy, vs_tome=vs_tome)
+
+    tome = scores(0.80)
+    assert not_behind_tome([("low", scores(0.81), tome), ("mid", scores(0.80), tome)], "knn") == "yes"
+    behind = [("low", scores(0.81), tome), ("mid", scores(0.79, high=0.01), tome)]
+    assert not_behind_tome(behind, "knn") == "**no** (mid: behind by less than the noise, the 95% interval includes 0)"
+    clearly = [("low", scores(0.70, high=-0.05), tome), ("mid", scores(0.79, high=0.01), tome)]
+    assert not_behind_tome(clearly, "knn") == "**no**"
+
+
+def test_the_within_series_sentence_counts_the_weak_series():
+    weak = within_series({"campus_P": 0.61, "calibration_left": -0.01, "flowers": 0.17})
+    assert weak.startswith("Within 2 of these 3 series the token counts follow complexity weakly or not at all")
+    assert "`campus_P` 0.61, `calibration_left` -0.01, `flowers` 0.17), yet" in weak
+    strong = within_series({"campus_P": 0.61, "calibration_left": 0.45})
+    assert strong.startswith("Within each of these 2 series the token counts follow complexity (Spearman 0.4 or more")
+    assert within_series({}).startswith("None of the largest series has three images or more whose counts vary")
+
+
+def test_the_pages_sentences_flip_when_the_numbers_do():
+    """The recorded photos have no series of three; given within-series correlations, the page says
+    what they show, and a verdict follows its number across the target."""
+    c = collect(WORK)
+    assert "None of the largest series" in markdown(c)
+    c.studies["photos"].scenes.within["mid"] = {"a-shot": 0.1, "b-shot": 0.9}
+    assert "Within 1 of these 2 series the token counts follow complexity weakly" in markdown(c)
+    c.studies["photos"].scenes.within["mid"] = {"a-shot": 0.5, "b-shot": 0.9}
+    assert "Within each of these 2 series the token counts follow complexity (" in markdown(c)
+    mid = c.studies["photos"].variants["mid"]
+    row = "| Spearman(tokens, complexity) ≥ 0.6 on natural photos (DyMU-mid, 10 held-out photos) | "
+    assert f"{row}0.679 [0.05, 0.89] | yes (the target lies inside the 95% interval) |" in markdown(c)
+    mid.spearman_tokens_complexity, mid.spearman_interval = 0.5, (0.1, 0.59)
+    assert f"{row}0.500 [0.10, 0.59] | **no** |" in markdown(c)
+
+
+def test_the_published_pages_conclusions_follow_from_its_numbers():
+    """docs/results.md was rendered from a work folder that is not here; its verdicts and its
+    within-series sentence are the ones the renderer draws from the numbers printed on it."""
+    text = (Path(__file__).parents[1] / "docs" / "results.md").read_text()
+    within = re.search(r"within each: ([^)]*)\)", text).group(1)
+    shown = {name: float(rho) for name, rho in re.findall(r"`([^`]+)` (-?[\d.]+)", within)}
+    assert within_series(shown) in text
+    checked = 0
+    for measured, met in _table(text, "## Targets").values():
+        tome = re.findall(r"(\w+): ([\d.]+) vs ([\d.]+), [+-][\d.]+ \[([+-][\d.]+), ([+-][\d.]+)\] pts", measured)
+        share = re.fullmatch(r"([\d.]+)% \[([\d.]+)%, ([\d.]+)%\].*", measured)
+        rho = re.fullmatch(r"(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]", measured)
+        if tome:  # DyMU against ToMe at each count: accuracies, and the paired interval in points
+            pairs = []
+            for v, a, b, low, high in tome:
+                interval = {"knn": PairedDifference(0, float(low), float(high), 0, 0, 0)}
+                pairs.append((v, ProbeScores(float(a), float(a), vs_tome=interval), ProbeScores(float(b), float(b))))
+            assert met == not_behind_tome(pairs, "knn"), measured
+        elif share:
+            value, low, high = (float(x) / 100 for x in share.groups())
+            assert met == verdict(value, 0.99, (low, high)), measured
+        elif rho:
+            value, low, high = (float(x) for x in rho.groups())
+            assert met == verdict(value, 0.6, (low, high)), measured
+        else:
+            continue
+        checked += 1
+    assert checked == 10  # per side: two shares of the full model, two comparisons with ToMe; two correlations
 
 
 def test_an_invocation_replaces_the_studies_it_ran_and_keeps_the_others(tmp_path):
@@ -381,32 +506,103 @@ def test_an_invocation_replaces_the_studies_it_ran_and_keeps_the_others(tmp_path
         steps = [Step(study, "eval_encoder", [], tmp_path / out) for study, out in outputs]
         return Invocation(command, 1.0, "here", list(studies), steps)
 
-    _record(tmp_path, invocation("all", STUDIES, [("probe", "eval/probe_112/m.json"), ("photos", "eval/p/m.json")]))
-    _record(tmp_path, invocation("gpu", ["probe"], [("probe", "eval/probe_224/m.json")]))
+    record_invocation(
+        tmp_path, invocation("all", STUDIES, [("probe", "eval/probe_112/m.json"), ("photos", "eval/p/m.json")])
+    )
+    record_invocation(tmp_path, invocation("gpu", ["probe"], [("probe", "eval/probe_224/m.json")]))
     record = json.loads((tmp_path / RECORD).read_text())["invocations"]
     assert [(i["command"], i["studies"]) for i in record] == [("all", ["photos", "next_token"]), ("gpu", ["probe"])]
     assert [t["output"] for t in record[0]["steps"]] == ["eval/p/m.json"]
+    assert record[1]["next_token"] is None  # written as null when the study did not run
     # Running the others again leaves only the newest of each.
-    _record(tmp_path, invocation("cpu", ["photos", "next_token"], []))
+    record_invocation(tmp_path, invocation("cpu", ["photos", "next_token"], []))
     record = json.loads((tmp_path / RECORD).read_text())["invocations"]
     assert [i["command"] for i in record] == ["gpu", "cpu"]
 
 
 def test_the_results_command_line_names_its_non_default_flags(monkeypatch, tmp_path):
     """The page shows the command that made each part: the flags that differ from the defaults."""
-    from dymu_lightning.eval import results
-
     seen = {}
 
     def fake_generate(setting, work, page, command):
         seen.update(setting=setting, command=command)
         return page
 
-    monkeypatch.setattr(results, "generate", fake_generate)
-    results.main(["--studies", "probe", "--accelerator", "cuda", "--eval-batch", "256", "--work", str(tmp_path)])
+    monkeypatch.setattr(studies, "generate", fake_generate)
+    assert (
+        cli_main(
+            ["results", "--studies", "probe", "--accelerator", "cuda", "--eval-batch", "256", "--work", str(tmp_path)]
+        )
+        == 0
+    )
     assert seen["command"] == ("python -m dymu_lightning results --studies probe --accelerator cuda --eval-batch 256")
     setting = seen["setting"]
     assert (setting.studies, setting.accelerator, setting.eval_batch_size) == (("probe",), "cuda", 256)
     assert setting.batch_size == 16  # calibration batches keep the published size: they shape the thresholds
-    results.main(["--work", str(tmp_path)])
+    assert cli_main(["results", "--work", str(tmp_path)]) == 0
     assert seen["command"] == "python -m dymu_lightning results" and seen["setting"].studies == STUDIES
+
+
+@pytest.mark.slow
+def test_a_live_probe_study_writes_what_the_page_reads(tmp_path):
+    """What the fixture cannot pin: today's calibrations and evaluations, run by the results command,
+    write files that the schema reads back unchanged, whose summaries follow from their per-image
+    rows, and whose real plots the page links. One probe study at 32 px on the tiny model."""
+    setting = Setting(
+        model=TINY_MODEL,
+        probe_train=str(_images(tmp_path / "train", 12, 3, labelled=True)),
+        probe_test=str(_images(tmp_path / "test", 8, 4, labelled=True)),
+        probe_sizes={32: {"low": 4, "mid": 7, "high": 11}},  # 16 patches + CLS = 17 tokens
+        batch_size=4,
+        eval_batch_size=3,
+        studies=("probe",),
+    )
+    work = tmp_path / "work"
+    page = generate(setting, work, tmp_path / "docs" / "results.md", "results --studies probe")
+    record = json.loads((work / RECORD).read_text())
+    assert [i["studies"] for i in record["invocations"]] == [["probe"]]
+    assert all(not Path(t["output"]).is_absolute() for t in record["invocations"][0]["steps"])
+    assert [t["recipe"] for t in record["invocations"][0]["steps"]] == ["quickstart"] * 3 + ["eval_encoder"]
+    path = work / "eval" / "probe_32" / "metrics.json"
+    study = EvalMetrics.load(path)
+    assert json.dumps(study.to_json(), indent=2) + "\n" == path.read_text()
+    assert (study.image_size, study.full_tokens, study.images) == (32, 17, 8)
+    assert list(study.variants) == ["full", "low", "mid", "high", "tome@low", "tome@mid", "tome@high"]
+    assert study.probe.train_images == 12 and study.probe.classes == 2
+    assert study.probe.linear_weight_decay in metrics.WEIGHT_DECAYS
+    means = [study.variants[v].tokens.mean for v in ("low", "mid", "high")]
+    assert means == sorted(means) and means[-1] < 17
+    for v in ("low", "mid", "high"):  # ToMe keeps one count for every image, within one token of DyMU's mean
+        tome = study.variants[f"tome@{v}"].tokens
+        assert tome.std == 0 and abs(tome.mean - study.variants[v].tokens.mean) <= 1
+
+    # Every accuracy, paired difference and correlation follows from the per-image rows.
+    with open(path.parent / "per_image.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    right = {
+        (kind, name): torch.tensor([row[f"{kind}:{name}"] == row["label"] for row in rows])
+        for kind in ("knn", "linear")
+        for name in study.variants
+    }
+    for (kind, name), correct in right.items():
+        scores = study.variants[name].probe
+        assert getattr(scores, kind) == pytest.approx(float(correct.double().mean()))
+        if name != "full":
+            assert scores.vs_full[kind].to_json() == metrics.paired_difference(correct, right[(kind, "full")])
+        if name in ("low", "mid", "high"):
+            assert scores.vs_tome[kind].to_json() == metrics.paired_difference(correct, right[(kind, f"tome@{name}")])
+    bpp = torch.tensor([float(row["jpeg_bytes_per_pixel"]) for row in rows])
+    for name, entry in study.variants.items():
+        tokens = torch.tensor([float(row[f"tokens:{name}"]) for row in rows])
+        assert float(tokens.mean()) == pytest.approx(entry.tokens.mean)
+        if entry.spearman_tokens_complexity is not None:
+            assert metrics.spearman(tokens, bpp) == pytest.approx(entry.spearman_tokens_complexity)
+
+    text = page.read_text()
+    assert text == markdown(replace(collect(work), plots=copy_plots(work, collect(work), page)))
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert sorted(linked) == ["results/probe_32_complexity.png", "results/probe_32_tokens.png"]
+    assert all((page.parent / p).read_bytes()[:4] == b"\x89PNG" for p in linked)
+    assert text.count("python -m dymu_lightning recipe=quickstart") == 3
+    assert text.count("python -m dymu_lightning recipe=eval_encoder") == 1
+    assert text.count("data.global_batch_size=3") == 1  # the evaluation's batch; calibrations keep 4

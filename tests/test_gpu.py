@@ -32,9 +32,9 @@ from tests_support import (
 )
 
 from dymu_lightning.backbones.hf_llava import apply_dymu, last_prefill
+from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergedTokens, MergePolicy
-from dymu_lightning.eval.results import ieee_float32
-from dymu_lightning.thresholds import batch_thresholds
+from dymu_lightning.eval.studies import ieee_float32
 
 pytestmark = [
     pytest.mark.gpu,

@@ -27,8 +27,8 @@ from dymu_lightning.backbones.hf_llava import (
     remove_dymu,
 )
 from dymu_lightning.backbones.hf_llm import HFCompactCache
+from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.core import MergePolicy
-from dymu_lightning.thresholds import ThresholdsFile
 
 
 def greedy_reference(model, batch: dict[str, torch.Tensor], steps: int) -> torch.Tensor:

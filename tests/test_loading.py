@@ -52,5 +52,5 @@ def test_unreachable_hub_id_names_the_backbone_and_the_fix(name):
 
 def test_offline_weights_not_materialised_say_how(monkeypatch, tmp_path):
     monkeypatch.setenv("DYMU_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"python -m dymu_lightning.assets"):
+    with pytest.raises(FileNotFoundError, match=r"python -m dymu_lightning assets"):
         get_backbone("dinov2_vits14_offline").load()

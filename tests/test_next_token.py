@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dymu_lightning.eval.next_token import kl_from_reference, study
-from dymu_lightning.eval.results import Collected, _next_token_section
+from dymu_lightning.eval.page import Collected, NextTokenStudy, _next_token_section
+from dymu_lightning.eval.schema import NextTokenMetrics
 
 
 def test_kl_matches_hand_computed_values():
@@ -25,10 +26,10 @@ def test_study_on_the_small_llava(tmp_path):
     from PIL import Image
     from transformers import AutoProcessor
 
-    from dymu_lightning import assets
+    from dymu_lightning.assets import fetch as assets
+    from dymu_lightning.assets.paths import small_llava_dir, small_llava_tower_dir
     from dymu_lightning.backbones import get_backbone
-    from dymu_lightning.small_llava import small_llava_dir, small_llava_tower_dir
-    from dymu_lightning.thresholds import ThresholdsFile, batch_thresholds
+    from dymu_lightning.backbones.thresholds import ThresholdsFile, batch_thresholds
 
     photos = assets.sample_images()
     folder = tmp_path / "photos"
@@ -46,21 +47,21 @@ def test_study_on_the_small_llava(tmp_path):
     ).save(tmp_path / "thresholds.json")
 
     metrics = study({"mid": path}, images=str(folder), max_images=4, batch_size=2)
-    variants = metrics["variants"]
-    assert metrics["images"] == 4 and list(variants) == [
+    variants = metrics.variants
+    assert metrics.images == 4 and list(variants) == [
         "DyMU-mid + VTU",
         "DyMU-mid, no VTU",
         "ToMe at DyMU-mid's count + VTU",
     ]
     dymu, tome = variants["DyMU-mid + VTU"], variants["ToMe at DyMU-mid's count + VTU"]
-    assert variants["DyMU-mid, no VTU"]["visual_rows_mean"] == dymu["visual_rows_mean"]
-    assert abs(tome["visual_rows_mean"] - dymu["visual_rows_mean"]) <= 1.0  # matched counts
-    assert all(e["kl_mean"] > 0 and 0 <= e["top1_agreement"] <= 1 for e in variants.values())
-    assert len(metrics["per_image"]["DyMU-mid + VTU"]["kl"]) == 4
+    assert variants["DyMU-mid, no VTU"].visual_rows_mean == dymu.visual_rows_mean
+    assert abs(tome.visual_rows_mean - dymu.visual_rows_mean) <= 1.0  # matched counts
+    assert all(e.kl_mean > 0 and 0 <= e.top1_agreement <= 1 for e in variants.values())
+    assert len(metrics.per_image["DyMU-mid + VTU"]["kl"]) == 4
+    # What is written reads back as the same study (the results page reads it so).
+    assert NextTokenMetrics.load(metrics.save(tmp_path / "metrics.json")).to_json() == metrics.to_json()
 
-    section = _next_token_section(
-        Collected([], {}, {}, {"command": "python -m dymu_lightning.eval.next_token", "metrics": metrics})
-    )
+    section = _next_token_section(Collected([], {}, {}, NextTokenStudy("python -m ...", metrics)))
     assert "## Next-token fidelity (small LLaVA)" in section
-    assert f"| DyMU-mid + VTU | {dymu['visual_rows_mean']:.1f} | {dymu['kl_mean']:.4f}" in section
+    assert f"| DyMU-mid + VTU | {dymu.visual_rows_mean:.1f} | {dymu.kl_mean:.4f}" in section
     assert Path(path).is_file()

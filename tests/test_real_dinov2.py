@@ -7,10 +7,10 @@ import timm
 import torch
 from PIL import Image
 
-from dymu_lightning import assets
+from dymu_lightning.assets import fetch as assets
 from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
-from dymu_lightning.thresholds import batch_thresholds
 
 pytestmark = pytest.mark.slow
 

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from dymu_lightning import assets
+from dymu_lightning.assets import fetch as assets
+from dymu_lightning.assets.paths import small_llava_dir
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.hf_llava import apply_dymu, last_prefill, remove_dymu
+from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
-from dymu_lightning.small_llava import small_llava_dir
-from dymu_lightning.thresholds import batch_thresholds
 
 pytestmark = pytest.mark.slow
 

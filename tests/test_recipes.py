@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.cli import main
 from dymu_lightning.config import ConfigError, load_recipe, packaged_recipes
+from dymu_lightning.core.schedule import merges_per_layer
 from dymu_lightning.lit.run import calibrate, check
-from dymu_lightning.thresholds import ThresholdsFile
 
 # The calibration recipes; the evaluation recipe is checked in tests/test_eval.py.
 RECIPES = sorted(name for name, path in packaged_recipes().items() if "task: eval_encoder" not in path.read_text())
@@ -56,11 +57,42 @@ def test_cli_reports_config_errors_without_a_traceback(capsys):
     assert "quickstart.yaml" in error and "Traceback" not in error
 
 
+RANDOM_ARCH = [n for n in RECIPES if n != "quickstart"]
+
+
+@pytest.mark.parametrize("name", RANDOM_ARCH)
+def test_recipe_schedule_fits_its_real_architecture(name):
+    """Each packaged variant leaves tokens at every merging layer of the full-size architecture (built on
+    the meta device: shapes only), and its total merges are what the variant promises."""
+    recipe = load_recipe(name, ["data.shards=/unused"]).to_object()
+    backbone = get_backbone(recipe.model.backbone)
+    with torch.device("meta"):
+        model = backbone.build(recipe.model.arch)
+    layers = backbone.num_layers(model)
+    merging = recipe.model.num_blocks or layers
+    patches = (recipe.model.arch["image_size"] // recipe.model.arch["patch_size"]) ** 2
+    tokens = patches + backbone.num_prefix_tokens(model)
+    for variant, r_value in recipe.schedule.variants.items():
+        r = merges_per_layer(layers, recipe.schedule.kind, r=r_value, tokens=tokens, merging_layers=merging)
+        assert sum(r) == r_value * merging, variant
+        left = tokens
+        for merges in r:  # a bipartite layer removes at most half of its mergeable tokens
+            assert merges <= (left - backbone.num_prefix_tokens(model)) // 2, (variant, left, merges)
+            left -= merges
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in RECIPES if n != "quickstart"])
+@pytest.mark.parametrize("name", RANDOM_ARCH)
 def test_recipe_runs_on_random_weights_of_its_architecture(name, tmp_path):
+    """End to end on two blocks of the recipe's real widths, image size and patch size (the full depth's
+    arithmetic is checked above without running it)."""
+    depth = ["model.arch.num_hidden_layers=2"]
+    recipe = load_recipe(name, [*depth, "data.shards=/unused"]).to_object()
+    num_blocks = 1 if recipe.model.num_blocks is not None else None  # keep the read-before-the-last-block path
     overrides = [
         "model.random_init=true",
+        *depth,
+        f"model.num_blocks={'null' if num_blocks is None else num_blocks}",
         f"out_dir={tmp_path / 'out'}",
         f"data.shards={tmp_path / 'shards'}",
         *SHRUNKEN,
@@ -69,10 +101,10 @@ def test_recipe_runs_on_random_weights_of_its_architecture(name, tmp_path):
     result = ThresholdsFile.load(path)
     recipe = load_recipe(name, overrides).to_object()
     backbone = get_backbone(recipe.model.backbone)
-    with torch.device("meta"):  # the architecture alone: no need to initialise 400M weights again
+    with torch.device("meta"):
         model = backbone.build(recipe.model.arch)
     result.check_matches(backbone, model)
-    assert result.images_seen == 2 and result.source == "random"
+    assert result.images_seen == 2 and result.source == "random" and result.num_layers == 2
     merging = recipe.model.num_blocks or backbone.num_layers(model)
     assert sum(result.r) == recipe.schedule.variants[recipe.schedule.variant] * merging
     assert result.tokens["mean"] == result.tokens["full"] - sum(result.r)

@@ -23,12 +23,12 @@ from transformers import (
 )
 
 from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.thresholds import ThresholdsFile, batch_thresholds
 from dymu_lightning.config import load_recipe
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.vtu import VirtualLayout
 from dymu_lightning.data import write_shards
 from dymu_lightning.lit.run import calibrate
-from dymu_lightning.thresholds import ThresholdsFile, batch_thresholds
 
 # A 3-block timm ViT: 64 patches of 8 px + CLS at 64 px.
 TINY_TIMM_ARCH = {

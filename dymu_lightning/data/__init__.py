@@ -1,6 +1,6 @@
 """Webdataset shards with a size index, and deterministic global batches split across ranks and workers.
 
-- :func:`write_shards` / ``python -m dymu_lightning.data.shards``: pack image files into tar shards.
+- :func:`write_shards` / ``python -m dymu_lightning shards``: pack image files into tar shards.
 - :func:`read_index`: the size index (``index.json``, or built by scanning existing ``.tar`` shards).
 - :class:`GlobalBatchShards`: local batches of one rank, the same global batches whatever the world size.
 """

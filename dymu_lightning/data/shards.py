@@ -9,12 +9,11 @@ the index gives both without opening a shard.
 
 Command line::
 
-    python -m dymu_lightning.data.shards IMAGES_DIR OUT_DIR [--shard-size 1000] [--prefix shard]
+    python -m dymu_lightning shards IMAGES_DIR OUT_DIR [--shard-size 1000] [--prefix shard]
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 import logging
@@ -27,11 +26,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from dymu_lightning.files import write_text_atomic
+
 INDEX_NAME = "index.json"
 SCHEMA_VERSION = 1
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _IMAGE_EXTS = frozenset(s.lstrip(".") for s in IMAGE_SUFFIXES)
-_CREATE_HINT = "create one with `python -m dymu_lightning.data.shards IMAGES_DIR {out}`"
+_CREATE_HINT = "create one with `python -m dymu_lightning shards IMAGES_DIR {out}`"
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def write_shards(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
         raise ValueError(f"prefix must be letters, digits, '_' or '-', got {prefix!r}")
-    files = _image_files(images)
+    files = image_files(images)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir, prefix, overwrite)
@@ -140,7 +141,8 @@ def write_shards(
     return index_path
 
 
-def _image_files(images: Path | Sequence[Path]) -> list[Path]:
+def image_files(images: Path | Sequence[Path]) -> list[Path]:
+    """The image files of a folder (recursively, in path order) or of a list, checked."""
     if isinstance(images, (str, Path)):
         folder = Path(images)
         if not folder.is_dir():
@@ -225,12 +227,7 @@ def _write_tar(path: Path, samples: list[tuple[str, Path]]) -> None:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w") as stream:
-        json.dump(payload, stream, separators=(",", ":"))
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, separators=(",", ":")))
 
 
 def _index_payload(shards: Sequence[ShardInfo]) -> dict:
@@ -398,27 +395,11 @@ def _samples_in_tar(path: Path) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
 # Command line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dymu_lightning.data.shards",
-        description="Pack a folder of images into webdataset tar shards with a size index (index.json).",
-    )
-    parser.add_argument("src", type=Path, help="folder of images (searched recursively)")
-    parser.add_argument("out", type=Path, help="output folder for the shards and index.json")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier dataset in OUT")
-    args = parser.parse_args(argv)
-    try:
-        index_path = write_shards(args.src, args.out, args.shard_size, args.prefix, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        parser.exit(2, f"error: {error}\n")
+def write_shards_command(src: Path, out: Path, shard_size: int, prefix: str, overwrite: bool) -> int:
+    """The ``shards`` command: pack the images of ``src`` into shards in ``out``."""
+    index_path = write_shards(src, out, shard_size, prefix, overwrite=overwrite)
     index = read_index(index_path)
     nbytes = sum(s.nbytes for s in index.shards)
-    print(f"wrote {len(index.shards)} shards, {index.total} samples, {nbytes} bytes to {args.out}")
+    print(f"wrote {len(index.shards)} shards, {index.total} samples, {nbytes} bytes to {out}")
     print(f"index: {index_path}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

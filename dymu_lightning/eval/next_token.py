@@ -11,15 +11,12 @@ thresholds file (low / mid / high), three variants at the same token count:
 - **ToMe + VTU**: ToMe's fixed r per layer, chosen so that its token count equals DyMU's mean on these
   images (:func:`~dymu_lightning.core.schedule.matched_fixed_r`).
 
-    python -m dymu_lightning.eval.next_token low=runs/l/thresholds.json mid=runs/m/thresholds.json \\
+    python -m dymu_lightning next_token low=runs/l/thresholds.json mid=runs/m/thresholds.json \\
         --images assets:mvtb --max-images 24 --out runs/results/next_token
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,9 +36,12 @@ from dymu_lightning.backbones.hf_llava import (
     next_token_logits,
     remove_dymu,
 )
+from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import matched_fixed_r
-from dymu_lightning.thresholds import ThresholdsFile
+from dymu_lightning.data.shards import image_files
+from dymu_lightning.data.source import resolve_images
+from dymu_lightning.eval.schema import NextTokenMetrics, NextTokenVariant
 
 PROMPT = "<image>\nDescribe this picture in one sentence."
 
@@ -121,80 +121,64 @@ def matched_variants(
     return variants
 
 
-def summarise(found: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation of the KL, top-1 agreement and mean visual rows, per variant."""
+def summarise(found: dict[str, dict[str, list[float]]]) -> dict[str, NextTokenVariant]:
+    """Mean, standard deviation and median of the KL, top-1 agreement and mean visual rows, per variant."""
     summary = {}
     for name, entry in found.items():
         kl = torch.tensor(entry["kl"], dtype=torch.float64)
-        summary[name] = {
-            "kl_mean": float(kl.mean()),
-            "kl_std": float(kl.std()) if kl.numel() > 1 else 0.0,
-            "kl_median": float(kl.median()),
-            "top1_agreement": float(torch.tensor(entry["top1"]).mean()),
-            "visual_rows_mean": float(torch.tensor(entry["visual_rows"]).mean()),
-        }
+        summary[name] = NextTokenVariant(
+            kl_mean=float(kl.mean()),
+            kl_std=float(kl.std()) if kl.numel() > 1 else 0.0,
+            kl_median=float(kl.median()),
+            top1_agreement=float(torch.tensor(entry["top1"]).mean()),
+            visual_rows_mean=float(torch.tensor(entry["visual_rows"]).mean()),
+        )
     return summary
 
 
 def study(
     thresholds: dict[str, str | Path], images: str = "assets:mvtb", max_images: int = 24, batch_size: int = 4
-) -> dict[str, Any]:
+) -> NextTokenMetrics:
     """The whole study on the small real LLaVA; returns what ``metrics.json`` holds."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from dymu_lightning.lit.datamodule import resolve_images
-    from dymu_lightning.small_llava import small_llava_dir
+    from dymu_lightning.assets.paths import small_llava_dir
 
     started = time.perf_counter()
     processor = AutoProcessor.from_pretrained(small_llava_dir())
     processor.tokenizer.padding_side = "left"
     model = LlavaForConditionalGeneration.from_pretrained(small_llava_dir()).eval()
-    suffixes = (".png", ".jpg", ".jpeg")
-    paths = sorted(p for p in Path(resolve_images(images)).iterdir() if p.suffix.lower() in suffixes)[:max_images]
+    paths = image_files(resolve_images(images))[:max_images]
     pictures = [Image.open(p).convert("RGB") for p in paths]
     files = {name: ThresholdsFile.load(path) for name, path in thresholds.items()}
     variants = matched_variants(model, processor, pictures, files)
     found = measure(model, processor, pictures, variants, batch_size)
-    return {
-        "images": len(pictures),
-        "image_source": images,
-        "prompt": PROMPT,
-        "thresholds": {name: str(path) for name, path in thresholds.items()},
-        "tome_r": {v.name: v.policy.r for v in variants if v.policy.mode == "fixed_r"},
-        "variants": summarise(found),
-        "per_image": {"names": [p.name for p in paths], **found},
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dymu_lightning.eval.next_token",
-        description="Next-token KL of the small real LLaVA under DyMU (with and without VTU) and ToMe.",
+    return NextTokenMetrics(
+        images=len(pictures),
+        image_source=images,
+        prompt=PROMPT,
+        thresholds={name: str(path) for name, path in thresholds.items()},
+        tome_r={v.name: v.policy.r for v in variants if v.policy.mode == "fixed_r"},
+        variants=summarise(found),
+        per_image={"names": [p.name for p in paths], **found},
+        seconds=time.perf_counter() - started,
     )
-    parser.add_argument("thresholds", nargs="+", help="NAME=path/to/thresholds.json, one per DyMU variant")
-    parser.add_argument("--images", default="assets:mvtb", help="image folder, or assets:skimage / assets:mvtb")
-    parser.add_argument("--max-images", type=int, default=24)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=Path("runs/next_token"), help="folder for metrics.json")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+
+
+def run_command(thresholds: list[str], images: str, max_images: int, batch_size: int, out: Path) -> int:
+    """The ``next_token`` command: run the study, write ``out/metrics.json``, print a line per variant."""
     named = {}
-    for item in args.thresholds:
+    for item in thresholds:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            parser.error(f"expected NAME=path/to/thresholds.json, got {item!r}")
+            raise ValueError(f"expected NAME=path/to/thresholds.json, got {item!r}")
         named[name] = path
-    metrics = study(named, args.images, args.max_images, args.batch_size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    for name, entry in metrics["variants"].items():
+    metrics = study(named, images, max_images, batch_size)
+    metrics.save(out / "metrics.json")
+    for name, entry in metrics.variants.items():
         print(
-            f"{name}: {entry['visual_rows_mean']:.1f} visual rows, KL {entry['kl_mean']:.4f} ± {entry['kl_std']:.4f}, "
-            f"top-1 agreement {entry['top1_agreement']:.0%}"
+            f"{name}: {entry.visual_rows_mean:.1f} visual rows, KL {entry.kl_mean:.4f} ± {entry.kl_std:.4f}, "
+            f"top-1 agreement {entry.top1_agreement:.0%}"
         )
-    print(f"wrote {args.out / 'metrics.json'}")
+    print(f"wrote {out / 'metrics.json'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

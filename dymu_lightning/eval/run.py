@@ -19,7 +19,6 @@ Single process: the work is a few forward passes per image, and the outputs are 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import re
 import time
@@ -31,16 +30,19 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from dymu_lightning.backbones import Backbone, get_backbone
+from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.config.recipes import ConfigError, Recipe
 from dymu_lightning.config.schema import EvalEncoderRecipe
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
-from dymu_lightning.eval import metrics
-from dymu_lightning.lit.datamodule import ShardsDataModule
-from dymu_lightning.lit.run import DTYPES, check_model_and_data, load_encoder
-from dymu_lightning.thresholds import ThresholdsFile
+from dymu_lightning.data import GlobalBatchShards, read_index
+from dymu_lightning.data.source import prepare_shards
+from dymu_lightning.eval import metrics, schema
+from dymu_lightning.loading import DTYPES, check_model_and_data, load_encoder
+from dymu_lightning.plots import draw_token_histogram, pyplot
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,21 @@ class Encoded:
     features: dict[str, Tensor]
     index: Tensor
     seconds: float
+
+
+@dataclass(frozen=True)
+class Images:
+    """The images one pass reads: the dataset (keys, decoded images) and how many loader workers."""
+
+    dataset: GlobalBatchShards
+    num_workers: int
+
+    @property
+    def shards(self) -> Path:
+        return self.dataset.index.root
+
+    def batches(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
 
 
 def check(recipe: Recipe) -> EvalEncoderRecipe:
@@ -136,39 +153,39 @@ def evaluate(recipe: Recipe) -> Path:
             runs[f"tome@{name}"] = encode(backbone, model, data, policy, cfg.model.num_blocks, dtype, f"tome@{name}")
 
     source = cfg.model.source or getattr(backbone, "default_source", "")
-    result: dict[str, Any] = {
-        "backbone": backbone.name,
-        "source": "random" if cfg.model.random_init else str(source),
-        "image_size": image_size,
-        "full_tokens": full_tokens,
-        "images": int(runs["full"].lengths.numel()),
-        "shards": str(Path(cfg.data.shards).expanduser()),
-        "recipe": str(recipe.path),
-        "overrides": list(recipe.overrides),
-        "variants": {},
-    }
+    result = schema.EvalMetrics(
+        backbone=backbone.name,
+        source="random" if cfg.model.random_init else str(source),
+        image_size=image_size,
+        full_tokens=full_tokens,
+        images=int(runs["full"].lengths.numel()),
+        shards=str(Path(cfg.data.shards).expanduser()),
+        recipe=str(recipe.path),
+        overrides=list(recipe.overrides),
+        variants={},
+    )
     histograms: dict[str, Tensor] = {}
     for name, run in runs.items():
         summary, histograms[name] = metrics.token_summary(run.lengths, full_tokens)
-        entry: dict[str, Any] = {
-            "kind": "full" if name == "full" else "tome" if name.startswith("tome@") else "dymu",
-            "tokens": summary,
-            "images_per_second": run.lengths.numel() / max(run.seconds, 1e-9),
-        }
+        cosine = {}
         for feature, values in run.features.items():
-            cosine = metrics.per_image_cosine(values, runs["full"].features[feature])
-            entry[f"cosine_{feature}"] = {"mean": float(cosine.mean()), "min": float(cosine.min())}
-        if name in dymu:
-            entry["thresholds"] = str(Path(cfg.variants[name]).expanduser())
-        if name in schedules:
-            entry["r"] = schedules[name]
-            entry["expected_tokens"] = fixed_r_lengths(schedules[name], full_tokens, num_prefix)[-1]
-        result["variants"][name] = entry
+            per_image = metrics.per_image_cosine(values, runs["full"].features[feature])
+            cosine[feature] = schema.Cosine(mean=float(per_image.mean()), min=float(per_image.min()))
+        result.variants[name] = schema.VariantMetrics(
+            kind="full" if name == "full" else "tome" if name.startswith("tome@") else "dymu",
+            tokens=schema.TokenSummary(**summary),
+            images_per_second=run.lengths.numel() / max(run.seconds, 1e-9),
+            cosine_cls=cosine.get("cls"),
+            cosine_mean=cosine.get("mean"),
+            thresholds=str(Path(cfg.variants[name]).expanduser()) if name in dymu else None,
+            r=schedules.get(name),
+            expected_tokens=_final_count(schedules.get(name), full_tokens, num_prefix),
+        )
 
     keys = [data.dataset.key(int(i)) for i in runs["full"].index]
     columns: dict[str, list[Any]] = {}  # extra per-image columns of per_image.csv
     if cfg.probe.train_shards is not None:
-        result["probe"] = _probe(cfg, backbone, model, transform, dtype, runs, keys, result["variants"], columns)
+        result.probe = _probe(cfg, backbone, model, transform, dtype, runs, keys, result.variants, columns)
     complexity = None
     if cfg.complexity:
         complexity = torch.tensor(
@@ -177,28 +194,32 @@ def evaluate(recipe: Recipe) -> Path:
         scenes = None if cfg.scene_pattern is None else [metrics.scene_of(k, cfg.scene_pattern) for k in keys]
         if scenes is not None:
             largest = dict(Counter(scenes).most_common(4))
-            result["scenes"] = {"count": len(set(scenes)), "largest": largest, "within": {}}
+            result.scenes = schema.Scenes(count=len(set(scenes)), largest=largest, within={})
             columns["scene"] = scenes
         for name, run in runs.items():
             if run.lengths.unique().numel() > 1:  # a constant count (full, ToMe) has no rank correlation
-                result["variants"][name].update(_complexity_correlation(run.lengths, complexity, scenes))
+                _complexity_correlation(result.variants[name], run.lengths, complexity, scenes)
                 if scenes is not None:
-                    result["scenes"]["within"][name] = _within_scenes(run.lengths, complexity, scenes, largest)
+                    result.scenes.within[name] = _within_scenes(run.lengths, complexity, scenes, largest)
 
     out_dir = Path(cfg.out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_per_image(out_dir / "per_image.csv", keys, runs, complexity, columns)
     write_plots(out_dir, result, histograms, runs, complexity)
-    path = out_dir / "metrics.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = result.save(out_dir / "metrics.json")
     _print_summary(result, path)
     return path
+
+
+def _final_count(r: list[int] | None, full_tokens: int, num_prefix: int) -> int | None:
+    """The tokens every image keeps under ToMe's ``r`` per layer (None: not a ToMe variant)."""
+    return None if r is None else fixed_r_lengths(r, full_tokens, num_prefix)[-1]
 
 
 def encode(
     backbone: Backbone,
     model: torch.nn.Module,
-    data: ShardsDataModule,
+    data: Images,
     policy: MergePolicy,
     num_blocks: int | None,
     dtype: torch.dtype,
@@ -210,7 +231,7 @@ def encode(
     lengths, index, features = [], [], {name: [] for name in FEATURES}
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch in data.val_dataloader():
+        for batch in data.batches():
             valid = batch["valid"].bool()
             if not valid.any():
                 continue
@@ -235,19 +256,18 @@ def encode(
     )
 
 
-def _complexity_correlation(lengths: Tensor, complexity: Tensor, scenes: list[str] | None) -> dict[str, Any]:
-    """Spearman(tokens, complexity) over images with its bootstrap interval and, given each image's
-    scene, over scene means, so that a series of frames of one view counts once, like one photo."""
-    entry: dict[str, Any] = {
-        "spearman_tokens_complexity": metrics.spearman(lengths, complexity),
-        "spearman_interval": metrics.spearman_interval(lengths, complexity),
-    }
+def _complexity_correlation(
+    entry: schema.VariantMetrics, lengths: Tensor, complexity: Tensor, scenes: list[str] | None
+) -> None:
+    """Into ``entry``: Spearman(tokens, complexity) over images with its bootstrap interval and, given
+    each image's scene, over scene means, so that a series of frames of one view counts once, like one photo."""
+    entry.spearman_tokens_complexity = metrics.spearman(lengths, complexity)
+    entry.spearman_interval = metrics.spearman_interval(lengths, complexity)
     if scenes is not None and len(set(scenes)) > 2:
         scene_lengths, scene_complexity = metrics.group_means(lengths, scenes), metrics.group_means(complexity, scenes)
-        entry["spearman_scenes"] = metrics.spearman(scene_lengths, scene_complexity)
+        entry.spearman_scenes = metrics.spearman(scene_lengths, scene_complexity)
         # resampling scenes, not images: the scenes are the independent units here
-        entry["spearman_scenes_interval"] = metrics.spearman_interval(scene_lengths, scene_complexity)
-    return entry
+        entry.spearman_scenes_interval = metrics.spearman_interval(scene_lengths, scene_complexity)
 
 
 def _within_scenes(lengths: Tensor, complexity: Tensor, scenes: list[str], names: dict[str, int]) -> dict[str, float]:
@@ -281,13 +301,13 @@ def _probe(
     dtype: torch.dtype,
     runs: dict[str, Encoded],
     test_keys: list[str],
-    variants: dict[str, dict[str, Any]],
+    variants: dict[str, schema.VariantMetrics],
     columns: dict[str, list[Any]],
-) -> dict[str, Any]:
+) -> schema.ProbeSetup:
     """Fit a kNN and a linear probe on the full model's features of the training shards; score every
     variant's features of the evaluated images with them.
 
-    Into ``variants[name]["probe"]``: each accuracy, and its paired difference (95% interval) with the
+    Into ``variants[name].probe``: each accuracy, and its paired difference (95% interval) with the
     full model and, for a DyMU variant, with ToMe at its count. Into ``columns``: each image's label
     and every prediction. The linear probe's weight decay is chosen by cross-validation on the
     training features (:func:`metrics.choose_weight_decay`)."""
@@ -314,42 +334,46 @@ def _probe(
         for probe, labels in predicted.items():
             columns[f"{probe}:{name}"] = labels.tolist()
             correct[name][probe] = labels == test_labels
-        variants[name]["probe"] = {p: metrics.accuracy(x, test_labels, num_classes) for p, x in predicted.items()}
+        variants[name].probe = schema.ProbeScores(
+            knn=metrics.accuracy(predicted["knn"], test_labels, num_classes),
+            linear=metrics.accuracy(predicted["linear"], test_labels, num_classes),
+        )
+
+    def differences(name: str, other: str) -> dict[str, schema.PairedDifference]:
+        return {
+            p: schema.PairedDifference(**metrics.paired_difference(correct[name][p], correct[other][p]))
+            for p in correct[name]
+        }
+
     for name in runs:
-        entry = variants[name]["probe"]
-        pairs = {"vs_full": "full", "vs_tome": f"tome@{name}"}
-        for key, other in pairs.items():
-            if other in runs and other != name:
-                entry[key] = {p: metrics.paired_difference(correct[name][p], correct[other][p]) for p in correct[name]}
-    return {
-        "train_images": int(train.lengths.numel()),
-        "test_images": int(test_labels.numel()),
-        "classes": num_classes,
-        "feature": feature,
-        "k": cfg.probe.k,
-        "linear_weight_decay": weight_decay,
-        "linear_cross_validation": {str(decay): accuracy for decay, accuracy in fold_accuracy.items()},
-        "train_shards": str(train_data.shards),
-    }
-
-
-def _shards(
-    shards: str, images: str | None, cfg: EvalEncoderRecipe, transform: Any, max_images: int | None
-) -> ShardsDataModule:
-    """A single-process view of a shard folder (written from ``images`` on first use)."""
-    data = ShardsDataModule(
-        shards,
-        images,
-        cfg.data.global_batch_size,
-        transform,
-        max_images=max_images,
-        num_workers=cfg.data.num_workers,
-        strict=cfg.data.strict,
-        shard_size=cfg.data.shard_size,
+        scores = variants[name].probe
+        if name != "full":
+            scores.vs_full = differences(name, "full")
+        if f"tome@{name}" in runs:
+            scores.vs_tome = differences(name, f"tome@{name}")
+    return schema.ProbeSetup(
+        train_images=int(train.lengths.numel()),
+        test_images=int(test_labels.numel()),
+        classes=num_classes,
+        feature=feature,
+        k=cfg.probe.k,
+        linear_weight_decay=weight_decay,
+        linear_cross_validation={str(decay): accuracy for decay, accuracy in fold_accuracy.items()},
+        train_shards=str(train_data.shards),
     )
-    data.prepare_data()
-    data.val_dataloader()  # builds data.dataset, whose keys and images the metrics read
-    return data
+
+
+def _shards(shards: str, images: str | None, cfg: EvalEncoderRecipe, transform: Any, max_images: int | None) -> Images:
+    """A single-process view of a shard folder (written from ``images`` on first use)."""
+    folder = prepare_shards(shards, images, cfg.data.shard_size)
+    dataset = GlobalBatchShards(
+        read_index(folder),
+        global_batch_size=cfg.data.global_batch_size,
+        transform=transform,
+        strict=cfg.data.strict,
+        max_samples=max_images,
+    )
+    return Images(dataset, cfg.data.num_workers)
 
 
 def _load_thresholds(
@@ -357,19 +381,9 @@ def _load_thresholds(
 ) -> ThresholdsFile:
     thresholds = ThresholdsFile.load(Path(path).expanduser())
     try:
-        thresholds.check_matches(backbone, model)
+        thresholds.check_fits(backbone, model, image_size, cfg.model.num_blocks)
     except ValueError as error:
         raise ValueError(f"variants.{name} ({path}): {error}") from None
-    if thresholds.image_size != image_size:
-        raise ValueError(
-            f"variants.{name} ({path}) was calibrated at {thresholds.image_size} px but this evaluation feeds "
-            f"{image_size} px images; set model.image_size={thresholds.image_size} or recalibrate"
-        )
-    if thresholds.num_blocks != cfg.model.num_blocks:
-        raise ValueError(
-            f"variants.{name} ({path}) was calibrated with num_blocks={thresholds.num_blocks}, "
-            f"but model.num_blocks={cfg.model.num_blocks}"
-        )
     return thresholds
 
 
@@ -387,32 +401,26 @@ def _write_per_image(
 
 def write_plots(
     out_dir: Path,
-    result: dict[str, Any],
+    result: schema.EvalMetrics,
     histograms: dict[str, Tensor],
     runs: dict[str, Encoded],
     complexity: Tensor | None,
 ) -> list[Path]:
     """``tokens.png`` (a token histogram per DyMU variant) and ``complexity.png`` (tokens against JPEG
     bytes per pixel, one colour per DyMU variant); returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    from dymu_lightning.lit.report import draw_token_histogram
-
+    plt = pyplot()
     written = []
     # Full and ToMe keep one count for every image: a single bar each, which the tables already say.
-    dymu = [name for name in runs if result["variants"][name]["kind"] == "dymu"]
+    dymu = [name for name in runs if result.variants[name].kind == "dymu"]
     if dymu:
         figure, axes = plt.subplots(len(dymu), 1, figsize=(6, 0.6 + 1.6 * len(dymu)), sharex=True, squeeze=False)
         for axis, name in zip(axes[:, 0], dymu, strict=True):
             draw_token_histogram(axis, histograms[name])
-            tokens = result["variants"][name]["tokens"]
-            axis.set_title(f"DyMU {name}: {tokens['mean']:.1f} ± {tokens['std']:.1f} tokens", fontsize=9)
-            axis.set_xlim(0, result["full_tokens"] + 1)
+            tokens = result.variants[name].tokens
+            axis.set_title(f"DyMU {name}: {tokens.mean:.1f} ± {tokens.std:.1f} tokens", fontsize=9)
+            axis.set_xlim(0, result.full_tokens + 1)
             axis.set_xlabel("")
-        axes[-1, 0].set_xlabel(f"tokens per image at the encoder output (of {result['full_tokens']})")
+        axes[-1, 0].set_xlabel(f"tokens per image at the encoder output (of {result.full_tokens})")
         figure.tight_layout()
         written.append(out_dir / "tokens.png")
         figure.savefig(written[-1], dpi=100)
@@ -420,12 +428,12 @@ def write_plots(
     if complexity is not None and dymu:
         figure, axis = plt.subplots(figsize=(6, 4))
         for name in dymu:
-            rho = result["variants"][name].get("spearman_tokens_complexity")
+            rho = result.variants[name].spearman_tokens_complexity
             label = f"{name} (Spearman {rho:.2f})" if rho is not None else name
             axis.scatter(complexity.tolist(), runs[name].lengths.tolist(), s=10, label=label)
         axis.set_xlabel("JPEG bytes per pixel of the encoder's view (quality 75)")
         axis.set_ylabel("tokens per image at the encoder output")
-        axis.set_title(f"{result['backbone']}: {result['images']} images at {result['image_size']} px", fontsize=9)
+        axis.set_title(f"{result.backbone}: {result.images} images at {result.image_size} px", fontsize=9)
         axis.legend(fontsize=8)
         figure.tight_layout()
         written.append(out_dir / "complexity.png")
@@ -434,15 +442,15 @@ def write_plots(
     return written
 
 
-def _print_summary(result: dict[str, Any], path: Path) -> None:
-    print(f"evaluated {result['backbone']} on {result['images']} images at {result['image_size']} px")
-    for name, entry in result["variants"].items():
-        tokens = entry["tokens"]
-        line = f"  {name:<14} tokens {tokens['mean']:6.1f} ± {tokens['std']:5.1f}"
-        line += f"  cos {entry.get('cosine_cls', entry['cosine_mean'])['mean']:.4f}"
-        if "probe" in entry:
-            line += f"  kNN {entry['probe']['knn']:.3f}  linear {entry['probe']['linear']:.3f}"
-        if "spearman_tokens_complexity" in entry:
-            line += f"  Spearman {entry['spearman_tokens_complexity']:.3f}"
+def _print_summary(result: schema.EvalMetrics, path: Path) -> None:
+    print(f"evaluated {result.backbone} on {result.images} images at {result.image_size} px")
+    for name, entry in result.variants.items():
+        tokens = entry.tokens
+        line = f"  {name:<14} tokens {tokens.mean:6.1f} ± {tokens.std:5.1f}"
+        line += f"  cos {(entry.cosine_cls or entry.cosine_mean).mean:.4f}"
+        if entry.probe is not None:
+            line += f"  kNN {entry.probe.knn:.3f}  linear {entry.probe.linear:.3f}"
+        if entry.spearman_tokens_complexity is not None:
+            line += f"  Spearman {entry.spearman_tokens_complexity:.3f}"
         print(line)
     print(f"wrote {path}")

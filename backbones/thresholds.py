@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from dymu_lightning.backbones.base import Backbone
 from dymu_lightning.core import LayerMerges, MergePolicy
+from dymu_lightning.files import write_text_atomic
 
 SCHEMA_VERSION = 1
 
@@ -79,12 +80,7 @@ class ThresholdsFile:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically (a killed writer leaves the previous file intact)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        temporary.replace(path)
-        return path
+        return write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ThresholdsFile:
@@ -108,6 +104,24 @@ class ThresholdsFile:
             raise ValueError(
                 f"these thresholds were calibrated for backbone '{self.backbone}' ({self.num_layers} layers); "
                 f"they cannot drive backbone '{backbone.name}' ({layers} layers)"
+            )
+
+    def check_fits(self, backbone: Backbone, model: nn.Module, image_size: int, num_blocks: int | None) -> None:
+        """Raise ValueError unless these thresholds fit a run of ``backbone`` on ``image_size`` px images
+        whose features are read after ``num_blocks`` blocks (None: all, with the final norm).
+
+        A threshold is a similarity of one encoder's keys at one token grid and one depth: the same
+        numbers on another grid or depth merge a different share of the tokens, silently."""
+        self.check_matches(backbone, model)
+        if self.image_size != image_size:
+            raise ValueError(
+                f"calibrated at {self.image_size} px, but this run feeds {image_size} px images; "
+                f"set model.image_size={self.image_size} or recalibrate"
+            )
+        if self.num_blocks != num_blocks:
+            raise ValueError(
+                f"calibrated with num_blocks={self.num_blocks}, but this run reads features after "
+                f"num_blocks={num_blocks}"
             )
 
     def policy(self, **caps: int | None) -> MergePolicy:

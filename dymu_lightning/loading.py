@@ -1,0 +1,67 @@
+"""Loading what a recipe's ``model`` section names: the adapter, the frozen model and its preprocessing.
+
+Every task (calibration, evaluation, fine-tuning) starts here, so the rules for a ``model`` section
+(dtype names, image size, random init) live in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from dymu_lightning.backbones import Backbone, get_backbone
+from dymu_lightning.config.recipes import ConfigError
+from dymu_lightning.config.schema import DataConfig, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_encoder(cfg: ModelConfig) -> tuple[Backbone, nn.Module, Callable[[Image.Image], torch.Tensor]]:
+    """(adapter, frozen model in ``cfg.dtype``, per-image transform) for a ``model`` section."""
+    backbone = get_backbone(cfg.backbone)
+    model = backbone.build(cfg.arch) if cfg.random_init else backbone.load(cfg.source)
+    model = model.to(DTYPES[cfg.dtype]).eval().requires_grad_(False)
+    transform = backbone.image_transform(model)
+    if cfg.image_size is not None:
+        transform = ResizedTransform(transform, cfg.image_size)
+    return backbone, model, transform
+
+
+class ResizedTransform:
+    """A backbone's preprocessing, then the pixels resized to ``size`` x ``size`` (bicubic,
+    antialiased). For encoders whose embedding accepts other sizes (HF ViTs interpolate their
+    position table); picklable for data-loader workers."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], size: int) -> None:
+        self.transform, self.size = transform, size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = self.transform(image)
+        if tuple(pixels.shape[-2:]) == (self.size, self.size):
+            return pixels
+        resized = torch.nn.functional.interpolate(
+            pixels[None].float(), size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
+        )
+        return resized[0].to(pixels.dtype)
+
+
+def check_model_and_data(
+    path: Path, model: ModelConfig, data: DataConfig, more: Sequence[tuple[str, int | None, int]] = ()
+) -> None:
+    """The checks every task makes on its ``model`` and ``data`` sections, plus ``more`` lower bounds
+    given as (key, value, least); a None value is not checked."""
+    if model.dtype not in DTYPES:
+        raise ConfigError(f"{path}: model.dtype={model.dtype!r}; expected one of {sorted(DTYPES)}")
+    for key, value, least in (
+        ("data.global_batch_size", data.global_batch_size, 1),
+        ("data.max_images", data.max_images, 1),
+        ("model.num_blocks", model.num_blocks, 1),
+        ("model.image_size", model.image_size, 1),
+        *more,
+    ):
+        if value is not None and value < least:
+            raise ConfigError(f"{path}: {key} must be >= {least}, got {value}")
