@@ -15,9 +15,9 @@ command fails, and so does an unmarked command that does not run. A block that s
 script file, not commands to type, and is not collected.
 
 Besides exit status 0, a command must leave what the docs say: a run its `thresholds.json` (or the
-eval's `metrics.json`) in its `out_dir`, `shards` its `index.json`, `dymu_lightning.assets` the weights
-and photos in `DYMU_CACHE`, `ls`/`show`/`check` their listing, resolved config or `PATH: ok`, and
-any text after `# prints:` in its comment.
+eval's `metrics.json`) in its `out_dir`, `shards` its `index.json`, `assets` the weights and photos in
+`DYMU_CACHE`, `ls`/`show`/`check` their listing, resolved config or `PATH: ok`, any text after
+`# prints:` in its comment, and the file its comment says it `writes`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ MARKER_BODY = re.compile(
 # A command of ours: `-m dymu_lightning` (python, .venv/bin/python, torchrun) or the `dymu` script.
 OURS = re.compile(r"(?:^|\s)-m\s+dymu_lightning\b|(?:^|[\s;&|(])dymu(?:\s|$)")
 PRINTS = re.compile(r"#\s*prints:\s*(?P<text>.+?)\s*$")
+WRITES = re.compile(r"#.*\bwrites:?\s+(?P<path>[\w./$-]+)")
 
 
 @dataclass
@@ -185,31 +186,32 @@ def expected(command: Command, cwd: Path) -> tuple[list[Path], list[str]]:
     else:
         module, args = "dymu_lightning", words[words.index("dymu") + 1 :]
     texts = [m["text"]] if (m := PRINTS.search(command.text)) else []
+    files = [cwd / os.path.expandvars(m["path"])] if (m := WRITES.search(command.text)) else []
     if module == "dymu_lightning.eval.next_token":
         out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), "runs/next_token")
         out = args[args.index("--out") + 1] if "--out" in args else out
-        return [cwd / out / "metrics.json"], texts
-    if module == "dymu_lightning.assets":  # docs/assets.md: what lands in $DYMU_CACHE
-        return [CACHE / "dinov2-vits14" / "config.json", CACHE / "images" / "skimage" / "astronaut.png"], texts
+        return [*files, cwd / out / "metrics.json"], texts
     if module != "dymu_lightning":
-        return [], texts
+        return files, texts
     sub = args[0] if args and "=" not in args[0] else "run"  # `recipe=... key=value`: run the recipe
+    if sub == "assets":  # docs/assets.md: what lands in $DYMU_CACHE
+        return [*files, CACHE / "dinov2-vits14" / "config.json", CACHE / "images" / "skimage" / "astronaut.png"], texts
     if sub == "ls":
-        return [], [*texts, "recipes:", "backbones:"]
+        return files, [*texts, "recipes:", "backbones:"]
     if sub == "show":
-        return [], [*texts, "task:", "out_dir:"]
-    if sub == "check":
-        return [], [*texts, ": ok"]
+        return files, [*texts, "task:", "out_dir:"]
+    if sub == "check" and "--help" not in args:
+        return files, [*texts, ": ok"]
     if sub == "shards":
-        return [cwd / args[2] / "index.json"], texts
+        return [*files, cwd / args[2] / "index.json"], texts
     if sub != "run":
-        return [], texts
+        return files, texts
     from dymu_lightning.config.recipes import load_recipe
 
     recipe = next(a.split("=", 1)[1] for a in args if a.startswith("recipe="))
     config = load_recipe(recipe, [a for a in args if not a.startswith("recipe=")]).config
     written = "metrics.json" if config.task == "eval_encoder" else "thresholds.json"
-    return [cwd / config.out_dir / written], texts
+    return [*files, cwd / config.out_dir / written], texts
 
 
 @pytest.mark.parametrize("command", command_params())
