@@ -8,12 +8,15 @@ comparison is exact, ties and ``-inf`` edges included.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from dymu_lightning.core import local_batch_cut
 from dymu_lightning.core.calibration import GlobalBatchCut
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Few distinct values, so that ties (also across images and ranks) are common; -inf: protected or
 # padding tokens, which have no edge.

@@ -22,6 +22,8 @@ from PIL import Image
 
 from dymu_lightning.data import GlobalBatchShards, ShardIndex, ShardInfo, local_slice, num_steps, read_index
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @st.composite
 def splits(draw, max_shards: int, max_per_shard: int) -> dict:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dymu_lightning.core import TokenLayout
 from dymu_lightning.core.vtu import VirtualLayout
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----- TokenLayout ----------------------------------------------------------------------------------------------------
 

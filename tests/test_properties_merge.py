@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from dymu_lightning.core import BlockParts, MergePolicy, TokenState, bipartite_edges, merge_tokens, run_blocks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 5e-6}
 
