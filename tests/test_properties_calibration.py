@@ -8,12 +8,17 @@ comparison is exact, ties and ``-inf`` edges included.
 
 from __future__ import annotations
 
+import threading
+from functools import cache
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from dymu_lightning.core import local_batch_cut
+from dymu_lightning.backbones import get_backbone
+from dymu_lightning.core import MergePolicy, local_batch_cut
 from dymu_lightning.core.calibration import GlobalBatchCut
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,3 +100,122 @@ def test_global_cut_equals_the_single_process_cut_for_any_split(batch):
         else:
             assert merged <= images * r
             event("tie at the cut")
+
+
+# ----- the whole encoder, ranks emulated by threads -------------------------------------------------------------------
+
+
+class ThreadGroup:
+    """``world`` ranks as threads of this process, with an all-gather that behaves like the real one:
+    every rank blocks until all have contributed, then gets everybody's tensors in rank order."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.slots: list[torch.Tensor | None] = [None] * world
+        self.barrier = threading.Barrier(world, timeout=120)
+
+    def gather(self, rank: int):
+        def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()  # everybody has written
+            gathered = torch.cat(self.slots)
+            self.barrier.wait()  # everybody has read: the slots may be reused
+            return gathered
+
+        return all_gather
+
+    def run(self, work) -> list:
+        results: list = [None] * self.world
+        errors: list[BaseException] = []
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = work(rank, self.gather(rank))
+            except BaseException as error:  # surface it in the test, and release the other ranks
+                errors.append(error)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+@cache
+def _tiny_vit():
+    backbone = get_backbone("timm_vit")
+    torch.manual_seed(0)
+    model = backbone.build(backbone.tiny_configs()[0].config).double().eval()
+    return backbone, model, model.patch_embed.img_size[0]
+
+
+def _images(seeds: list[int], size: int) -> torch.Tensor:
+    """Smooth (even seed) and noisy (odd seed) images, ``[n, 3, S, S]`` float64."""
+    out = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        if seed % 2 == 0:
+            coarse = torch.randn(1, 3, 2 + seed % 3, 2 + seed % 3, generator=generator, dtype=torch.float64)
+            out.append(F.interpolate(coarse, size=size, mode="bilinear")[0])
+        else:
+            out.append(torch.randn(3, size, size, generator=generator, dtype=torch.float64))
+    return torch.stack(out)
+
+
+@st.composite
+def calibration_splits(draw) -> dict:
+    """Distinct images (repeats would tie edges exactly at the cut) dealt to ranks in any order."""
+    world = draw(st.integers(1, 3))
+    local = draw(st.integers(1, 3))
+    images = draw(st.integers(1, world * local))
+    return {
+        "world": world,
+        "local": local,
+        "seeds": draw(st.lists(st.integers(0, 40), min_size=images, max_size=images, unique=True)),
+        "slots": draw(st.permutations(range(world * local))),
+        "r": draw(st.lists(st.integers(0, 12), min_size=3, max_size=3)),
+    }
+
+
+@settings(max_examples=max(3, settings.default.max_examples // 3))
+@given(split=calibration_splits())
+def test_calibration_thresholds_and_counts_do_not_depend_on_the_split(split):
+    """DyMU's calibration rule over the global batch (top B*r edges per layer, threshold = best edge
+    left), run by W emulated ranks through the real encoder, equals one process on the whole batch."""
+    backbone, model, size = _tiny_vit()
+    world, local, r = split["world"], split["local"], split["r"]
+    pixels = _images(split["seeds"], size)
+    images = pixels.shape[0]
+
+    def calibrate(x: torch.Tensor, cut=None) -> tuple[dict, torch.Tensor]:
+        found = {}
+        record = lambda merges: found.__setitem__(merges.layer, float(merges.batch_threshold))  # noqa: E731
+        policy = MergePolicy(mode="batch_topk", r=r, batch_cut=cut, on_layer=record)
+        with torch.no_grad():
+            return found, backbone.merged_forward(model, x, policy).tokens_per_layer
+
+    whole_thresholds, whole_counts = calibrate(pixels)
+    # rank-major rows: image i in row slots[i]; the other rows are padding (zero images, not valid)
+    rows = torch.zeros(world * local, *pixels.shape[1:], dtype=pixels.dtype)
+    valid = torch.zeros(world * local, dtype=torch.bool)
+    rows[list(split["slots"][:images])] = pixels
+    valid[list(split["slots"][:images])] = True
+
+    def rank_work(rank: int, gather) -> tuple[dict, torch.Tensor]:
+        part = slice(rank * local, (rank + 1) * local)
+        return calibrate(rows[part], GlobalBatchCut(r, valid[part], images, gather=gather))
+
+    results = ThreadGroup(world).run(rank_work)
+    counts = torch.cat([c for _, c in results])[valid]  # the real images, in row order
+    order = sorted(range(images), key=lambda i: split["slots"][i])
+    assert torch.equal(counts, whole_counts[order]), "an image's token counts depend on the split"
+    # each layer merged the batch's B * r best edges, unevenly over its images (no ties here)
+    assert (whole_counts[:, :-1] - whole_counts[:, 1:]).sum(dim=0).tolist() == [images * k for k in r]
+    for thresholds, _ in results:  # every rank records the same thresholds, the single-process ones
+        assert thresholds.keys() == whole_thresholds.keys()
+        for layer, value in whole_thresholds.items():
+            assert thresholds[layer] == pytest.approx(value, abs=1e-12)
