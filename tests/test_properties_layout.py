@@ -8,12 +8,15 @@ and the VTU mean of identical integer copies is exact in float64.
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests_support import FAMILIES, TINY, naive_reference
 
+from dymu_lightning.backbones.hf_llm import vtu_forward
 from dymu_lightning.core import TokenLayout
 from dymu_lightning.core.vtu import VirtualLayout
 
@@ -205,3 +208,27 @@ def test_causal_mask_sees_earlier_valid_positions_and_never_nothing(layout):
             expected = [(j <= i and valid[b][j]) or (j == i and not valid[b][i]) for j in range(length)]
             assert mask[b, 0, i].tolist() == expected
     assert mask.any(dim=-1).all()  # no empty softmax row
+
+
+@cache
+def _language_model(family: str) -> torch.nn.Module:
+    config_class, model_class = FAMILIES[family]
+    torch.manual_seed(0)
+    return model_class(config_class(**TINY, attn_implementation="eager")).double().eval()
+
+
+@settings(max_examples=max(3, settings.default.max_examples // 3))
+@given(layout=virtual_layouts(), family=st.sampled_from(sorted(FAMILIES)), seed=st.integers(0, 2**16))
+def test_vtu_equals_the_naive_reference_for_any_layout(layout, family, seed):
+    """What the layouts are for: VTU over rows equals expanding them, the host's own attention with
+    RoPE at the virtual positions, and the mean per row (method.md §4.5), for random groups, several
+    images per sample, padding on either side and batch > 1."""
+    model = _language_model(family)
+    rows = torch.randn(*layout.expand.shape[:1], layout.num_rows, TINY["hidden_size"], dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    with torch.no_grad():
+        ours = vtu_forward(model, rows, layout)
+        reference = naive_reference(model, rows, layout)
+    used = layout.counts() > 0
+    # the host's eager attention takes its softmax in float32: float32 tolerances
+    torch.testing.assert_close(ours[used], reference[used], rtol=1e-5, atol=1e-6)
