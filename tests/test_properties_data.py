@@ -32,8 +32,8 @@ def splits(draw, max_shards: int, max_per_shard: int) -> dict:
     counts = draw(st.lists(st.integers(0, max_per_shard), min_size=1, max_size=max_shards).filter(lambda c: sum(c) > 0))
     world = draw(st.integers(1, 4))
     global_batch = world * draw(st.integers(1, 3))
-    max_samples = draw(st.none() | st.integers(1, sum(counts)))
-    used = sum(counts) if max_samples is None else max_samples
+    max_samples = draw(st.none() | st.integers(1, sum(counts) + 2))  # a cap above the total changes nothing
+    used = sum(counts) if max_samples is None else min(max_samples, sum(counts))
     return {
         "counts": counts,
         "world": world,
@@ -63,7 +63,7 @@ def _dataset(index, split: dict, rank: int, **kwargs) -> GlobalBatchShards:
 
 
 def _expected_samples(split: dict) -> list[int]:
-    used = sum(split["counts"]) if split["max_samples"] is None else split["max_samples"]
+    used = sum(split["counts"]) if split["max_samples"] is None else min(split["max_samples"], sum(split["counts"]))
     return list(range(split["start_step"] * split["global_batch"], used))
 
 
