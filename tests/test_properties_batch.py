@@ -92,11 +92,12 @@ def test_an_image_merges_the_same_in_any_batch(name, config_name, data):
     backbone, model, size, thresholds = _model(name, config_name)
     compositions = data.draw(two_batches())
     policy = data.draw(policies(thresholds), label="policy")
+    backend = data.draw(st.sampled_from(["sdpa", "eager"]), label="backend")
     results = {}  # recipe -> (composition, result) of its first occurrence
     with torch.no_grad():
         for which, batch in enumerate(compositions):
             pixels = torch.stack([_image(recipe, size) for recipe in batch])
-            merged = backbone.merged_forward(model, pixels, policy)
+            merged = backbone.merged_forward(model, pixels, policy, backend=backend)
             event("variable lengths" if len(set(merged.lengths.tolist())) > 1 else "equal lengths")
             if len(batch) == 1:
                 event("an image alone")

@@ -118,16 +118,16 @@ def _png(i: int) -> bytes:
     return buffer.getvalue()
 
 
-def _write_tars(folder: Path, counts: list[int], extra_member: bool) -> None:
+def _write_tars(folder: Path, counts: list[int], extra_member: bool, corrupt: set[int]) -> None:
     """One tar per entry of ``counts`` (an empty one for 0), webdataset style: ``s<i>.png`` per sample,
-    with a ``s<i>.txt`` beside it when ``extra_member``."""
+    with a ``s<i>.txt`` beside it when ``extra_member``; the PNGs of ``corrupt`` are truncated."""
     from webdataset import TarWriter
 
     number = 0
     for shard, count in enumerate(counts):
         with open(folder / f"part-{shard:03d}.tar", "wb") as stream, TarWriter(stream, encoder=False) as writer:
             for i in range(number, number + count):
-                sample = {"__key__": f"s{i}", "png": _png(i)}
+                sample = {"__key__": f"s{i}", "png": _png(i)[: 20 if i in corrupt else None]}
                 if extra_member:
                     sample["txt"] = f"caption {i}".encode()
                 writer.write(sample)
@@ -139,18 +139,22 @@ def _pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
 
 
-@given(split=splits(max_shards=4, max_per_shard=4), extra_member=st.booleans(), probe=st.booleans())
-def test_real_shards_give_every_sample_once_whatever_the_split(split, extra_member, probe):
+@given(split=splits(max_shards=4, max_per_shard=4), extra_member=st.booleans(), probe=st.booleans(), data=st.data())
+def test_real_shards_give_every_sample_once_whatever_the_split(split, extra_member, probe, data):
+    """Undecodable samples are read once too: their rows keep their index, flagged not valid."""
     pytest.importorskip("webdataset")
     world, local, workers = split["world"], split["global_batch"] // split["world"], split["workers"]
+    # sample 0 always decodes, so that a batch without a real row can borrow its shape (probe)
+    corrupt = data.draw(st.sets(st.integers(1, max(1, sum(split["counts"]) - 1))), label="corrupt")
     seen: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
-        _write_tars(Path(tmp), split["counts"], extra_member)
+        _write_tars(Path(tmp), split["counts"], extra_member, corrupt)
         index = read_index(Path(tmp))  # no index.json: the tars are scanned, as for foreign shards
         assert [shard.count for shard in index.shards] == split["counts"]
         for rank in range(world):
             # without image_shape, a batch with no real row borrows the first decodable image's shape
             dataset = _dataset(index, split, rank, transform=_pixels, image_shape=None if probe else (3, 1, 1))
+            read_here: list[int] = []
             if workers == 1:
                 batches = list(dataset)
             else:  # what DataLoader workers yield, in the order the loader hands them out
@@ -166,10 +170,12 @@ def test_real_shards_give_every_sample_once_whatever_the_split(split, extra_memb
                     i if i < dataset.num_samples else -1
                     for i in local_slice(batch["step"], split["global_batch"], rank, world)
                 ]
-                assert torch.equal(valid, indices >= 0)
+                assert valid.tolist() == [i >= 0 and i not in corrupt for i in indices.tolist()]
                 for row, i in zip(pixels[valid], indices[valid].tolist(), strict=True):
                     assert row.flatten().tolist() == list(_colour(i)), f"row {i} holds another sample's image"
                     assert dataset.key(i) == f"s{i}"
                 assert (pixels[~valid] == 0).all()
-                seen += indices[valid].tolist()
+                read_here += indices[indices >= 0].tolist()
+            assert sorted(key for _, key, _ in dataset.skipped) == sorted(f"s{i}" for i in read_here if i in corrupt)
+            seen += read_here
     assert sorted(seen) == _expected_samples(split)

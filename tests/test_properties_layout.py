@@ -122,7 +122,8 @@ def samples(draw) -> tuple[list[int], list[bool], int]:
 
 @st.composite
 def virtual_layouts(draw) -> VirtualLayout:
-    """A batch of 1..3 samples padded on the right to one length; ``num_rows`` is the largest sample's."""
+    """A batch of 1..3 samples padded on the right to one length; ``num_rows`` is the largest sample's
+    (or one more). RoPE positions count every position, or the valid ones only."""
     batch = draw(st.lists(samples(), min_size=1, max_size=3))
     length = max(len(e) for e, _, _ in batch)
     num_rows = max(r for _, _, r in batch) + draw(st.integers(0, 1))  # possibly a row nobody uses
@@ -131,8 +132,12 @@ def virtual_layouts(draw) -> VirtualLayout:
         pad = length - len(e)
         expand.append(e + [rows] * pad if rows < num_rows else e + [0] * pad)
         valid.append(v + [False] * pad)
-    positions = torch.tensor([list(range(length))] * len(batch))
-    return VirtualLayout(torch.tensor(expand), positions, torch.tensor(valid), num_rows)
+    valid = torch.tensor(valid)
+    if draw(st.booleans()):  # 0..N-1, as without position_ids
+        positions = torch.arange(length).expand(len(batch), -1)
+    else:  # counted over the valid positions only, as generate() does for left padding
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    return VirtualLayout(torch.tensor(expand), positions, valid, num_rows)
 
 
 def _members(layout: VirtualLayout, b: int, row: int) -> list[int]:
