@@ -93,11 +93,13 @@ def test_an_image_merges_the_same_in_any_batch(name, config_name, data):
     compositions = data.draw(two_batches())
     policy = data.draw(policies(thresholds), label="policy")
     backend = data.draw(st.sampled_from(["sdpa", "eager"]), label="backend")
+    layers = len(thresholds)  # all of them, with the final norm, or LLaVA-style the first few without
+    num_blocks = data.draw(st.none() | st.integers(1, layers), label="num_blocks")
     results = {}  # recipe -> (composition, result) of its first occurrence
     with torch.no_grad():
         for which, batch in enumerate(compositions):
             pixels = torch.stack([_image(recipe, size) for recipe in batch])
-            merged = backbone.merged_forward(model, pixels, policy, backend=backend)
+            merged = backbone.merged_forward(model, pixels, policy, backend=backend, num_blocks=num_blocks)
             event("variable lengths" if len(set(merged.lengths.tolist())) > 1 else "equal lengths")
             if len(batch) == 1:
                 event("an image alone")

@@ -120,7 +120,7 @@ def _png(i: int) -> bytes:
 
 def _write_tars(folder: Path, counts: list[int], extra_member: bool, corrupt: set[int]) -> None:
     """One tar per entry of ``counts`` (an empty one for 0), webdataset style: ``s<i>.png`` per sample,
-    with a ``s<i>.txt`` beside it when ``extra_member``; the PNGs of ``corrupt`` are truncated."""
+    with ``s<i>.cls`` and ``s<i>.txt`` around it when ``extra_member``; the PNGs of ``corrupt`` are truncated."""
     from webdataset import TarWriter
 
     number = 0
@@ -128,7 +128,8 @@ def _write_tars(folder: Path, counts: list[int], extra_member: bool, corrupt: se
         with open(folder / f"part-{shard:03d}.tar", "wb") as stream, TarWriter(stream, encoder=False) as writer:
             for i in range(number, number + count):
                 sample = {"__key__": f"s{i}", "png": _png(i)[: 20 if i in corrupt else None]}
-                if extra_member:
+                if extra_member:  # non-image members before and after the image (TarWriter sorts fields)
+                    sample["cls"] = str(i).encode()
                     sample["txt"] = f"caption {i}".encode()
                 writer.write(sample)
         number += count
