@@ -16,12 +16,13 @@ from hypothesis import settings
 from dymu_lightning.backbones import get_backbone, list_backbones
 from dymu_lightning.thresholds import batch_thresholds
 
-# Property tests (tests/test_properties*.py). "ci", the default, is reproducible: the same examples on
-# every run and machine, no example database written, no per-example deadline (a shared 2-core runner
-# is slow in bursts). "thorough" draws fresh random examples, many more of them; select it with
-# HYPOTHESIS_PROFILE=thorough or pytest's --hypothesis-profile=thorough (docs/development.md).
+# Property tests (tests/test_properties_*.py). "ci", the default, is reproducible: the same examples on
+# every run and machine, no per-example deadline (a shared 2-core runner is slow in bursts). "thorough"
+# draws 20 times as many fresh random examples; select it with HYPOTHESIS_PROFILE=thorough or pytest's
+# --hypothesis-profile=thorough (docs/development.md). Neither writes an example database into the
+# checkout: a failure prints the example and a @reproduce_failure blob instead.
 settings.register_profile("ci", derandomize=True, database=None, max_examples=25, deadline=None, print_blob=True)
-settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True)
+settings.register_profile("thorough", database=None, max_examples=500, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
