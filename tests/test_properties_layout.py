@@ -18,7 +18,7 @@ from tests_support import FAMILIES, TINY, naive_reference
 
 from dymu_lightning.backbones.hf_llm import vtu_forward
 from dymu_lightning.core import TokenLayout
-from dymu_lightning.core.vtu import VirtualLayout
+from dymu_lightning.core.vtu import CompactKVCache, VirtualLayout, decode_attention, vtu_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -237,3 +237,42 @@ def test_vtu_equals_the_naive_reference_for_any_layout(layout, family, seed):
     used = layout.counts() > 0
     # the host's eager attention takes its softmax in float32: float32 tolerances
     torch.testing.assert_close(ours[used], reference[used], rtol=1e-5, atol=1e-6)
+
+
+def _rope_tables(positions: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, N, dim]`` cos and sin in the Llama convention, float64."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    angles = positions.double()[..., None] * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@given(layout=virtual_layouts(), new=st.integers(1, 3), gqa=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_decoding_from_compact_rows_equals_prefilling_the_longer_sequence(layout, new, gqa, seed):
+    """Generation: the next tokens' attention over the cached rows (keys rotated per position as they
+    are read) equals their rows in one VTU prefill of the prompt and the new tokens together."""
+    batch, length = layout.expand.shape
+    longer = layout.extend(layout.positions[:, -1:] + 1 + torch.arange(new))
+    heads, dim = 2 * gqa, 4
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, longer.num_rows, heads, dim, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(batch, longer.num_rows, 2, dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    cos, sin = _rope_tables(longer.positions, dim)
+    prefill, _, _ = vtu_attention(q, k, v, longer, cos, sin, scale=dim**-0.5)
+    decoded = decode_attention(q[:, -new:], k, v, longer, cos, sin, scale=dim**-0.5)
+    torch.testing.assert_close(decoded, prefill[:, -new:], rtol=0, atol=1e-12)
+
+
+@given(layout=virtual_layouts(), data=st.data())
+def test_reordering_the_batch_reorders_the_layout(layout, data):
+    """Beam search reorders (and repeats) samples: the cache's layout maps follow its rows."""
+    batch = layout.expand.shape[0]
+    index = torch.tensor(data.draw(st.lists(st.integers(0, batch - 1), min_size=1, max_size=4), label="index"))
+    cache = CompactKVCache(layout)
+    rows = torch.randint(-1000, 1000, (batch, layout.num_rows, 2)).double()
+    cache.store(0, rows[:, :, None], rows[:, :, None])
+    cache.select(index)
+    assert torch.equal(cache.keys[0][:, :, 0], rows[index])
+    assert torch.equal(cache.layout.to_positions(rows[index]), layout.to_positions(rows)[index])
+    assert torch.equal(cache.layout.counts(), layout.counts()[index])
+    assert torch.equal(cache.layout.valid, layout.valid[index])
