@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from dymu_lightning.core import BlockParts, MergePolicy, TokenState, bipartite_edges, merge_tokens, run_blocks
@@ -55,9 +55,9 @@ def _check_groups(x0: torch.Tensor, num_prefix: int, tokens, sizes, lengths, gro
 def merge_runs(draw) -> dict:
     """A batch, its prefix, and per layer the probability that an eligible edge merges."""
     return {
-        "batch": draw(st.integers(1, 4)),
-        "length": draw(st.integers(2, 14)),
-        "num_prefix": draw(st.integers(0, 2)),
+        "batch": draw(st.integers(1, 5)),
+        "length": draw(st.integers(1, 20)),
+        "num_prefix": draw(st.integers(0, 2)),  # every token when the image is that short
         "channels": draw(st.integers(1, 4)),
         "dtype": draw(st.sampled_from([torch.float64, torch.float32])),
         "rates": draw(st.lists(st.sampled_from([0.0, 0.3, 0.7, 1.0]), min_size=1, max_size=5)),
@@ -69,7 +69,7 @@ def merge_runs(draw) -> dict:
 def test_merge_tokens_keeps_group_means_and_sizes(run):
     """Random keys, random subsets of the eligible edges merging, layer after layer."""
     generator = torch.Generator().manual_seed(run["seed"])
-    batch, length, num_prefix = run["batch"], run["length"], min(run["num_prefix"], run["length"] - 1)
+    batch, length, num_prefix = run["batch"], run["length"], min(run["num_prefix"], run["length"])
     x0 = torch.randn(batch, length, run["channels"], generator=generator).to(run["dtype"])
     state = TokenState.start(x0, num_prefix)
     for rate in run["rates"]:
@@ -107,15 +107,16 @@ def _identity_blocks(layers: int, heads: int, channels: int) -> list[BlockParts]
 
 @st.composite
 def policies(draw, layers: int) -> MergePolicy:
+    """Any mode and caps; the simplest choices (which a derandomized run tries first) merge something."""
     mode = draw(st.sampled_from(["threshold", "fixed_r", "batch_topk"]))
     caps = {
-        "max_merges": draw(st.none() | st.integers(0, 4)),
+        "max_merges": draw(st.none() | st.integers(1, 4) | st.just(0)),
         "min_tokens": draw(st.none() | st.integers(0, 12)),
     }
     if mode == "threshold":
-        values = st.none() | st.floats(-1.0, 1.0, allow_nan=False)
+        values = st.floats(-1.0, 0.9, allow_nan=False) | st.none()  # None: the layer never merges
         return MergePolicy(thresholds=draw(st.lists(values, min_size=layers, max_size=layers)), **caps)
-    r = draw(st.integers(0, 6) | st.lists(st.integers(0, 6), min_size=layers, max_size=layers))
+    r = draw(st.integers(1, 6) | st.lists(st.integers(0, 6), min_size=layers, max_size=layers))
     return MergePolicy(mode=mode, r=r, **caps)
 
 
@@ -123,9 +124,9 @@ def policies(draw, layers: int) -> MergePolicy:
 def encoder_runs(draw) -> dict:
     layers = draw(st.integers(1, 4))
     return {
-        "batch": draw(st.integers(1, 4)),
-        "length": draw(st.integers(2, 16)),
-        "num_prefix": draw(st.integers(0, 2)),
+        "batch": draw(st.integers(1, 5)),
+        "length": draw(st.integers(1, 16)),
+        "num_prefix": draw(st.integers(0, 2)),  # every token when the image is that short
         "heads": draw(st.sampled_from([1, 2])),
         "layers": layers,
         "policy": draw(policies(layers)),
@@ -134,12 +135,11 @@ def encoder_runs(draw) -> dict:
     }
 
 
-@settings(max_examples=max(5, settings.default.max_examples // 2))
 @given(run=encoder_runs())
 def test_identity_blocks_leave_each_token_the_mean_of_its_group(run):
     """The whole merged forward (``run_blocks``), every merge mode and cap, with identity blocks."""
     batch, length, layers, heads = run["batch"], run["length"], run["layers"], run["heads"]
-    num_prefix = min(run["num_prefix"], length - 1)
+    num_prefix = min(run["num_prefix"], length)
     channels = 2 * heads
     x0 = torch.randn(batch, length, channels, generator=torch.Generator().manual_seed(run["seed"]))
     x0 = x0.double()
