@@ -16,7 +16,7 @@ import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from dymu_lightning.core import BlockParts, MergePolicy, TokenState, bipartite_edges, merge_tokens, run_blocks
+from dymu_lightning.core import BlockParts, Edges, MergePolicy, TokenState, bipartite_edges, merge_tokens, run_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,3 +168,60 @@ def test_identity_blocks_leave_each_token_the_mean_of_its_group(run):
     assert torch.equal(out.packed, out.tokens[mask])
     assert (out.tokens[~mask] == 0).all() and (out.sizes[~mask] == 0).all()
     _check_groups(x0, num_prefix, out.tokens, out.sizes, out.lengths, out.group)
+
+
+# ----- which edges merge ----------------------------------------------------------------------------------------------
+
+scores_with_ties = st.sampled_from([float("-inf"), 0.0, 0.5, 0.9]) | st.floats(-1.0, 1.0)
+
+
+@st.composite
+def layer_decisions(draw) -> dict:
+    batch, edges = draw(st.integers(1, 4)), draw(st.integers(1, 6))
+    return {
+        "scores": draw(
+            st.lists(st.lists(scores_with_ties, min_size=edges, max_size=edges), min_size=batch, max_size=batch)
+        ),
+        "lengths": draw(st.lists(st.integers(2 * edges - 1, 2 * edges), min_size=batch, max_size=batch)),
+        "mode": draw(st.sampled_from(["threshold", "fixed_r", "batch_topk"])),
+        "threshold": draw(st.sampled_from([0.0, 0.5]) | st.floats(-1.0, 1.0)),
+        "r": draw(st.integers(0, 7)),
+        "max_merges": draw(st.none() | st.integers(0, 6)),
+        "min_tokens": draw(st.none() | st.integers(0, 12)),
+    }
+
+
+@given(case=layer_decisions())
+def test_each_image_merges_a_prefix_of_its_own_ranking(case):
+    """Per image: rank the edges by score, ties to the earlier A token; merge those above the threshold,
+    or the image's r best that can merge, or those above the batch's top-k cut; at most ``max_merges``,
+    and never below ``min_tokens`` tokens."""
+    scores = torch.tensor(case["scores"], dtype=torch.float64)
+    edges = Edges(scores, torch.zeros_like(scores, dtype=torch.long))
+    policy = MergePolicy(
+        mode=case["mode"],
+        thresholds=[case["threshold"]],
+        r=case["r"],
+        max_merges=case["max_merges"],
+        min_tokens=case["min_tokens"],
+    )
+    lengths = torch.tensor(case["lengths"])
+    merge = policy.select(0, edges, lengths).merge
+    for b, row in enumerate(case["scores"]):
+        ranking = sorted(range(len(row)), key=lambda a: (-row[a], a))
+        if case["mode"] == "threshold":
+            chosen = [a for a in ranking if row[a] > case["threshold"]]
+        elif case["mode"] == "batch_topk":  # above the batch's (k+1)-th best score, k = B * r
+            pooled = sorted((s for image in case["scores"] for s in image), reverse=True)
+            k = len(case["scores"]) * case["r"]
+            cut = pooled[k] if k < len(pooled) else float("-inf")
+            chosen = [a for a in ranking if row[a] > cut]
+        else:
+            chosen = [a for a in ranking[: case["r"]] if row[a] > float("-inf")]
+        cap = len(row)
+        if case["max_merges"] is not None:
+            cap = min(cap, case["max_merges"])
+        if case["min_tokens"] is not None:
+            cap = min(cap, max(0, case["lengths"][b] - case["min_tokens"]))
+        expected = sorted(a for a in chosen if ranking.index(a) < cap)
+        assert merge[b].nonzero().flatten().tolist() == expected
