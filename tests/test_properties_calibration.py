@@ -3,7 +3,9 @@
 The processes are emulated in one: each "rank" runs :class:`GlobalBatchCut` on its share once to
 produce what it would send, then once more with a gather that returns everybody's payloads, which is
 what ``all_gather`` hands back. The cut is a value of the pooled scores (the (k+1)-th best), so the
-comparison is exact, ties and ``-inf`` edges included.
+comparison is exact, ties and ``-inf`` edges included. Then the whole rule through a real tiny
+encoder, its ranks run as threads with a blocking all-gather: the thresholds (to 1e-12, float64) and
+every image's token counts (exactly) do not depend on the split.
 """
 
 from __future__ import annotations

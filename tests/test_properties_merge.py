@@ -3,8 +3,9 @@
 With a block that is the identity, every token is the mean of the original tokens of its group, and
 its size is the size of that group (DyMU / ToMe: a size-weighted mean of size-weighted means is the
 plain mean of the originals). Sums of sizes are exact; the means are checked to 1e-12 in float64
-(5e-6 relative in float32). Driven through the public entry points only: ``TokenState.start``,
-``bipartite_edges`` and ``merge_tokens``, and ``run_blocks`` with identity blocks.
+(5e-6 in float32). Driven through the public entry points only: ``TokenState.start``,
+``bipartite_edges`` and ``merge_tokens``, and ``run_blocks`` with identity blocks. Last, which edges
+merge: ``MergePolicy.select`` against a ranking written out in Python.
 """
 
 from __future__ import annotations
