@@ -11,9 +11,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import settings
 
 from dymu_lightning.backbones import get_backbone, list_backbones
 from dymu_lightning.backbones.thresholds import batch_thresholds
+
+# Property tests (tests/test_properties_*.py). "ci", the default, is reproducible: the same examples on
+# every run and machine, no per-example deadline (a shared 2-core runner is slow in bursts). "thorough"
+# draws 20 times as many fresh random examples; select it with HYPOTHESIS_PROFILE=thorough or pytest's
+# --hypothesis-profile=thorough (docs/development.md). Neither writes an example database into the
+# checkout: a failure prints the example and a @reproduce_failure blob instead.
+settings.register_profile("ci", derandomize=True, database=None, max_examples=25, deadline=None, print_blob=True)
+settings.register_profile("thorough", database=None, max_examples=500, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def tiny_cases() -> list:
@@ -56,6 +66,17 @@ class Tiny:
         """Thresholds found on ``pixels`` by the batch top-k rule, nudged up by 1e-6: a batch
         threshold *is* an edge's score, and a tie at the threshold would let rounding decide."""
         return [t + 1e-6 for t in batch_thresholds(self.backbone, self.model, pixels, r)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module (the property tests opt in): tiny tensors gain nothing from
+    threads, and on a loaded 2-core machine two spinning OpenMP threads per process made the property
+    tests' forwards about 7x slower in wall-clock time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=tiny_cases())
