@@ -18,8 +18,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from dymu_lightning.backbones import get_backbone, list_backbones
+from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergedTokens, MergePolicy
-from dymu_lightning.thresholds import batch_thresholds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
