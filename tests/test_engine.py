@@ -227,3 +227,79 @@ def test_merge_step_runs_under_fake_tensor_mode():
         state = CapacityState.start(torch.randn(3, 9, 4), num_prefix=1)
         after = merge_step(state, torch.randint(0, 4, (3, 5)), torch.rand(3, 5) < 0.5)
     assert after.x.shape == (27, 4) and after.lengths.shape == (3,)
+
+
+# 8. The CUDA-only pieces' logic, on the CPU. --------------------------------------------------------------
+def _fake_varlen(with_scale: bool):
+    """A CPU stand-in for ``varlen_attn``: bias-free SDPA per segment of ``cu_seqlens`` (with the
+    kernel's default scale ``dw ** -0.5`` when, as before torch 2.12, it takes no ``scale``)."""
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        out = torch.zeros_like(q)
+        bounds = cu_q.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            segment = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(*segment, scale=scale).transpose(0, 1)
+        return out
+
+    if with_scale:
+
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, num_splits=None):
+            return attend(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+
+    else:
+
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k):
+            return attend(q, k, v, cu_q, cu_k, max_q, max_k)
+
+    return varlen_attn
+
+
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_varlen_call_with_widened_heads_equals_grid_reference(monkeypatch, with_scale):
+    import torch.nn.attention.varlen as varlen_module
+
+    from dymu_lightning.core import packed_attention
+    from dymu_lightning.core.packed_attention import grid_attention, grid_slots, varlen_attention
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", _fake_varlen(with_scale))
+    packed_attention._varlen_options.cache_clear()
+    try:
+        torch.manual_seed(0)
+        lengths, spare, heads, head_dim = [5, 9, 2], 4, 2, 8
+        state = CapacityState(
+            x=torch.zeros(16 + spare, 1),
+            sizes=torch.cat([torch.randint(1, 5, (16,)).float(), torch.zeros(spare)]),
+            image=torch.cat([torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)), torch.full((spare,), 3)]),
+            position=torch.cat([torch.arange(n) for n in lengths] + [torch.arange(spare)]),
+            lengths=torch.tensor(lengths),
+            group=torch.zeros(3, 1, dtype=torch.long),
+            max_len=11,  # an upper bound, as after a lagged shrink
+        )
+        q, k, v = (torch.randn(state.capacity, heads, head_dim, dtype=torch.float64) for _ in range(3))
+        scale = head_dim**-0.5
+        slots = grid_slots(state.image, state.position, state.batch, state.max_len)
+        args = (state.sizes, slots, state.image, state.position, state.valid_mask(), scale)
+        expected = grid_attention(q, k, v, *args)
+        out = varlen_attention(q, k, v, state.sizes, state.cu_seqlens(), state.max_len, scale)
+        assert (out[:16] - expected[:16]).abs().max() <= 1e-12
+    finally:
+        packed_attention._varlen_options.cache_clear()
+
+
+def test_graph_cache_captures_once_per_policy_and_shape():
+    from dymu_lightning.core.cuda_graph import GraphCache, can_capture, policy_key
+
+    captured = []
+
+    def capture(loop, example):
+        captured.append(tuple(example.shape))
+        return loop
+
+    cache = GraphCache(capture=capture)
+    loop = lambda x: (x, x.sum())  # noqa: E731
+    a, b = MergePolicy(thresholds=[0.5, 0.7]), MergePolicy(thresholds=[0.5, 0.8])
+    for policy, shape in [(a, (1, 5, 3)), (a, (1, 5, 3)), (b, (1, 5, 3)), (a, (2, 5, 3))]:
+        cache.run(policy_key(policy, ("model",)), loop, torch.zeros(shape))
+    assert captured == [(1, 5, 3), (1, 5, 3), (2, 5, 3)]
+    assert not can_capture(a, torch.zeros(1, 5, 3))  # CPU: never

@@ -15,7 +15,7 @@ on ``[Tc, C]`` rows, attention runs per image over the packed rows
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from dymu_lightning.core.attention import Backend, attention
 from dymu_lightning.core.capacity import CapacityState, LaggedCounts, merge_step
+from dymu_lightning.core.cuda_graph import GraphCache, can_capture, policy_key
 from dymu_lightning.core.layout import TokenLayout
 from dymu_lightning.core.matching import bipartite_edges
 from dymu_lightning.core.packed_attention import (
@@ -113,6 +114,8 @@ def run_blocks(
     backend: Backend = "sdpa",
     path: EnginePath = "auto",
     counts_reader: LaggedCounts | None = None,
+    graphs: GraphCache | None = None,
+    graph_key: Hashable = None,
 ) -> MergedTokens:
     """Run ``blocks`` on embedded tokens, merging as ``policy`` says.
 
@@ -125,12 +128,21 @@ def run_blocks(
         backend: attention backend, ``"sdpa"`` or ``"eager"``.
         path: ``"dynamic"``, ``"static"`` or ``"auto"`` (see :func:`choose_path`).
         counts_reader: how late counts reach the host on the dynamic path (default: as soon as ready).
+        graphs: where the static path keeps its CUDA graphs (None: never capture). ``graph_key``
+            names what else fixes a graph besides the policy and the input (the model, the blocks).
 
     The blocks run without a host read; building the returned :class:`MergedTokens` (exact host
     sizes) reads the final counts once, unless nothing merged.
     """
     static = choose_path(path, x.shape[0], x.device) == "static"
-    state, counts = run_capacity_blocks(x, blocks, policy, num_prefix, backend, static, counts_reader)
+    if static and graphs is not None and can_capture(policy, x):
+
+        def loop(x: Tensor) -> tuple[CapacityState, Tensor]:
+            return run_capacity_blocks(x, blocks, policy, num_prefix, backend, static=True)
+
+        state, counts = graphs.run(policy_key(policy, (graph_key, backend)), loop, x)
+    else:
+        state, counts = run_capacity_blocks(x, blocks, policy, num_prefix, backend, static, counts_reader)
     return merged_tokens(state, counts, num_prefix, final)
 
 

@@ -14,6 +14,9 @@ attention on it:
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -144,10 +147,30 @@ def varlen_attention(
     from torch.nn.attention.varlen import varlen_attn
 
     head_dim = q.shape[-1]
+    options = _varlen_options()
+    kernel_scale = scale
+    if "scale" not in options:  # torch 2.10/2.11: the kernel applies dw ** -0.5; rescale q to match
+        kernel_scale = widened_head_dim(head_dim) ** -0.5
     q_w, k_w, v_w = widen_heads(q, k, v, sizes, scale)
-    # num_splits=1: one sequence's output does not depend on its batch-mates.
-    out = varlen_attn(q_w, k_w, v_w, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, num_splits=1)
+    if kernel_scale != scale:
+        q_w = q_w * (scale / kernel_scale)
+        q_w[..., head_dim] = 1.0
+        k_w[..., head_dim] = k_w[..., head_dim] * (scale / kernel_scale)
+    kwargs = {}
+    if "scale" in options:
+        kwargs["scale"] = scale
+    if "num_splits" in options:
+        kwargs["num_splits"] = 1  # one sequence's output does not depend on its batch-mates
+    out = varlen_attn(q_w, k_w, v_w, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
     return out[..., :head_dim]
+
+
+@functools.cache
+def _varlen_options() -> frozenset[str]:
+    """Keyword arguments this torch's ``varlen_attn`` accepts (they grew between 2.10 and 2.12)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def widened_dense_attention(q: Tensor, k: Tensor, v: Tensor, sizes: Tensor, scale: float) -> Tensor:
