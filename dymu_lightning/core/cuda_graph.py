@@ -8,6 +8,7 @@ once per (model, policy, batch shape, dtype) and replayed with one launch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import fields, replace
 
@@ -81,9 +82,14 @@ class GraphCache:
         self.graphs: dict[Hashable, Callable[[Tensor], tuple[CapacityState, Tensor]]] = {}
 
     def run(self, key: Hashable, loop: StaticLoop, x: Tensor) -> tuple[CapacityState, Tensor]:
-        full_key = (key, tuple(x.shape), x.dtype, x.device)
+        # Buffers made in inference mode cannot be written outside it: one graph per mode.
+        full_key = (key, tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled())
         if full_key not in self.graphs:
-            self.graphs[full_key] = self.capture(loop, x)
+            try:
+                self.graphs[full_key] = self.capture(loop, x)
+            except RuntimeError as error:  # e.g. a kernel this torch cannot capture: stay correct, eager
+                warnings.warn(f"CUDA graph capture failed, the static path runs eagerly: {error}", stacklevel=2)
+                self.graphs[full_key] = loop
         return self.graphs[full_key](x)
 
 

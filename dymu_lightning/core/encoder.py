@@ -234,7 +234,7 @@ def _attention_branch(
         q_g, k_g, v_g = (t.view(batch, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         out = attention(q_g, k_g, v_g, parts.scale, None, backend).transpose(1, 2)
         out = out.reshape(state.capacity, -1)
-    elif backend == "sdpa" and varlen_available(q.device):
+    elif backend == "sdpa" and varlen_available(q.device, q.dtype):
         out = varlen_attention(q, k, v, state.sizes, state.cu_seqlens(), state.max_len, parts.scale).flatten(1)
     else:
         valid = state.valid_mask()

@@ -118,9 +118,13 @@ def grid_attention(
     return out.transpose(1, 2)[image.clamp(max=batch - 1), position.clamp(max=max_len - 1)]
 
 
-def varlen_available(device: torch.device) -> bool:
-    """True where ``varlen_attn`` has a kernel: CUDA, torch >= 2.10."""
-    if device.type != "cuda":
+#: What the flash and cuDNN varlen kernels take; float32/float64 stay on the grid reference.
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where ``varlen_attn`` has a kernel: CUDA, half precision, torch >= 2.10."""
+    if device.type != "cuda" or dtype not in VARLEN_DTYPES:
         return False
     try:
         import torch.nn.attention.varlen  # noqa: F401
