@@ -13,6 +13,11 @@ engine before capacity buffers) at each budget, interleaved with the current one
     python benchmarks/encoder_speed.py                       # CPU: ViT-B/16-224 and ViT-L/14-336, batch 1 and 16
     python benchmarks/encoder_speed.py --geometry b16_224 --batch 16 --repeats 5
     python benchmarks/encoder_speed.py --geometry b16_224 --batch 16 1 --compare-padded
+    python benchmarks/encoder_speed.py --device cuda --dtype bfloat16 --geometry l14_336 --batch 1 64 \
+        --paths dynamic static --compare-padded
+
+"--paths" adds the 33% budget with the engine's path forced (merged_forward picks one by itself:
+static, replayed as a CUDA graph, for CUDA batches up to STATIC_BATCH_CUTOFF, else dynamic).
     python benchmarks/encoder_speed.py --device cuda --dtype bfloat16 --geometry siglip_b16_384 l14_336 --batch 1 64
 
 Prints a markdown table and writes it, with the raw numbers as JSON, next to --out.
@@ -148,6 +153,7 @@ def run_geometry(
     dtype: torch.dtype,
     compare_padded: bool = False,
     budgets: tuple[float, ...] = BUDGETS,
+    paths: tuple[str, ...] = (),
 ) -> list[Row]:
     backbone = get_backbone("timm_vit")
     model_name, kwargs = GEOMETRIES[name]
@@ -180,10 +186,10 @@ def run_geometry(
         # Every batch size sees the same images, as consecutive batches of that size.
         chunks = images.split(batch)
 
-        def run(policy, chunks=chunks):
+        def run(policy, chunks=chunks, path="auto"):
             if policy is None:
                 return [backbone.stock_features(model, chunk) for chunk in chunks]
-            return [backbone.merged_forward(model, chunk, policy) for chunk in chunks]
+            return [backbone.merged_forward(model, chunk, policy, path=path) for chunk in chunks]
 
         def run_padded(policy, chunks=chunks):
             prefix = backbone.num_prefix_tokens(model)
@@ -205,6 +211,8 @@ def run_geometry(
             variants = {variant: partial(run, policy) for variant, policy in policies.items()}
             variants["token-drop limit (33%)"] = run_limit
             variants.update({variant: partial(run_padded, policies[of]) for variant, of in padded.items()})
+            for path in paths:  # the engine's paths forced, at the limit's budget
+                variants[f"{limit_of}, {path} path"] = partial(run, policies[limit_of], path=path)
             seconds = timed(variants, repeats, device)
             stock_counts = torch.full((len(images), layers + 1), full)
             stock_flops = encoder_flops(stock_counts, channels, mlp_ratio)
@@ -216,6 +224,7 @@ def run_geometry(
                 if policy is not None:
                     counts_of[variant] = torch.cat([out.tokens_per_layer.cpu() for out in run(policy)])
             counts_of.update({variant: counts_of[of] for variant, of in padded.items()})
+            counts_of.update({f"{limit_of}, {path} path": counts_of[limit_of] for path in paths})
             for variant in variants:
                 counts = counts_of[variant]
                 final = counts[:, -1].double()
@@ -253,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--geometry", nargs="+", default=["b16_224", "l14_336"], choices=sorted(GEOMETRIES))
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--compare-padded", action="store_true", help="also time the padded engine")
+    parser.add_argument("--paths", nargs="*", default=[], choices=["dynamic", "static"], help="force engine paths")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="fractions of tokens left")
     add_run_arguments(parser, "encoder_speed")
     args = parser.parse_args(argv)
@@ -264,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     rows = []
     for geometry in args.geometry:
-        budgets = tuple(args.budgets)
-        rows += run_geometry(geometry, args.batch, args.repeats, device, dtype, args.compare_padded, budgets)
+        options = (args.compare_padded, tuple(args.budgets), tuple(args.paths))
+        rows += run_geometry(geometry, args.batch, args.repeats, device, dtype, *options)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table = "\n".join([HEADER, *(_format_row(row) for row in rows)])
