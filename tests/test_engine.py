@@ -303,3 +303,9 @@ def test_graph_cache_captures_once_per_policy_and_shape():
         cache.run(policy_key(policy, ("model",)), loop, torch.zeros(shape))
     assert captured == [(1, 5, 3), (1, 5, 3), (2, 5, 3)]
     assert not can_capture(a, torch.zeros(1, 5, 3))  # CPU: never
+
+
+def test_merged_forward_names_an_unknown_path(tiny):
+    backbone, model, pixels, thresholds = tiny
+    with pytest.raises(ValueError, match=r"unknown engine path 'fast'; expected one of \('auto', 'dynamic'"):
+        backbone.merged_forward(model, pixels[:1], MergePolicy(thresholds=thresholds), path="fast")
