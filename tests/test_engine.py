@@ -309,3 +309,16 @@ def test_merged_forward_names_an_unknown_path(tiny):
     backbone, model, pixels, thresholds = tiny
     with pytest.raises(ValueError, match=r"unknown engine path 'fast'; expected one of \('auto', 'dynamic'"):
         backbone.merged_forward(model, pixels[:1], MergePolicy(thresholds=thresholds), path="fast")
+
+
+def test_a_reused_reader_forgets_the_previous_forward(tiny):
+    """Counts still pending from another batch must not shrink this one's buffers."""
+    backbone, model, pixels, thresholds = tiny
+    policy = MergePolicy(thresholds=thresholds)
+    reader = LaggedCounts()
+    reader.request(torch.tensor([1, 1]))  # a stale (total 2, longest 1) that would cut every image
+    with torch.no_grad():
+        reused = _run(run_blocks, backbone, model, pixels, policy, counts_reader=reader)
+        fresh = _run(run_blocks, backbone, model, pixels, policy)
+    assert torch.equal(reused.tokens_per_layer, fresh.tokens_per_layer)
+    assert torch.equal(reused.tokens, fresh.tokens)

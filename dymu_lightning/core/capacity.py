@@ -177,6 +177,11 @@ class LaggedCounts:
     #: how many host reads of counts happened (each one non-blocking: the copy had finished)
     reads: int = 0
 
+    def start(self) -> None:
+        """Forget pending copies: a new forward begins."""
+        self.pending.clear()
+        self.since_shrink = 0
+
     def request(self, lengths: Tensor) -> None:
         """Start the copy of ``(lengths.sum(), lengths.max())`` right after a merge."""
         stats = torch.stack([lengths.sum(), lengths.max()])

@@ -163,6 +163,8 @@ def run_capacity_blocks(
     """
     state = CapacityState.start(x, num_prefix)
     reader = None if static else (counts_reader or LaggedCounts())
+    if reader is not None:
+        reader.start()  # counts from an earlier forward bound nothing here
     counts = [state.lengths]
     for layer, parts in enumerate(blocks):
         state = _maybe_shrink(state, reader)
