@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dymu_lightning.core.capacity import CapacityState
-from dymu_lightning.core.packed_attention import grid_attention, grid_slots, varlen_attention
+from dymu_lightning.core.packed_attention import grid_attention, varlen_attention
 
 
 def packed_batch(batch: int, heads: int, head_dim: int, full: int, dtype: torch.dtype, seed: int = 0):
@@ -40,7 +40,7 @@ def packed_batch(batch: int, heads: int, head_dim: int, full: int, dtype: torch.
     sizes = torch.cat([_sizes(int(n), full, generator) for n in lengths])
     total = int(lengths.sum())
     device = torch.device("cuda")
-    state = CapacityState(
+    state = CapacityState.from_rows(
         x=torch.zeros(total, 1, device=device),
         sizes=sizes.to(device),
         image=torch.arange(batch).repeat_interleave(lengths).to(device),
@@ -104,8 +104,7 @@ def kernels(args: argparse.Namespace) -> list[str]:
     dtype = getattr(torch, args.dtype)
     state, q, k, v = packed_batch(args.batch, args.heads, args.head_dim, args.full, dtype)
     scale = args.head_dim**-0.5
-    slots = grid_slots(state.image, state.position, state.batch, state.max_len)
-    grid_args = (state.sizes, slots, state.image, state.position, state.valid_mask(), scale)
+    grid_args = (state.sizes, state.slot, state.batch, state.max_len, scale)
     cu_seqlens = state.cu_seqlens()
     exact = grid_attention(q.double(), k.double(), v.double(), *grid_args)
 

@@ -94,7 +94,7 @@ def test_merge_step_with_dead_rows_equals_exact_merge():
     group = torch.randint(0, 5, (3, 12))
     exact = TokenState(x, sizes.float(), layout, group)
     # The same batch in a buffer with spare dead rows (garbage values, size 0) and a wider grid.
-    capacity = CapacityState(
+    capacity = CapacityState.from_rows(
         x=torch.cat([x, torch.full((spare, channels), float("nan"), dtype=torch.float64)]),
         sizes=torch.cat([sizes.float(), torch.zeros(spare)]),
         image=torch.cat([layout.batch_index, torch.full((spare,), 3)]),
@@ -260,14 +260,14 @@ def test_varlen_call_with_widened_heads_equals_grid_reference(monkeypatch, with_
     import torch.nn.attention.varlen as varlen_module
 
     from dymu_lightning.core import packed_attention
-    from dymu_lightning.core.packed_attention import grid_attention, grid_slots, varlen_attention
+    from dymu_lightning.core.packed_attention import grid_attention, varlen_attention
 
     monkeypatch.setattr(varlen_module, "varlen_attn", _fake_varlen(with_scale))
     packed_attention._varlen_options.cache_clear()
     try:
         torch.manual_seed(0)
         lengths, spare, heads, head_dim = [5, 9, 2], 4, 2, 8
-        state = CapacityState(
+        state = CapacityState.from_rows(
             x=torch.zeros(16 + spare, 1),
             sizes=torch.cat([torch.randint(1, 5, (16,)).float(), torch.zeros(spare)]),
             image=torch.cat([torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)), torch.full((spare,), 3)]),
@@ -278,8 +278,7 @@ def test_varlen_call_with_widened_heads_equals_grid_reference(monkeypatch, with_
         )
         q, k, v = (torch.randn(state.capacity, heads, head_dim, dtype=torch.float64) for _ in range(3))
         scale = head_dim**-0.5
-        slots = grid_slots(state.image, state.position, state.batch, state.max_len)
-        args = (state.sizes, slots, state.image, state.position, state.valid_mask(), scale)
+        args = (state.sizes, state.slot, state.batch, state.max_len, scale)
         expected = grid_attention(q, k, v, *args)
         out = varlen_attention(q, k, v, state.sizes, state.cu_seqlens(), state.max_len, scale)
         assert (out[:16] - expected[:16]).abs().max() <= 1e-12

@@ -403,12 +403,12 @@ def test_bfloat16_image_result_is_independent_of_batch_mates_on_cuda(tiny):
 def test_varlen_widened_heads_equal_bias_path_on_cuda():
     """bfloat16 varlen with widened heads is as close to a float64 reference as the bias path."""
     from dymu_lightning.core.capacity import CapacityState
-    from dymu_lightning.core.packed_attention import grid_attention, grid_slots, varlen_attention
+    from dymu_lightning.core.packed_attention import grid_attention, varlen_attention
 
     torch.manual_seed(0)
     lengths, heads, head_dim = [200, 17, 577, 130], 16, 64
     total = sum(lengths)
-    state = CapacityState(
+    state = CapacityState.from_rows(
         x=torch.zeros(total + 32, 1, device=CUDA),
         sizes=torch.cat([torch.randint(1, 300, (total,)).float(), torch.zeros(32)]).to(CUDA),
         image=torch.cat([torch.repeat_interleave(torch.arange(4), torch.tensor(lengths)), torch.full((32,), 4)]).to(
@@ -421,8 +421,7 @@ def test_varlen_widened_heads_equal_bias_path_on_cuda():
     )
     q, k, v = (torch.randn(state.capacity, heads, head_dim, device=CUDA) for _ in range(3))
     scale = head_dim**-0.5
-    slots = grid_slots(state.image, state.position, state.batch, state.max_len)
-    args = (state.sizes, slots, state.image, state.position, state.valid_mask(), scale)
+    args = (state.sizes, state.slot, state.batch, state.max_len, scale)
     exact = grid_attention(q.double(), k.double(), v.double(), *args)[:total]
     half = [t.bfloat16() for t in (q, k, v)]
     bias = grid_attention(*half, *args)[:total].double()

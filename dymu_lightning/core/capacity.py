@@ -3,7 +3,7 @@
 Merging only removes tokens, so any count read earlier is an upper bound for every later layer. The
 batch therefore lives in buffers of ``Tc`` rows (a host int that is *some* upper bound on the live
 total), with per-image lengths kept on the device. Live rows come first, image after image in raster
-order; the rows after them are dead (size 0, image index ``B``). Dead rows cost position-wise FLOPs
+order; the rows after them are dead (size 0, grid slot ``B * Lc``). Dead rows cost position-wise FLOPs
 but never change a live result: no op mixes rows except the merge scatter, which sends them to a
 trash row, and attention, which gives them no weight.
 
@@ -27,8 +27,8 @@ class CapacityState:
     Attributes:
         x: ``[Tc, C]`` rows; live rows first.
         sizes: ``[Tc]`` float32, original tokens each row stands for; 0 for dead rows.
-        image: ``[Tc]`` long, each row's image; ``B`` for dead rows.
-        position: ``[Tc]`` long, each live row's position within its image (dead rows: anything).
+        slot: ``[Tc]`` long, each row's cell ``b * Lc + p`` in the padded ``[B, Lc]`` grid (image b,
+            position p); ``B * Lc``, one past the grid, for dead rows.
         lengths: ``[B]`` long, live tokens per image (on the device).
         group: ``[B, N0]`` long, for each original patch the position of the token representing it.
         max_len: ``Lc``, a host upper bound on ``lengths.max()``.
@@ -37,8 +37,7 @@ class CapacityState:
 
     x: Tensor
     sizes: Tensor
-    image: Tensor
-    position: Tensor
+    slot: Tensor
     lengths: Tensor
     group: Tensor
     max_len: int
@@ -52,13 +51,31 @@ class CapacityState:
         return cls(
             x=x.reshape(batch * length, channels),
             sizes=torch.ones(batch * length, dtype=torch.float32, device=device),
-            image=torch.arange(batch, device=device).repeat_interleave(length, output_size=batch * length),
-            position=torch.arange(length, device=device).repeat(batch),
+            slot=torch.arange(batch * length, device=device),
             lengths=torch.full((batch,), length, dtype=torch.long, device=device),
             group=torch.arange(num_prefix, length, device=device).expand(batch, -1),
             max_len=length,
             dense=True,
         )
+
+    @classmethod
+    def from_rows(
+        cls, x: Tensor, sizes: Tensor, image: Tensor, position: Tensor, lengths: Tensor, group: Tensor, max_len: int
+    ) -> CapacityState:
+        """A state from each row's image (``B`` = dead) and position (tests, benchmarks)."""
+        batch = lengths.shape[0]
+        slot = torch.where(image < batch, image * max_len + position, batch * max_len)
+        return cls(x=x, sizes=sizes, slot=slot, lengths=lengths, group=group, max_len=max_len)
+
+    @property
+    def image(self) -> Tensor:
+        """``[Tc]`` long, each row's image; ``B`` for dead rows."""
+        return torch.div(self.slot, self.max_len, rounding_mode="floor")
+
+    @property
+    def position(self) -> Tensor:
+        """``[Tc]`` long, each live row's position in its image (0 for dead rows)."""
+        return self.slot % self.max_len
 
     @property
     def batch(self) -> int:
@@ -83,11 +100,13 @@ class CapacityState:
         capacity, max_len = min(capacity, self.capacity), min(max_len, self.max_len)
         if capacity == self.capacity and max_len == self.max_len:
             return self
+        slot = self.slot[:capacity]
+        if max_len != self.max_len:  # the same cells in a narrower grid; dead rows stay one past it
+            slot = self.image[:capacity] * max_len + self.position[:capacity]
         return CapacityState(
             x=self.x[:capacity],
             sizes=self.sizes[:capacity],
-            image=self.image[:capacity],
-            position=self.position[:capacity],
+            slot=slot,
             lengths=self.lengths,
             group=self.group,
             max_len=max_len,
@@ -95,20 +114,21 @@ class CapacityState:
         )
 
 
-def merge_step(state: CapacityState, partner: Tensor, merge: Tensor) -> CapacityState:
+def merge_step(state: CapacityState, partner: Tensor, merge: Tensor, valid: Tensor | None = None) -> CapacityState:
     """Merge the selected A tokens into their B partners, with no host read.
 
     Args:
         state: the batch before the merge (needs ``Lc >= 2``).
         partner: ``[B, Na]`` long, each A token's B partner (index among the B tokens).
         merge: ``[B, Na]`` bool, the A tokens that merge.
+        valid: ``state.valid_mask()``, if the caller has it already.
 
     Returns:
         The batch after the merge, in buffers of the same capacity and ``Lc``. Each token is the
         size-weighted mean of what merged into it, survivors keep their raster order.
     """
     batch, max_len, capacity = state.batch, state.max_len, state.capacity
-    keep = state.valid_mask()
+    keep = (state.valid_mask() if valid is None else valid).clone()
     keep[:, 0::2] &= ~merge
     # Survivors close ranks in raster order; merged A tokens follow their partner.
     new_position = keep.long().cumsum(dim=-1) - 1  # [B, Lc]
@@ -118,9 +138,9 @@ def merge_step(state: CapacityState, partner: Tensor, merge: Tensor) -> Capacity
     new_lengths = keep.sum(dim=-1)
     new_starts = new_lengths.cumsum(0) - new_lengths
 
-    live = state.image < batch
-    image, position = state.image.clamp(max=batch - 1), state.position.clamp(max=max_len - 1)
-    row = torch.where(live, new_starts[image] + destination[image, position], capacity)  # dead -> trash row
+    # Each grid cell's new row, and one more cell, past the grid, that sends dead rows to a trash row.
+    cell_row = torch.nn.functional.pad((new_starts[:, None] + destination).flatten(), (0, 1), value=capacity)
+    row = cell_row[state.slot]
 
     # One scatter carries the size-weighted sums and the sizes, accumulated in at least float32
     # (bf16 sums of several tokens lose the weights' precision).
@@ -133,15 +153,14 @@ def merge_step(state: CapacityState, partner: Tensor, merge: Tensor) -> Capacity
     # Rows nobody lands in are dead: size 0, value 0 (the clamp only guards the division).
     x = (summed[:, :channels] / sizes.clamp(min=1.0)[:, None]).to(state.x.dtype)
 
-    boundaries = new_lengths.cumsum(0)
-    rows = torch.arange(capacity, device=row.device)
-    new_image = torch.searchsorted(boundaries, rows, right=True)  # == B past the last live row
-    new_position = rows - (boundaries - new_lengths).gather(0, new_image.clamp(max=batch - 1))
+    # The new rows' grid cells: each kept cell (b, p) writes b * Lc + its new position to its new row.
+    kept_row = torch.where(keep, new_starts[:, None] + new_position, capacity).flatten()
+    cell = torch.arange(batch, device=keep.device)[:, None] * max_len + new_position
+    slot = torch.full((capacity + 1,), batch * max_len, device=keep.device).scatter_(0, kept_row, cell.flatten())
     return CapacityState(
         x=x,
         sizes=sizes.float(),
-        image=new_image,
-        position=new_position,
+        slot=slot[:capacity],
         lengths=new_lengths,
         group=destination.gather(1, state.group),
         max_len=max_len,

@@ -29,7 +29,6 @@ from dymu_lightning.core.layout import TokenLayout
 from dymu_lightning.core.matching import bipartite_edges
 from dymu_lightning.core.packed_attention import (
     grid_attention,
-    grid_slots,
     scatter_to_grid,
     varlen_attention,
     varlen_available,
@@ -168,20 +167,20 @@ def run_capacity_blocks(
     counts = [state.lengths]
     for layer, parts in enumerate(blocks):
         state = _maybe_shrink(state, reader)
-        slots = None if state.dense else grid_slots(state.image, state.position, state.batch, state.max_len)
-        branch, keys = _attention_branch(parts, state, slots, backend)
+        branch, keys = _attention_branch(parts, state, backend)
         state = replace(state, x=state.x + branch)
         if policy.merges_at(layer) and state.max_len >= 2:
             keys = keys.mean(dim=1)  # [Tc, d], the similarity metric
-            if slots is None:
+            if state.dense:
                 keys = keys.view(state.batch, state.max_len, -1)
             else:
-                keys = scatter_to_grid(keys, slots, state.batch, state.max_len)
-            edges = bipartite_edges(keys, state.valid_mask(), num_prefix)
+                keys = scatter_to_grid(keys, state.slot, state.batch, state.max_len)
+            valid = state.valid_mask()
+            edges = bipartite_edges(keys, valid, num_prefix)
             decision = policy.select(layer, edges, state.lengths)
             if policy.on_layer is not None:
                 policy.on_layer(decision)
-            state = merge_step(state, edges.partner, decision.merge)
+            state = merge_step(state, edges.partner, decision.merge, valid)
             if reader is not None:
                 reader.request(state.lengths)
                 state = _maybe_shrink(state, reader)  # before the MLP, when the count is already there
@@ -220,9 +219,7 @@ def merged_tokens(
     )
 
 
-def _attention_branch(
-    parts: BlockParts, state: CapacityState, slots: Tensor | None, backend: Backend
-) -> tuple[Tensor, Tensor]:
+def _attention_branch(parts: BlockParts, state: CapacityState, backend: Backend) -> tuple[Tensor, Tensor]:
     """The attention residual branch on the buffer's rows.
 
     Returns:
@@ -239,7 +236,6 @@ def _attention_branch(
     elif backend == "sdpa" and varlen_available(q.device, q.dtype):
         out = varlen_attention(q, k, v, state.sizes, state.cu_seqlens(), state.max_len, parts.scale).flatten(1)
     else:
-        valid = state.valid_mask()
-        out = grid_attention(q, k, v, state.sizes, slots, state.image, state.position, valid, parts.scale, backend)
-        out = out.flatten(1)
+        grid = (state.batch, state.max_len)
+        out = grid_attention(q, k, v, state.sizes, state.slot, *grid, parts.scale, backend).flatten(1)
     return parts.attn_out(out), k

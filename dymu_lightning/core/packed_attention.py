@@ -65,13 +65,6 @@ def widen_heads(q: Tensor, k: Tensor, v: Tensor, sizes: Tensor, scale: float) ->
     return widened[0], widened[1], widened[2]
 
 
-def grid_slots(image: Tensor, position: Tensor, batch: int, max_len: int) -> Tensor:
-    """``[T]`` long, each row's index in a flattened ``[B * Lc + 1]`` grid; dead rows (``image == B``)
-    go to the last, trash slot."""
-    live = image < batch
-    return torch.where(live, image * max_len + position.clamp(max=max_len - 1), batch * max_len)
-
-
 def scatter_to_grid(packed: Tensor, slots: Tensor, batch: int, max_len: int) -> Tensor:
     """``[T, *F]`` -> ``[B, Lc, *F]``, zeros where no live row lands (one scatter, no host read)."""
     features = packed.shape[1:]
@@ -86,9 +79,8 @@ def grid_attention(
     v: Tensor,
     sizes: Tensor,
     slots: Tensor,
-    image: Tensor,
-    position: Tensor,
-    valid: Tensor,
+    batch: int,
+    max_len: int,
     scale: float,
     backend: Backend = "sdpa",
 ) -> Tensor:
@@ -97,25 +89,24 @@ def grid_attention(
     Args:
         q, k, v: ``[T, H, d]`` packed rows.
         sizes: ``[T]`` row sizes (0 = dead row).
-        slots: ``[T]`` from :func:`grid_slots`.
-        image, position: ``[T]`` each row's image (``B`` = dead) and position in it.
-        valid: ``[B, Lc]`` bool, the grid cells that hold live rows.
+        slots: ``[T]`` each row's grid cell ``b * Lc + p``; ``B * Lc`` for dead rows.
+        batch, max_len: the grid ``[B, Lc]``; ``Lc`` may exceed the longest image.
         scale: logit scale.
 
     Returns:
         ``[T, H, d]``; dead rows hold a copy of some live row's output (never read as live data).
     """
-    batch, max_len = valid.shape
     heads, head_dim = q.shape[1:]
+    cells = batch * max_len
     # One zero-filled buffer for q, k and v: the padding is written once, not three times.
-    stacked = q.new_zeros(batch * max_len + 1, 3, heads, head_dim)
+    stacked = q.new_zeros(cells + 1, 3, heads, head_dim)
     for slot, tensor in enumerate((q, k, v)):
         stacked[:, slot].index_copy_(0, slots, tensor)
     q_g, k_g, v_g = stacked[:-1].view(batch, max_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    log_sizes = scatter_to_grid(sizes.to(q.dtype).log(), slots, batch, max_len)
-    bias = log_sizes.masked_fill(~valid, float("-inf"))[:, None, None, :]  # keys past an image's end: -inf
-    out = attention(q_g, k_g, v_g, scale, bias, backend)  # [B, H, Lc, d]
-    return out.transpose(1, 2)[image.clamp(max=batch - 1), position.clamp(max=max_len - 1)]
+    # Empty cells keep size 0, so their key bias is log 0 = -inf: padding masks itself.
+    bias = scatter_to_grid(sizes.to(q.dtype), slots, batch, max_len).log()[:, None, None, :]
+    out = attention(q_g, k_g, v_g, scale, bias, backend).transpose(1, 2)  # [B, Lc, H, d]
+    return out.reshape(cells, heads, head_dim)[slots.clamp(max=cells - 1)]
 
 
 #: What the flash and cuDNN varlen kernels take; float32/float64 stay on the grid reference.
