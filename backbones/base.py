@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import types
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,8 +21,12 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dymu_lightning.core import BACKENDS, BlockParts, MergedTokens, MergePolicy, run_blocks
+from dymu_lightning.core.cuda_graph import GraphCache
+from dymu_lightning.core.encoder import PATHS
 
 PATCH_ATTRIBUTE = "_dymu_patch"
+# The static path's CUDA graphs, per model; an entry goes when its model does.
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, GraphCache] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class Backbone(ABC):
         policy: MergePolicy,
         backend: str = "sdpa",
         num_blocks: int | None = None,
+        path: str = "auto",
     ) -> MergedTokens:
         """Run the encoder with DToMe, without patching the model.
 
@@ -120,7 +126,11 @@ class Backbone(ABC):
             backend: ``"sdpa"`` or ``"eager"`` attention.
             num_blocks: run only the first ``num_blocks`` blocks and skip the final norm (e.g.
                 LLaVA's penultimate-layer features); None runs them all and applies the final norm.
+            path: the engine's ``"dynamic"`` or ``"static"`` path, or ``"auto"`` (static, replayed
+                as a CUDA graph, for CUDA batches up to ``STATIC_BATCH_CUTOFF``).
         """
+        if path not in PATHS:
+            raise ValueError(f"unknown engine path {path!r}; expected one of {PATHS}")
         blocks = self.blocks(model)
         self._check(policy, backend, len(blocks))
         final = self.final_norm(model)
@@ -137,6 +147,9 @@ class Backbone(ABC):
             num_prefix=self.num_prefix_tokens(model),
             final=final,
             backend=backend,
+            path=path,
+            graphs=_GRAPHS.setdefault(model, GraphCache()) if pixels.device.type == "cuda" else None,
+            graph_key=(num_blocks, next(model.parameters()).data_ptr()),
         )
 
     def patch(

@@ -4,8 +4,20 @@ All variants run in one process on the same images, so ratios are comparable eve
 machine. Token counts vary per image as real photos make them: thresholds for each budget are
 found on the photos themselves (batch top-k rule), then every run uses threshold mode.
 
+"token-drop limit" runs the stock blocks on the per-layer token counts DToMe reaches at the 33%
+budget (each layer keeps the batch's mean count per image, dropping the rest; no matching or
+merging work): the speed-up a merged encoder could reach if merging were free.
+"--compare-padded" adds the padded engine (exact shapes, one host sync per merging layer, the
+engine before capacity buffers) at each budget, interleaved with the current one.
+
     python benchmarks/encoder_speed.py                       # CPU: ViT-B/16-224 and ViT-L/14-336, batch 1 and 16
     python benchmarks/encoder_speed.py --geometry b16_224 --batch 16 --repeats 5
+    python benchmarks/encoder_speed.py --geometry b16_224 --batch 16 1 --compare-padded
+    python benchmarks/encoder_speed.py --device cuda --dtype bfloat16 --geometry l14_336 --batch 1 64 \
+        --paths dynamic static --compare-padded
+
+"--paths" adds the 33% budget with the engine's path forced (merged_forward picks one by itself:
+static, replayed as a CUDA graph, for CUDA batches up to STATIC_BATCH_CUTOFF, else dynamic).
     python benchmarks/encoder_speed.py --device cuda --dtype bfloat16 --geometry siglip_b16_384 l14_336 --batch 1 64
 
 Prints a markdown table and writes it, with the raw numbers as JSON, next to --out.
@@ -31,6 +43,7 @@ from PIL import Image
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
+from dymu_lightning.core.padded_engine import run_blocks_padded
 
 GEOMETRIES = {
     # name: (timm model, kwargs)
@@ -39,6 +52,7 @@ GEOMETRIES = {
     "siglip_b16_384": ("vit_base_patch16_siglip_384", {}),
 }
 BUDGETS = (0.66, 0.33, 0.15)  # fraction of the tokens left after the last block
+LIMIT_BUDGET = 0.33  # the budget whose token counts the token-drop limit replays
 
 
 @dataclass
@@ -119,7 +133,28 @@ def timed(variants: dict[str, Callable[[], object]], repeats: int, device: torch
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run_geometry(name: str, batches: list[int], repeats: int, device: torch.device, dtype: torch.dtype) -> list[Row]:
+def token_drop_forward(model: torch.nn.Module, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The stock timm blocks on ``x`` (``[B, N, C]`` embedded tokens), keeping the first ``counts[l]``
+    tokens of every image before block l's attention and ``counts[l + 1]`` before its MLP, where
+    DToMe merges. ``counts``: ``num_blocks + 1`` host ints."""
+    for layer, block in enumerate(model.blocks):
+        x = x[:, : counts[layer]]
+        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+        x = x[:, : counts[layer + 1]]
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return model.norm(x)
+
+
+def run_geometry(
+    name: str,
+    batches: list[int],
+    repeats: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    compare_padded: bool = False,
+    budgets: tuple[float, ...] = BUDGETS,
+    paths: tuple[str, ...] = (),
+) -> list[Row]:
     backbone = get_backbone("timm_vit")
     model_name, kwargs = GEOMETRIES[name]
     torch.manual_seed(0)
@@ -134,10 +169,16 @@ def run_geometry(name: str, batches: list[int], repeats: int, device: torch.devi
     full = backbone.embed(model, pixels_all[:1]).shape[1]
 
     policies = {"stock": None, "patched, +inf": MergePolicy(thresholds=[math.inf] * layers)}
-    for budget in BUDGETS:
+    padded = {}  # variant -> the DToMe variant whose policy the padded engine runs
+    for budget in sorted(set(budgets) | {LIMIT_BUDGET}, reverse=True):
         r = round((1 - budget) * (full - backbone.num_prefix_tokens(model)) / layers)
         thresholds = batch_thresholds(backbone, model, pixels_all, r)
-        policies[f"DToMe {round(budget * 100)}% (r={r})"] = MergePolicy(thresholds=thresholds)
+        variant = f"DToMe {round(budget * 100)}% (r={r})"
+        policies[variant] = MergePolicy(thresholds=thresholds)
+        if budget == LIMIT_BUDGET:
+            limit_of = variant
+        if compare_padded:
+            padded[f"{variant}, padded engine"] = variant
 
     rows = []
     images = pixels_all[: max(batches)]
@@ -145,19 +186,47 @@ def run_geometry(name: str, batches: list[int], repeats: int, device: torch.devi
         # Every batch size sees the same images, as consecutive batches of that size.
         chunks = images.split(batch)
 
-        def run(policy, chunks=chunks):
+        def run(policy, chunks=chunks, path="auto"):
             if policy is None:
                 return [backbone.stock_features(model, chunk) for chunk in chunks]
-            return [backbone.merged_forward(model, chunk, policy) for chunk in chunks]
+            return [backbone.merged_forward(model, chunk, policy, path=path) for chunk in chunks]
+
+        def run_padded(policy, chunks=chunks):
+            prefix = backbone.num_prefix_tokens(model)
+            final = backbone.final_norm(model)
+            blocks = backbone.blocks(model)
+            return [run_blocks_padded(backbone.embed(model, chunk), blocks, policy, prefix, final) for chunk in chunks]
 
         with torch.inference_mode():
-            seconds = timed({variant: partial(run, policy) for variant, policy in policies.items()}, repeats, device)
+            # The token-drop limit replays, chunk by chunk, the mean per-layer counts DToMe reached.
+            limit_counts = [out.tokens_per_layer.cpu() for out in run(policies[limit_of])]
+            means = [counts.double().mean(0).round().long().tolist() for counts in limit_counts]
+
+            def run_limit(chunks=chunks, means=means):
+                return [
+                    token_drop_forward(model, backbone.embed(model, chunk), mean)
+                    for chunk, mean in zip(chunks, means, strict=True)
+                ]
+
+            variants = {variant: partial(run, policy) for variant, policy in policies.items()}
+            variants["token-drop limit (33%)"] = run_limit
+            variants.update({variant: partial(run_padded, policies[of]) for variant, of in padded.items()})
+            for path in paths:  # the engine's paths forced, at the limit's budget
+                variants[f"{limit_of}, {path} path"] = partial(run, policies[limit_of], path=path)
+            seconds = timed(variants, repeats, device)
             stock_counts = torch.full((len(images), layers + 1), full)
             stock_flops = encoder_flops(stock_counts, channels, mlp_ratio)
+            limit = torch.cat(
+                [torch.tensor(mean).expand(len(c), -1) for mean, c in zip(means, limit_counts, strict=True)]
+            )
+            counts_of = {"stock": stock_counts, "token-drop limit (33%)": limit}
             for variant, policy in policies.items():
-                counts = stock_counts
                 if policy is not None:
-                    counts = torch.cat([out.tokens_per_layer.cpu() for out in run(policy)])
+                    counts_of[variant] = torch.cat([out.tokens_per_layer.cpu() for out in run(policy)])
+            counts_of.update({variant: counts_of[of] for variant, of in padded.items()})
+            counts_of.update({f"{limit_of}, {path} path": counts_of[limit_of] for path in paths})
+            for variant in variants:
+                counts = counts_of[variant]
                 final = counts[:, -1].double()
                 rows.append(
                     Row(
@@ -192,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", nargs="+", default=["b16_224", "l14_336"], choices=sorted(GEOMETRIES))
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--compare-padded", action="store_true", help="also time the padded engine")
+    parser.add_argument("--paths", nargs="*", default=[], choices=["dynamic", "static"], help="force engine paths")
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="fractions of tokens left")
     add_run_arguments(parser, "encoder_speed")
     args = parser.parse_args(argv)
 
@@ -202,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     rows = []
     for geometry in args.geometry:
-        rows += run_geometry(geometry, args.batch, args.repeats, device, dtype)
+        options = (args.compare_padded, tuple(args.budgets), tuple(args.paths))
+        rows += run_geometry(geometry, args.batch, args.repeats, device, dtype, *options)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table = "\n".join([HEADER, *(_format_row(row) for row in rows)])

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check: tests/test_gpu.py, then the GPU benchmarks, in about 4 minutes on an H100 (6 at most:
-# every step is cut at a shared deadline, GPU_CHECK_BUDGET_S=360 from the start). Results go to $OUT.
+# The GPU check, in at most 9 minutes (every step is cut at a shared deadline, GPU_CHECK_BUDGET_S=540
+# from the start). Results go to $OUT. Order (docs/benchmarks.md, "GPU check"): first the questions of
+# /work/shared/gpu-speed.md section 8 (attention kernels at CLIP-L shapes, cuDNN plan-cache hits, the
+# encoder's paths at batch 1 and 64 against the padded engine and the token-drop limit, a profile),
+# then tests/test_gpu.py, then the standing benchmarks.
 #
 # 1. Here, once (the GPU machine has no network): wheels of our pins into .whl/ (22 MiB) and the 26
 #    bundled photos into .gpu_assets/ (5 MiB); both are git-ignored, so they travel only as `carry`.
@@ -11,9 +14,10 @@
 #
 #      command: set -o pipefail; PYTHONUNBUFFERED=1 bash benchmarks/gpu_check.sh 2>&1 | tee $OUT/log.txt
 #      carry:   [".whl", ".gpu_assets"]
-#      timeout_s: 420
+#      timeout_s: 600
 #
-#    $OUT then holds log.txt, encoder_speed.md/.json, calibration_speed.md and llava_generate.md.
+#    $OUT then holds log.txt, gpu_attention.md, cudnn_cache.log, engine_paths.md/.json, gpu_profile.md,
+#    encoder_speed.md/.json, calibration_speed.md and llava_generate.md.
 #
 # Dry run here, on the CPU with tiny sizes (installs, imports and paths; no CUDA, the gpu tests skip;
 # a few minutes on 2 cores). PYTHON defaults to .venv/bin/python in a dry run, python3 otherwise:
@@ -33,7 +37,7 @@ DRY=${GPU_CHECK_DRY:-0}
 PYTHON=${PYTHON:-python3}          # runs everything
 PIP_PYTHON=${PIP_PYTHON:-$PYTHON}  # installs the wheels (with pip, else by unzipping them)
 OUT=${OUT:?set OUT to the folder the results go to}
-BUDGET=${GPU_CHECK_BUDGET_S:-360}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 DEADLINE=$(($(date +%s) + BUDGET))
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 mkdir -p "$OUT"
@@ -115,9 +119,31 @@ sys.exit("not our pins: " + "; ".join(wrong) if wrong else 0)
 PY
 command -v nvidia-smi > /dev/null && step "nvidia-smi" 30 nvidia-smi
 
+cudnn_cache() {  # gpu-speed.md 8.2: the padded engine's cuDNN plan-cache hit rate over 20 forwards
+    timeout --kill-after=10 "$1" "$PYTHON" benchmarks/gpu_attention.py --cudnn-cache > "$OUT/cudnn_cache.log" 2>&1
+    local rc=$?
+    echo "cuDNN SDPA cache lines: $(grep -ci hit "$OUT/cudnn_cache.log") mention a hit, $(grep -ci miss "$OUT/cudnn_cache.log") a miss"
+    tail -3 "$OUT/cudnn_cache.log"
+    return $rc
+}
+
+# Section 8 first: the engine's open questions (which attention kernel, where the time goes).
+if [[ $DRY != 1 ]]; then
+    step "attention kernels (8.1)" 90 "$PYTHON" benchmarks/gpu_attention.py --profile --out "$OUT/gpu_attention"
+    step "cuDNN plan cache (8.2)" 5 cudnn_cache 90
+    step "engine paths (8.3)" 150 "$PYTHON" benchmarks/encoder_speed.py --device cuda --dtype bfloat16 \
+        --geometry l14_336 --batch 1 64 --repeats 3 --budgets 0.33 --paths dynamic static --compare-padded \
+        --out "$OUT/engine_paths"
+    step "encoder profile (8.4)" 60 "$PYTHON" benchmarks/gpu_profile.py --encoder-only --out "$OUT/gpu_profile"
+else
+    step "engine paths (8.3)" 300 "$PYTHON" benchmarks/encoder_speed.py --device cpu --dtype float32 \
+        --geometry b16_224 --batch 1 2 --repeats 1 --budgets 0.33 --paths dynamic static --compare-padded \
+        --out "$OUT/engine_paths"
+fi
+
 # -P (here and above): the checkout's dymu_lightning/, without its subpackages, must not come first on
 # sys.path. The benchmark scripts are safe: their sys.path[0] is benchmarks/.
-step "tests/test_gpu.py" 150 "$PYTHON" -P -m pytest -m gpu -q -rs --durations=5 -p no:cacheprovider tests/test_gpu.py
+step "tests/test_gpu.py" 120 "$PYTHON" -P -m pytest -m gpu -q -rs --durations=5 -p no:cacheprovider tests/test_gpu.py
 
 BENCH=(--device cuda --dtype bfloat16)
 if [[ $DRY == 1 ]]; then  # the same scripts and options, tiny: only the plumbing is checked

@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
+from dymu_lightning.core.padded_engine import run_blocks_padded
 
 PSEUDO_KERNELS = ("Command Buffer Full", "Activity Buffer Request")
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
@@ -75,6 +76,7 @@ def encoder_cases(lines: list[str], dtype: torch.dtype, rows: int) -> None:
         full = backbone.embed(model, pixels[:1]).shape[1]
     r = round(0.67 * (full - backbone.num_prefix_tokens(model)) / layers)  # 33% left, as encoder_speed.py
     policy = MergePolicy(thresholds=batch_thresholds(backbone, model, pixels, r))
+    blocks = backbone.blocks(model)
     with torch.inference_mode():
         for batch in (1, 64):
             chunk = pixels[:batch]
@@ -83,6 +85,12 @@ def encoder_cases(lines: list[str], dtype: torch.dtype, rows: int) -> None:
             profiled(
                 f"encoder l14_336 batch {batch}: DToMe 33% (r={r})",
                 lambda c=chunk: backbone.merged_forward(model, c, policy),
+                lines,
+                rows,
+            )
+            profiled(
+                f"encoder l14_336 batch {batch}: DToMe 33% (r={r}), padded engine (before capacity buffers)",
+                lambda c=chunk: run_blocks_padded(backbone.embed(model, c), blocks, policy, 1, model.norm),
                 lines,
                 rows,
             )
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--rows", type=int, default=12, help="operators listed per table")
     parser.add_argument("--llava-batch", type=int, default=16)
+    parser.add_argument("--encoder-only", action="store_true", help="skip the LLaVA cases")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu_profile.py needs a CUDA device")
@@ -131,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     encoder_cases(lines, dtype, args.rows)
-    llava_cases(lines, dtype, args.rows, args.llava_batch)
+    if not args.encoder_only:
+        llava_cases(lines, dtype, args.rows, args.llava_batch)
     write_report(lines, args.out)
     return 0
 

@@ -127,7 +127,7 @@ def small_setup(device: torch.device, dtype: torch.dtype, thresholds_path: str |
     """The small real LLaVA of `make assets`, its processor's chat template around each photo."""
     from transformers import AutoProcessor
 
-    from dymu_lightning.assets.small_llava import small_llava_dir
+    from dymu_lightning.assets.paths import small_llava_dir
 
     processor = AutoProcessor.from_pretrained(small_llava_dir())
     processor.tokenizer.padding_side = "left"

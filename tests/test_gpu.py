@@ -302,3 +302,130 @@ def test_eval_encoder_on_cuda_agrees_with_cpu(tmp_path, shards, monkeypatch):
     assert abs(cuda["mid"]["tokens"]["mean"] - cpu["mid"]["tokens"]["mean"]) <= 0.5
     assert cuda["mid"]["cosine_cls"]["mean"] == pytest.approx(cpu["mid"]["cosine_cls"]["mean"], abs=1e-3)
     assert cuda["tome@mid"]["tokens"]["std"] == 0
+
+
+# 6. The capacity engine's CUDA paths: varlen attention, lagged shrink, static CUDA graph. ----------------
+def _engine_run(backbone, model, pixels, policy, **kwargs):
+    from dymu_lightning.core.encoder import run_blocks
+
+    x = backbone.embed(model, pixels)
+    final = backbone.final_norm(model)
+    return run_blocks(x, backbone.blocks(model), policy, backbone.num_prefix_tokens(model), final, **kwargs)
+
+
+def _padded_run(backbone, model, pixels, policy):
+    from dymu_lightning.core.padded_engine import run_blocks_padded
+
+    x = backbone.embed(model, pixels)
+    final = backbone.final_norm(model)
+    return run_blocks_padded(x, backbone.blocks(model), policy, backbone.num_prefix_tokens(model), final)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_paths_on_cuda_equal_padded_engine(tiny, dtype):
+    """bfloat16 runs varlen_attn with widened heads, float32 the grid reference; dynamic (with the
+    event-based lagged shrink), static eager and static as a CUDA graph all merge like the padded
+    engine. Separable images keep bfloat16 rounding away from the thresholds."""
+    from dymu_lightning.core.cuda_graph import GraphCache
+
+    pixels = blocky_images(tiny.image_size).to(CUDA)
+    model = on_cuda(tiny.model)
+    thresholds, margin = spaced_thresholds(tiny.backbone, model, pixels, farthest_from_every_score)
+    assert margin > 0.05, f"thresholds only {margin:.3f} from an edge score"
+    policy = MergePolicy(thresholds=thresholds)
+    model, pixels = model.to(dtype), pixels.to(dtype)
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 6e-2}[dtype]
+    graphs = GraphCache()
+    with torch.inference_mode():
+        reference = _padded_run(tiny.backbone, model, pixels, policy)
+        runs = {
+            "dynamic": _engine_run(tiny.backbone, model, pixels, policy, path="dynamic"),
+            "static": _engine_run(tiny.backbone, model, pixels, policy, path="static"),
+        }
+        for replay in range(2):  # capture, then replay
+            runs[f"graph {replay}"] = _engine_run(
+                tiny.backbone, model, pixels, policy, path="static", graphs=graphs, graph_key="tiny"
+            )
+    assert len(graphs.graphs) == 1 and callable(next(iter(graphs.graphs.values())))
+    assert len(set(reference.lengths.tolist())) > 1
+    for name, run_ in runs.items():
+        assert_same_merges(run_, reference)
+        error = (run_.tokens.float() - reference.tokens.float()).abs().max().item()
+        assert error <= tolerance, f"{name}: {error:.2e}"
+    assert torch.equal(runs["graph 0"].tokens, runs["graph 1"].tokens)
+    assert torch.equal(runs["graph 0"].tokens, runs["static"].tokens)
+
+
+def test_static_block_loop_never_syncs_on_cuda(tiny):
+    """With sync debugging set to "error", any host read of device data in the loop raises."""
+    from dymu_lightning.core.cuda_graph import GraphCache
+    from dymu_lightning.core.encoder import run_capacity_blocks
+
+    model = on_cuda(tiny.model, torch.bfloat16)
+    pixels = tiny.images(4).to(CUDA, torch.bfloat16)
+    policy = MergePolicy(thresholds=tiny.thresholds(tiny.images(4)))
+    prefix = tiny.backbone.num_prefix_tokens(model)
+    graphs = GraphCache()
+
+    def loop(x):
+        return run_capacity_blocks(x, tiny.backbone.blocks(model), policy, prefix, static=True)
+
+    with torch.inference_mode():
+        x = tiny.backbone.embed(model, pixels)
+        graphs.run("tiny", loop, x)  # capture outside the debug mode (the warm-up allocates)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loop(x)
+            graphs.run("tiny", loop, x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_bfloat16_image_result_is_independent_of_batch_mates_on_cuda(tiny):
+    """The issue's bug: in bfloat16 an image's count depended on its batch-mates (padded grid).
+    Counts and group maps must be identical; features are reported (cuBLAS may tile other M)."""
+    model = on_cuda(tiny.model, torch.bfloat16)
+    pixels = tiny.images(5).to(CUDA, torch.bfloat16)
+    policy = MergePolicy(thresholds=tiny.thresholds(tiny.images(5)))
+    with torch.inference_mode():
+        for path in ("dynamic", "static"):
+            batch = _engine_run(tiny.backbone, model, pixels, policy, path=path)
+            for b in range(5):
+                alone = _engine_run(tiny.backbone, model, pixels[b : b + 1], policy, path=path)
+                n = int(alone.lengths[0])
+                assert torch.equal(batch.tokens_per_layer[b], alone.tokens_per_layer[0]), (path, b)
+                assert torch.equal(batch.group[b], alone.group[0]), (path, b)
+                difference = (batch.tokens[b, :n].float() - alone.tokens[0, :n].float()).abs().max().item()
+                print(f"{path} image {b}: max feature difference alone vs in batch {difference:.2e}")
+
+
+def test_varlen_widened_heads_equal_bias_path_on_cuda():
+    """bfloat16 varlen with widened heads is as close to a float64 reference as the bias path."""
+    from dymu_lightning.core.capacity import CapacityState
+    from dymu_lightning.core.packed_attention import grid_attention, varlen_attention
+
+    torch.manual_seed(0)
+    lengths, heads, head_dim = [200, 17, 577, 130], 16, 64
+    total = sum(lengths)
+    state = CapacityState.from_rows(
+        x=torch.zeros(total + 32, 1, device=CUDA),
+        sizes=torch.cat([torch.randint(1, 300, (total,)).float(), torch.zeros(32)]).to(CUDA),
+        image=torch.cat([torch.repeat_interleave(torch.arange(4), torch.tensor(lengths)), torch.full((32,), 4)]).to(
+            CUDA
+        ),
+        position=torch.cat([torch.arange(n) for n in lengths] + [torch.arange(32)]).to(CUDA),
+        lengths=torch.tensor(lengths, device=CUDA),
+        group=torch.zeros(4, 1, dtype=torch.long, device=CUDA),
+        max_len=600,
+    )
+    q, k, v = (torch.randn(state.capacity, heads, head_dim, device=CUDA) for _ in range(3))
+    scale = head_dim**-0.5
+    args = (state.sizes, state.slot, state.batch, state.max_len, scale)
+    exact = grid_attention(q.double(), k.double(), v.double(), *args)[:total]
+    half = [t.bfloat16() for t in (q, k, v)]
+    bias = grid_attention(*half, *args)[:total].double()
+    widened = varlen_attention(*half, state.sizes, state.cu_seqlens(), state.max_len, scale)[:total].double()
+    bias_error, widened_error = (bias - exact).abs().max().item(), (widened - exact).abs().max().item()
+    print(f"bf16 error vs float64: bias path {bias_error:.2e}, widened varlen {widened_error:.2e}")
+    assert widened_error <= 1.5 * bias_error + 1e-3

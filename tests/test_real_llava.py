@@ -1,4 +1,4 @@
-"""DyMU on the small real LLaVA: real DINOv2-S tower, real SmolLM2-135M (see dymu_lightning/small_llava.py)."""
+"""DyMU on the small real LLaVA: real DINOv2-S tower, real SmolLM2-135M (see dymu_lightning/assets/small_llava.py)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Nothing here imports Lightning, timm or transformers; backbone adapters in
 """
 
 from dymu_lightning.core.attention import BACKENDS, attention
-from dymu_lightning.core.encoder import BlockParts, MergedTokens, run_blocks
+from dymu_lightning.core.capacity import CapacityState, LaggedCounts, merge_step
+from dymu_lightning.core.encoder import PATHS, STATIC_BATCH_CUTOFF, BlockParts, MergedTokens, run_blocks
 from dymu_lightning.core.layout import TokenLayout
 from dymu_lightning.core.matching import Edges, bipartite_edges
 from dymu_lightning.core.merge import TokenState, merge_tokens
@@ -14,8 +15,12 @@ from dymu_lightning.core.policy import MODES, LayerMerges, MergePolicy, local_ba
 __all__ = [
     "BACKENDS",
     "MODES",
+    "PATHS",
+    "STATIC_BATCH_CUTOFF",
     "BlockParts",
+    "CapacityState",
     "Edges",
+    "LaggedCounts",
     "LayerMerges",
     "MergePolicy",
     "MergedTokens",
@@ -24,6 +29,7 @@ __all__ = [
     "attention",
     "bipartite_edges",
     "local_batch_cut",
+    "merge_step",
     "merge_tokens",
     "rank_within_image",
     "run_blocks",

@@ -1,0 +1,202 @@
+"""CPU proxies for the encoder's GPU costs: host syncs and kernel launches per forward.
+
+A GPU forward is slow when the host waits for the device (a sync per merging layer forbids
+run-ahead and CUDA graphs) or when it launches many small kernels. Both show on a CPU as counts
+(docs/benchmarks.md, "CPU proxies"):
+
+* host syncs: dispatcher ops that read device data on the host (``_local_scalar_dense`` from
+  ``.item()``/``int()``, ``nonzero``, boolean-mask indexing, ``repeat_interleave`` without
+  ``output_size``) plus ``Tensor.tolist`` calls (on CPU they never reach the dispatcher). Reads of
+  counts whose non-blocking copy already finished (``LaggedCounts``) are no sync; they are counted
+  apart as "late reads";
+* non-view aten ops per forward: roughly the kernels an eager GPU forward launches;
+* capturable: whether two forwards on different images (different merge patterns) run the same
+  sequence of ops and shapes with no sync, the condition for replaying one CUDA graph.
+
+    python benchmarks/engine_proxies.py                      # timm ViT-Ti/16-224, batch 1 and 64
+    python benchmarks/engine_proxies.py --model vit_base_patch16_224 --batch 8
+
+Counts only: no timing, so a noisy machine does not change them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from encoder_speed import photos
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.thresholds import batch_thresholds
+from dymu_lightning.core import LaggedCounts, MergePolicy
+from dymu_lightning.core.encoder import run_blocks, run_capacity_blocks
+from dymu_lightning.core.padded_engine import run_blocks_padded
+
+BUDGET = 0.33
+_SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.nonzero_static.default"}
+
+
+@dataclass
+class Counts:
+    ops: int = 0
+    syncs: int = 0
+    trace: list[tuple[str, tuple]] = field(default_factory=list)
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self, counts: Counts) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        if (
+            name in _SYNC_OPS
+            or name.startswith("aten.index.Tensor")
+            and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []))
+            or name.startswith("aten.repeat_interleave.Tensor")
+            and kwargs.get("output_size") is None
+        ):
+            self.counts.syncs += 1
+        if not func.is_view:
+            self.counts.ops += 1
+            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+            self.counts.trace.append((name, shapes))
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def counting(counts: Counts):
+    """Count ops and syncs of everything run inside (``Tensor.tolist`` included)."""
+    original = torch.Tensor.tolist
+
+    def tolist(self):
+        counts.syncs += 1
+        return original(self)
+
+    torch.Tensor.tolist = tolist
+    try:
+        with _Counter(counts):
+            yield counts
+    finally:
+        torch.Tensor.tolist = original
+
+
+# A variant runs on pixels and returns how many late reads of counts it made.
+Forward = Callable[[torch.Tensor], int]
+
+
+def measure(forward: Forward, pixels: torch.Tensor) -> tuple[Counts, int]:
+    counts = Counts()
+    with counting(counts):
+        late = forward(pixels)
+    return counts, late
+
+
+def _variants(backbone, model, policy: MergePolicy) -> dict[str, tuple[Forward, Forward | None]]:
+    """Each variant's whole forward and (for the capacity engine) its block loop alone."""
+    prefix = backbone.num_prefix_tokens(model)
+
+    def stock(pixels):
+        backbone.stock_features(model, pixels)
+        return 0
+
+    def padded(pixels):
+        run_blocks_padded(backbone.embed(model, pixels), backbone.blocks(model), policy, prefix, model.norm)
+        return 0
+
+    def engine(path, make_reader, whole):
+        def forward(pixels):
+            reader = make_reader() if path == "dynamic" else None
+            x, blocks = backbone.embed(model, pixels), backbone.blocks(model)
+            if whole:
+                run_blocks(x, blocks, policy, prefix, model.norm, path=path, counts_reader=reader)
+            else:
+                run_capacity_blocks(x, blocks, policy, prefix, static=path == "static", counts_reader=reader)
+            return 0 if reader is None else reader.reads
+
+        return forward
+
+    variants = {"stock": (stock, None), "DToMe, padded engine (before)": (padded, None)}
+    for name, path, make_reader in (
+        ("dynamic, counts at once (CPU)", "dynamic", LaggedCounts),
+        ("dynamic, counts one merge late", "dynamic", one_merge_late),
+        ("static", "static", None),
+    ):
+        variants[f"DToMe, {name}"] = (engine(path, make_reader, True), engine(path, make_reader, False))
+    return variants
+
+
+def one_merge_late() -> LaggedCounts:
+    """A reader whose copies finish one merge after they start: how a GPU that the host runs ahead
+    of delivers counts (the CPU's own reader has them at once)."""
+    reader = LaggedCounts()
+    reader.ready = lambda request: reader.requests - request > 1
+    return reader
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (random weights)")
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_proxies"))
+    args = parser.parse_args(argv)
+
+    backbone = get_backbone("timm_vit")
+    torch.manual_seed(0)
+    model = backbone.build({"model_name": args.model})
+    layers = backbone.num_layers(model)
+    prefix = backbone.num_prefix_tokens(model)
+    largest = max(args.batch)
+    pixels_all = backbone.preprocess(model, photos(2 * largest))
+    full = backbone.embed(model, pixels_all[:1]).shape[1]
+    r = round((1 - BUDGET) * (full - prefix) / layers)
+    with torch.inference_mode():
+        thresholds = batch_thresholds(backbone, model, pixels_all[: max(largest, 20)], r)
+    policy = MergePolicy(thresholds=thresholds)
+    merging_layers = sum(policy.merges_at(layer) for layer in range(layers))
+
+    lines = [
+        f"# engine proxies: timm {args.model} (random weights, {layers} layers, {full} tokens), "
+        f"DToMe {round(BUDGET * 100)}% (r={r}, {merging_layers} merging layers), torch {torch.__version__}",
+        f"# command: python {' '.join(sys.argv)}",
+        "",
+        "| batch | variant | host syncs (blocks) | host syncs (forward) | late reads | non-view aten ops "
+        "| ops vs stock | capturable |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    forwards = _variants(backbone, model, policy)
+    for batch in args.batch:
+        first, second = pixels_all[:batch], pixels_all[largest : largest + batch]  # other photos
+        stock_ops = None
+        with torch.inference_mode():
+            for variant, (forward, loop) in forwards.items():
+                whole, late = measure(forward, first)
+                again, _ = measure(forward, second)
+                capturable = whole.syncs == 0 and whole.trace == again.trace
+                loop_syncs = "-"
+                if loop is not None:  # the block loop alone, without building the host-sized output
+                    a, b = measure(loop, first)[0], measure(loop, second)[0]
+                    loop_syncs, capturable = str(a.syncs), a.syncs == 0 and a.trace == b.trace
+                stock_ops = stock_ops or whole.ops
+                row = (
+                    f"| {batch} | {variant} | {loop_syncs} | {whole.syncs} | {late} | {whole.ops} "
+                    f"| {whole.ops / stock_ops:.2f}x | {'yes' if capturable else 'no'} |"
+                )
+                lines.append(row)
+                print(row, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""A merged batch held in capacity buffers, so that merging never waits for the host.
+
+Merging only removes tokens, so any count read earlier is an upper bound for every later layer. The
+batch therefore lives in buffers of ``Tc`` rows (a host int that is *some* upper bound on the live
+total), with per-image lengths kept on the device. Live rows come first, image after image in raster
+order; the rows after them are dead (size 0, grid slot ``B * Lc``). Dead rows cost position-wise FLOPs
+but never change a live result: no op mixes rows except the merge scatter, which sends them to a
+trash row, and attention, which gives them no weight.
+
+Shrinking the buffers needs a host number; :class:`LaggedCounts` delivers it whenever the device has
+got there (on CUDA: a non-blocking copy and an event), never by waiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class CapacityState:
+    """A merged batch between two blocks.
+
+    Attributes:
+        x: ``[Tc, C]`` rows; live rows first.
+        sizes: ``[Tc]`` float32, original tokens each row stands for; 0 for dead rows.
+        slot: ``[Tc]`` long, each row's cell ``b * Lc + p`` in the padded ``[B, Lc]`` grid (image b,
+            position p); ``B * Lc``, one past the grid, for dead rows.
+        lengths: ``[B]`` long, live tokens per image (on the device).
+        group: ``[B, N0]`` long, for each original patch the position of the token representing it.
+        max_len: ``Lc``, a host upper bound on ``lengths.max()``.
+        dense: host flag, True while nothing has merged (row ``b * Lc + p`` is image b's token p).
+    """
+
+    x: Tensor
+    sizes: Tensor
+    slot: Tensor
+    lengths: Tensor
+    group: Tensor
+    max_len: int
+    dense: bool = False
+
+    @classmethod
+    def start(cls, x: Tensor, num_prefix: int) -> CapacityState:
+        """The state of ``[B, N, C]`` embedded tokens before any block."""
+        batch, length, channels = x.shape
+        device = x.device
+        return cls(
+            x=x.reshape(batch * length, channels),
+            sizes=torch.ones(batch * length, dtype=torch.float32, device=device),
+            slot=torch.arange(batch * length, device=device),
+            lengths=torch.full((batch,), length, dtype=torch.long, device=device),
+            group=torch.arange(num_prefix, length, device=device).expand(batch, -1),
+            max_len=length,
+            dense=True,
+        )
+
+    @classmethod
+    def from_rows(
+        cls, x: Tensor, sizes: Tensor, image: Tensor, position: Tensor, lengths: Tensor, group: Tensor, max_len: int
+    ) -> CapacityState:
+        """A state from each row's image (``B`` = dead) and position (tests, benchmarks)."""
+        batch = lengths.shape[0]
+        slot = torch.where(image < batch, image * max_len + position, batch * max_len)
+        return cls(x=x, sizes=sizes, slot=slot, lengths=lengths, group=group, max_len=max_len)
+
+    @property
+    def image(self) -> Tensor:
+        """``[Tc]`` long, each row's image; ``B`` for dead rows."""
+        return torch.div(self.slot, self.max_len, rounding_mode="floor")
+
+    @property
+    def position(self) -> Tensor:
+        """``[Tc]`` long, each live row's position in its image (0 for dead rows)."""
+        return self.slot % self.max_len
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.x.shape[0]
+
+    def valid_mask(self) -> Tensor:
+        """``[B, Lc]`` bool, True where the padded grid holds a live token."""
+        positions = torch.arange(self.max_len, device=self.lengths.device)
+        return positions[None, :] < self.lengths[:, None]
+
+    def cu_seqlens(self) -> Tensor:
+        """``[B + 1]`` int32, image boundaries in the buffer (for varlen attention)."""
+        return torch.nn.functional.pad(self.lengths.cumsum(0), (1, 0)).int()
+
+    def shrink(self, capacity: int, max_len: int) -> CapacityState:
+        """Drop dead rows past ``capacity`` and narrow the grid to ``max_len``: views, no copy.
+        Both must be upper bounds of the live counts (any counts read since the last merge are)."""
+        capacity, max_len = min(capacity, self.capacity), min(max_len, self.max_len)
+        if capacity == self.capacity and max_len == self.max_len:
+            return self
+        slot = self.slot[:capacity]
+        if max_len != self.max_len:  # the same cells in a narrower grid; dead rows stay one past it
+            slot = self.image[:capacity] * max_len + self.position[:capacity]
+        return CapacityState(
+            x=self.x[:capacity],
+            sizes=self.sizes[:capacity],
+            slot=slot,
+            lengths=self.lengths,
+            group=self.group,
+            max_len=max_len,
+            dense=self.dense and capacity == self.capacity and max_len == self.max_len,
+        )
+
+
+def merge_step(state: CapacityState, partner: Tensor, merge: Tensor, valid: Tensor | None = None) -> CapacityState:
+    """Merge the selected A tokens into their B partners, with no host read.
+
+    Args:
+        state: the batch before the merge (needs ``Lc >= 2``).
+        partner: ``[B, Na]`` long, each A token's B partner (index among the B tokens).
+        merge: ``[B, Na]`` bool, the A tokens that merge.
+        valid: ``state.valid_mask()``, if the caller has it already.
+
+    Returns:
+        The batch after the merge, in buffers of the same capacity and ``Lc``. Each token is the
+        size-weighted mean of what merged into it, survivors keep their raster order.
+    """
+    batch, max_len, capacity = state.batch, state.max_len, state.capacity
+    keep = (state.valid_mask() if valid is None else valid).clone()
+    keep[:, 0::2] &= ~merge
+    # Survivors close ranks in raster order; merged A tokens follow their partner.
+    new_position = keep.long().cumsum(dim=-1) - 1  # [B, Lc]
+    destination = new_position.clone()
+    partner_position = new_position[:, 1::2].gather(1, partner)
+    destination[:, 0::2] = torch.where(merge, partner_position, new_position[:, 0::2])
+    new_lengths = keep.sum(dim=-1)
+    new_starts = new_lengths.cumsum(0) - new_lengths
+
+    # Each grid cell's new row, and one more cell, past the grid, that sends dead rows to a trash row.
+    cell_row = torch.nn.functional.pad((new_starts[:, None] + destination).flatten(), (0, 1), value=capacity)
+    row = cell_row[state.slot]
+
+    # One scatter carries the size-weighted sums and the sizes, accumulated in at least float32
+    # (bf16 sums of several tokens lose the weights' precision).
+    channels = state.x.shape[1]
+    accumulate = torch.promote_types(state.x.dtype, torch.float32)
+    sizes = state.sizes.to(accumulate)[:, None]
+    weighted = torch.cat([state.x.to(accumulate) * sizes, sizes], dim=1)  # [Tc, C + 1], differentiable
+    summed = weighted.new_zeros(capacity + 1, channels + 1).index_add_(0, row, weighted)[:capacity]
+    sizes = summed[:, channels]
+    # Rows nobody lands in are dead: size 0, value 0 (the clamp only guards the division).
+    x = (summed[:, :channels] / sizes.clamp(min=1.0)[:, None]).to(state.x.dtype)
+
+    # The new rows' grid cells: each kept cell (b, p) writes b * Lc + its new position to its new row.
+    kept_row = torch.where(keep, new_starts[:, None] + new_position, capacity).flatten()
+    cell = torch.arange(batch, device=keep.device)[:, None] * max_len + new_position
+    slot = torch.full((capacity + 1,), batch * max_len, device=keep.device).scatter_(0, kept_row, cell.flatten())
+    return CapacityState(
+        x=x,
+        sizes=sizes.float(),
+        slot=slot[:capacity],
+        lengths=new_lengths,
+        group=destination.gather(1, state.group),
+        max_len=max_len,
+    )
+
+
+@dataclass
+class _Pending:
+    host: Tensor  # [2] long: total and longest image, on the host (pinned on CUDA)
+    ready: Callable[[], bool]
+
+
+@dataclass
+class LaggedCounts:
+    """Upper bounds on the live counts that reach the host late, never by waiting.
+
+    After a merge, :meth:`request` starts copying ``(total, longest)`` to the host; :meth:`poll`
+    returns the newest pair whose copy has finished, if at least ``every`` merges have passed since
+    the last one it returned. On CUDA the copy is non-blocking into pinned memory and "finished" is
+    ``Event.query()``; on CPU the numbers are already on the host. ``ready`` replaces the readiness
+    test (tests and the CPU proxy simulate a device that lags behind).
+
+    Args:
+        every: merges between two shrinks at least.
+        ready: ``(request number) -> bool``, overrides the device's own readiness test.
+    """
+
+    every: int = 1
+    ready: Callable[[int], bool] | None = None
+    pending: list[_Pending] = field(default_factory=list)
+    requests: int = 0
+    since_shrink: int = 0
+    #: how many host reads of counts happened (each one non-blocking: the copy had finished)
+    reads: int = 0
+
+    def start(self) -> None:
+        """Forget pending copies: a new forward begins."""
+        self.pending.clear()
+        self.since_shrink = 0
+
+    def request(self, lengths: Tensor) -> None:
+        """Start the copy of ``(lengths.sum(), lengths.max())`` right after a merge."""
+        stats = torch.stack([lengths.sum(), lengths.max()])
+        number = self.requests
+        self.requests += 1
+        self.since_shrink += 1
+        if stats.device.type == "cuda":
+            host = torch.empty(2, dtype=stats.dtype, pin_memory=True)
+            host.copy_(stats, non_blocking=True)  # pinned: a pageable target would silently sync
+            event = torch.cuda.Event()
+            event.record()
+            ready = event.query
+        else:
+            host, ready = stats, (lambda: True)
+        if self.ready is not None:
+            ready = lambda number=number: self.ready(number)  # noqa: E731
+        self.pending.append(_Pending(host, ready))
+
+    def poll(self) -> tuple[int, int] | None:
+        """``(capacity, max_len)`` to shrink to, or None (nothing new, or too soon)."""
+        if self.since_shrink < self.every:
+            return None
+        newest = None
+        while self.pending and self.pending[0].ready():  # copies finish in stream order
+            newest = self.pending.pop(0)
+        if newest is None:
+            return None
+        self.since_shrink = 0
+        self.reads += 1
+        # numpy() reads host memory the finished copy wrote: no device access, no dispatcher op.
+        total, longest = (int(value) for value in newest.host.numpy())
+        return total, longest

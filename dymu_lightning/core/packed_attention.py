@@ -1,0 +1,175 @@
+"""Proportional attention over packed tokens with per-image boundaries, without a host sync.
+
+The tokens of a batch sit in one capacity buffer ``[Tc, ...]``: each image's live tokens in raster
+order, image after image, then dead rows (size 0) up to the capacity. Two kernels compute the same
+attention on it:
+
+* CUDA: ``torch.nn.attention.varlen.varlen_attn`` with ``cu_seqlens``. It takes no bias, so the
+  ``log(size)`` term rides in *widened heads*: ``q' = [q, 1, 0...]``, ``k' = [k, log(s)/scale, 0...]``,
+  ``v' = [v, 0...]``, head dim padded to a multiple of 8, so that ``scale * q'.k' = scale * q.k + log s``.
+* CPU (and the reference): a padded ``[B, Lc]`` grid built by one scatter, with ``log(size)`` as an
+  additive key bias. ``Lc`` is any upper bound on the longest image (a key beyond an image's end has
+  bias ``-inf``, so it draws exactly nothing), which is why the grid needs no host read.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dymu_lightning.core.attention import Backend, attention
+
+#: Logit of a dead key in the widened column: large and finite, because ``0 * -inf`` is NaN in the
+#: zero columns of q'. ``exp(-3e4)`` is 0 in every float format.
+DEAD_LOGIT = -3.0e4
+#: Flash kernels need the head dim to be a multiple of this.
+HEAD_DIM_MULTIPLE = 8
+
+
+def widened_head_dim(head_dim: int) -> int:
+    """The head dim with one extra column, rounded up to a multiple of 8 (64 -> 72)."""
+    return -(-(head_dim + 1) // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
+
+
+def key_log_sizes(sizes: Tensor) -> Tensor:
+    """``[T]`` ``log(size)``, and :data:`DEAD_LOGIT` for dead rows (size 0)."""
+    return torch.where(sizes > 0, sizes.log(), DEAD_LOGIT)
+
+
+def widen_heads(q: Tensor, k: Tensor, v: Tensor, sizes: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold proportional attention into the heads: bias-free attention on the result, with the same
+    ``scale``, equals ``softmax(scale * q.k + log s) v`` on the first ``d`` output columns.
+
+    Args:
+        q, k, v: ``[T, H, d]``.
+        sizes: ``[T]``, tokens each key stands for (0 = dead row).
+        scale: the logit scale the kernel will apply.
+
+    Returns:
+        q', k', v', each ``[T, H, dw]`` with ``dw = widened_head_dim(d)``; the extra output columns
+        are zero.
+    """
+    tokens, heads, head_dim = q.shape
+    widened = q.new_zeros(3, tokens, heads, widened_head_dim(head_dim))
+    widened[0, :, :, :head_dim] = q
+    widened[0, :, :, head_dim] = 1.0
+    widened[1, :, :, :head_dim] = k
+    # Divided in at least float32 before the cast: the product with q's 1 is exact in the accumulator.
+    log_sizes = key_log_sizes(sizes.to(torch.promote_types(q.dtype, torch.float32)))
+    widened[1, :, :, head_dim] = (log_sizes / scale).to(q.dtype)[:, None]
+    widened[2, :, :, :head_dim] = v
+    return widened[0], widened[1], widened[2]
+
+
+def scatter_to_grid(packed: Tensor, slots: Tensor, batch: int, max_len: int) -> Tensor:
+    """``[T, *F]`` -> ``[B, Lc, *F]``, zeros where no live row lands (one scatter, no host read)."""
+    features = packed.shape[1:]
+    grid = packed.new_zeros(batch * max_len + 1, *features)
+    grid.index_copy_(0, slots, packed)
+    return grid[:-1].view(batch, max_len, *features)
+
+
+def grid_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sizes: Tensor,
+    slots: Tensor,
+    batch: int,
+    max_len: int,
+    scale: float,
+    backend: Backend = "sdpa",
+) -> Tensor:
+    """The reference: attention per image on a padded grid with a ``log(size)`` key bias.
+
+    Args:
+        q, k, v: ``[T, H, d]`` packed rows.
+        sizes: ``[T]`` row sizes (0 = dead row).
+        slots: ``[T]`` each row's grid cell ``b * Lc + p``; ``B * Lc`` for dead rows.
+        batch, max_len: the grid ``[B, Lc]``; ``Lc`` may exceed the longest image.
+        scale: logit scale.
+
+    Returns:
+        ``[T, H, d]``; dead rows hold a copy of some live row's output (never read as live data).
+    """
+    heads, head_dim = q.shape[1:]
+    cells = batch * max_len
+    # One zero-filled buffer for q, k and v: the padding is written once, not three times.
+    stacked = q.new_zeros(cells + 1, 3, heads, head_dim)
+    for slot, tensor in enumerate((q, k, v)):
+        stacked[:, slot].index_copy_(0, slots, tensor)
+    q_g, k_g, v_g = stacked[:-1].view(batch, max_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    # Empty cells keep size 0, so their key bias is log 0 = -inf: padding masks itself.
+    bias = scatter_to_grid(sizes.to(q.dtype), slots, batch, max_len).log()[:, None, None, :]
+    out = attention(q_g, k_g, v_g, scale, bias, backend).transpose(1, 2)  # [B, Lc, H, d]
+    return out.reshape(cells, heads, head_dim)[slots.clamp(max=cells - 1)]
+
+
+#: What the flash and cuDNN varlen kernels take; float32/float64 stay on the grid reference.
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where ``varlen_attn`` has a kernel: CUDA, half precision, torch >= 2.10."""
+    if device.type != "cuda" or dtype not in VARLEN_DTYPES:
+        return False
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, sizes: Tensor, cu_seqlens: Tensor, max_len: int, scale: float
+) -> Tensor:
+    """CUDA: packed attention with widened heads and ``varlen_attn``. ``max_len`` may be an upper
+    bound on the longest image; rows past ``cu_seqlens[-1]`` are not inputs and their outputs are
+    never read as live data.
+
+    Args:
+        q, k, v: ``[T, H, d]`` packed rows.
+        sizes: ``[T]`` (0 = dead row).
+        cu_seqlens: ``[B + 1]`` int32, image boundaries on the device.
+
+    Returns:
+        ``[T, H, d]``.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    head_dim = q.shape[-1]
+    options = _varlen_options()
+    kernel_scale = scale
+    if "scale" not in options:  # torch 2.10/2.11: the kernel applies dw ** -0.5; rescale q to match
+        kernel_scale = widened_head_dim(head_dim) ** -0.5
+    q_w, k_w, v_w = widen_heads(q, k, v, sizes, scale)
+    if kernel_scale != scale:
+        q_w = q_w * (scale / kernel_scale)
+        q_w[..., head_dim] = 1.0
+        k_w[..., head_dim] = k_w[..., head_dim] * (scale / kernel_scale)
+    kwargs = {}
+    if "scale" in options:
+        kwargs["scale"] = scale
+    if "num_splits" in options:
+        kwargs["num_splits"] = 1  # one sequence's output does not depend on its batch-mates
+    out = varlen_attn(q_w, k_w, v_w, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+    return out[..., :head_dim]
+
+
+@functools.cache
+def _varlen_options() -> frozenset[str]:
+    """Keyword arguments this torch's ``varlen_attn`` accepts (they grew between 2.10 and 2.12)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def widened_dense_attention(q: Tensor, k: Tensor, v: Tensor, sizes: Tensor, scale: float) -> Tensor:
+    """Widened heads through bias-free SDPA for one image (``[L, H, d]`` each): the CPU check that the
+    widened form equals the bias form."""
+    q_w, k_w, v_w = (t.transpose(0, 1) for t in widen_heads(q, k, v, sizes, scale))
+    return F.scaled_dot_product_attention(q_w, k_w, v_w, scale=scale).transpose(0, 1)[..., : q.shape[-1]]
