@@ -109,11 +109,12 @@ def test_images_of_different_complexity_get_different_row_counts():
                 token = merged.tokens[image, merged.group[image, patch]]
                 torch.testing.assert_close(at_positions[b, start + patch], projector(token), rtol=0, atol=1e-12)
             image += 1
-    # the compact cache holds one entry per row and per generated token (the last token is not fed back)
+    # the compact cache holds a value per row and a key per position, and one of each per generated
+    # token (the last token is not fed back)
     cache = out.cache
     assert isinstance(cache, HFCompactCache)
-    assert cache.keys[0].shape[1] == inputs.layout.num_rows + 3
-    assert cache.seq_length == batch["input_ids"].shape[1] + 3
+    assert cache.layers[0].values.shape[2] == inputs.layout.num_rows + 3
+    assert cache.layers[0].keys.shape[2] == cache.seq_length == batch["input_ids"].shape[1] + 3
 
 
 def test_compact_and_expanded_caches_hold_what_they_should():
@@ -129,7 +130,9 @@ def test_compact_and_expanded_caches_hold_what_they_should():
     expanded_keys = sizes["expanded"].layers[0].keys  # [B, Hkv, N, d], the stock layout
     assert expanded_keys.shape == (2, TINY["num_key_value_heads"], length, 8)
     compact = sizes["compact"]
-    assert compact.keys[0].shape[:3] == (2, compact.layout.num_rows, TINY["num_key_value_heads"])
+    # keys: the stock ones, rotated at their positions (the same up to rounding: RoPE written differently)
+    torch.testing.assert_close(compact.layers[0].keys, expanded_keys, rtol=0, atol=1e-12)
+    assert compact.layers[0].values.shape[:3] == (2, TINY["num_key_value_heads"], compact.layout.num_rows)
     assert compact.layout.num_rows < length
 
 
