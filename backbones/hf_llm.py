@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from dymu_lightning.core.vtu import VirtualLayout, apply_rope, decode_attention, vtu_attention
+from dymu_lightning.core.vtu import VirtualLayout, apply_rope, causal_mask, decode_attention, vtu_attention
 
 CacheKind = Literal["expanded", "compact"]
 CACHE_KINDS: tuple[str, ...] = ("expanded", "compact")
@@ -166,11 +166,13 @@ def vtu_decode(
     layout = cache.layout.extend(positions, valid)
     _check_window(model, layout.expand.shape[1])
     cos, sin = model.rotary_emb(embeds, positions)  # [B, t, d]: only the new tokens are rotated
+    mask = causal_mask(layout.valid, positions.shape[1])  # [B, 1, t, N], the same for every layer
     rows = embeds
     for index, layer in enumerate(model.layers):
         q, k, v = _project(layer, rows)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, t, d], at the new positions
         keys, values = cache.update(k, v.transpose(1, 2), index)
-        rows = _finish(layer, rows, decode_attention(q, keys, values, layout, cos, sin, layer.self_attn.scaling))
+        attended = decode_attention(q, keys, values, layout, cos, sin, layer.self_attn.scaling, mask)
+        rows = _finish(layer, rows, attended)
     cache.layout = layout
     return model.norm(rows)

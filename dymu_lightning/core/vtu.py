@@ -247,7 +247,14 @@ def vtu_attention(
 
 
 def decode_attention(
-    q: Tensor, keys: Tensor, values: Tensor, layout: VirtualLayout, cos: Tensor, sin: Tensor, scale: float
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    layout: VirtualLayout,
+    cos: Tensor,
+    sin: Tensor,
+    scale: float,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """The last ``t`` positions of ``layout`` (new singleton rows) attend over every virtual position.
 
@@ -263,6 +270,8 @@ def decode_attention(
         layout: rows -> virtual positions, ``N`` positions and ``N_un`` rows, the new tokens last.
         cos, sin: ``[B, t, d]`` RoPE tables at the new tokens' positions.
         scale: logit scale.
+        mask: ``causal_mask(layout.valid, t)``, if the caller has it already (it is the same for
+            every layer).
 
     Returns:
         ``[B, t, Hq * d]``.
@@ -273,8 +282,8 @@ def decode_attention(
     q = apply_rope(q.transpose(1, 2), cos, sin).reshape(batch, kv_heads, group * new, dim)
     logits = torch.matmul(q * scale, keys.transpose(-1, -2))  # [B, Hkv, g * t, N]
     # the mask is [B, 1, 1, t, N]: small next to the logits, and applying it always spares a host sync
-    mask = causal_mask(layout.valid, new)[:, :, None]
-    logits = logits.view(batch, kv_heads, group, new, length).masked_fill(~mask, float("-inf"))
+    mask = causal_mask(layout.valid, new) if mask is None else mask
+    logits = logits.view(batch, kv_heads, group, new, length).masked_fill(~mask[:, :, None], float("-inf"))
     # the softmax in at least float32, as SDPA's kernels keep it
     weights = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     weights = weights.view(batch, kv_heads, group * new, length)
