@@ -239,9 +239,16 @@ def vtu_attention(
     k = apply_rope(layout.to_positions(k).transpose(1, 2), cos, sin)  # [B, Hkv, N, d]
     v = layout.to_positions(v).transpose(1, 2)
     mask = causal_mask(layout.valid, q.shape[2]) if layout.padded else None
+    keys, values, gqa = k, v, q.shape[1] != k.shape[1]
+    if gqa and mask is not None and q.is_cuda:
+        # CUDA's fused kernels take grouped-query heads only without a mask; SDPA would fall back to
+        # its math kernel, which builds [B, Hq, N, N] scores in float32. Repeat the heads, as the host does.
+        keys, values = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        gqa = False
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
     )
+    del keys, values
     rows = layout.to_rows(out.transpose(1, 2))  # [*R, Hq, d]
     return rows.flatten(-2), k, v
 
