@@ -9,7 +9,7 @@ from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from dymu_lightning.backbones.hf_llm import vtu_decode, vtu_forward, vtu_prefill
-from dymu_lightning.core.vtu import VirtualLayout, vtu_attention
+from dymu_lightning.core.vtu import VirtualLayout, causal_attention, causal_mask, vtu_attention
 
 
 def build(family: str, attn: str = "sdpa") -> torch.nn.Module:
@@ -150,3 +150,15 @@ def test_compact_decoding_equals_the_expanded_cache_and_the_naive_reference(fami
     assert compact.layers[0].values.shape[2] == 19 + 3 and not compact.is_croppable
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         compact.crop(-1)
+
+
+def test_repeating_grouped_heads_for_masked_attention_changes_nothing():
+    """The CUDA path for padded batches (key-value heads copied to their query heads) equals SDPA's
+    own grouped-query attention, checked here on the CPU."""
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 6, 7, 8, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 7, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    mask = causal_mask(torch.arange(7).expand(2, -1) >= torch.tensor([[0], [3]]), 7)  # sample 1 left-padded
+    grouped = causal_attention(q, k, v, mask, 0.4)
+    repeated = causal_attention(q, k, v, mask, 0.4, repeat_heads=True)
+    torch.testing.assert_close(repeated, grouped, rtol=0, atol=1e-12)

@@ -239,18 +239,26 @@ def vtu_attention(
     k = apply_rope(layout.to_positions(k).transpose(1, 2), cos, sin)  # [B, Hkv, N, d]
     v = layout.to_positions(v).transpose(1, 2)
     mask = causal_mask(layout.valid, q.shape[2]) if layout.padded else None
-    keys, values, gqa = k, v, q.shape[1] != k.shape[1]
-    if gqa and mask is not None and q.is_cuda:
-        # CUDA's fused kernels take grouped-query heads only without a mask; SDPA would fall back to
-        # its math kernel, which builds [B, Hq, N, N] scores in float32. Repeat the heads, as the host does.
-        keys, values = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-        gqa = False
-    out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
-    )
-    del keys, values
+    # CUDA's fused kernels take grouped-query heads only without a mask
+    out = causal_attention(q, k, v, mask, scale, repeat_heads=mask is not None and q.is_cuda)
     rows = layout.to_rows(out.transpose(1, 2))  # [*R, Hq, d]
     return rows.flatten(-2), k, v
+
+
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, repeat_heads: bool = False
+) -> Tensor:
+    """SDPA over ``[B, H, N, d]`` with the causal ``mask`` (None: plain causal attention).
+
+    ``repeat_heads`` copies each key-value head to its query heads first, as the host model does when
+    it passes a mask on CUDA: SDPA's fused CUDA kernels refuse masked grouped-query attention, and its
+    math kernel would build ``[B, Hq, N, N]`` float32 scores instead.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and repeat_heads:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa)
 
 
 def decode_attention(
