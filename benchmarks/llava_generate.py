@@ -28,12 +28,14 @@ Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the whole call (w
 "prefill peak" is the same counter read at the first scores); on the CPU, the peak bytes of the
 tensors allocated inside the call (weights and inputs excluded; ``benchmarks/peak_memory.py``). Both
 are also given per prompt above the stock model's, the quantity the issue's "+160 MiB per prompt"
-is about.
+is about. The report ends with issue 12's targets for the batches measured (prefill at most 1.0x
+stock at batch 1 and 0.55x at batch 16, compact-cache decoding at most 1.1x per token at batch 64,
+peak memory at most 1.05x stock), each marked met or NOT met.
 
     python benchmarks/llava_generate.py                      # batch 1 and 4, CPU, float32
     python benchmarks/llava_generate.py --model llava15-7b --tiny --batch 1 4   # CPU, a small geometry
     python benchmarks/llava_generate.py --batch 1 16 --device cuda --dtype bfloat16
-    python benchmarks/llava_generate.py --model llava15-7b --batch 1 16 --device cuda --dtype bfloat16
+    python benchmarks/llava_generate.py --model llava15-7b --batch 1 16 64 --device cuda --dtype bfloat16
     python benchmarks/llava_generate.py --model dinov2s-7b --batch 1 16 --device cuda --dtype bfloat16 \
         --thresholds runs/results/calibrate/llava_mid/thresholds.json
 """
@@ -134,6 +136,30 @@ def cache_bytes(cache: object) -> int:
     if hasattr(cache, "nbytes"):
         return cache.nbytes()
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+# Issue 12's GPU targets for generate(): (what, ratio, batch, variants, at most)
+TARGETS = (
+    ("prefill", 1, ("compact", "expanded"), 1.0),
+    ("prefill", 16, ("compact", "expanded"), 0.55),
+    ("decode", 64, ("compact",), 1.1),
+    ("peak", None, ("compact", "expanded"), 1.05),
+)
+
+
+def target_lines(ratios: dict[tuple[int, str], dict[str, float]]) -> list[str]:
+    """One line per target whose batch was measured: each variant's ratio to stock and whether it is met
+    (``peak`` applies at every batch)."""
+    lines = []
+    for what, batch, variants, limit in TARGETS:
+        batches = sorted({b for b, _ in ratios}) if batch is None else [batch]
+        for b in batches:
+            if (b, "stock") not in ratios:
+                continue
+            found = ", ".join(f"{v} {ratios[b, v][what]:.2f}x" for v in variants)
+            verdict = "met" if all(ratios[b, v][what] <= limit for v in variants) else "NOT met"
+            lines.append(f"- target: {what} <= {limit:.2f}x stock at batch {b}: {found} ({verdict})")
+    return ["", *lines] if lines else []
 
 
 def measured_memory(run: Callable, variant: str, inputs: dict, device: torch.device) -> tuple[object, StepClock, int]:
@@ -368,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes: list[str] = []
+    ratios: dict[tuple[int, str], dict[str, float]] = {}
     for batch in args.batch:
         inputs = setup.inputs(batch)
         prefill: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -408,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         for variant in VARIANTS:
             out, clock, peak = measured_memory(run, variant, inputs, device)
             peaks[variant] = peak
+            ratios[batch, variant] = {
+                "prefill": prefill[variant] / prefill["stock"],
+                "decode": decode[variant] / decode["stock"],
+                "peak": peak / peaks["stock"],
+            }
             size = cache_bytes(out.cache)
             if variant == "stock":
                 stock_size, visual = size, float(setup.patches)
@@ -423,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{(peak - peaks['stock']) / batch / 2**20:+.1f} MiB |"
             )
             print(lines[-1], flush=True)
-    write_report([*lines, "", *notes], args.out)
+    write_report([*lines, "", *notes, *target_lines(ratios)], args.out)
     return 0
 
 

@@ -70,6 +70,9 @@ def test_tiny_run_reports_every_variant(tmp_path):
     # the language model's rows are packed: never more than padding every prompt to the busiest
     packed = re.findall(r"batch (\d+): the language model runs (\d+) packed rows; .* = (\d+)", report)
     assert [int(b) for b, _, _ in packed] == [1, 2] and all(int(t) <= int(p) for _, t, p in packed)
+    # issue 12's targets, for the batches measured (batch 16 and 64 are not: no line for them)
+    targets = re.findall(r"- target: (\w+) <= ([\d.]+)x stock at batch (\d+): .* \((met|NOT met)\)", report)
+    assert [(what, batch) for what, _, batch, _ in targets] == [("prefill", "1"), ("peak", "1"), ("peak", "2")]
 
 
 @pytest.mark.slow  # the real DINOv2-S weights and the bundled photos (make assets)
