@@ -162,3 +162,24 @@ def test_repeating_grouped_heads_for_masked_attention_changes_nothing():
     grouped = causal_attention(q, k, v, mask, 0.4)
     repeated = causal_attention(q, k, v, mask, 0.4, repeat_heads=True)
     torch.testing.assert_close(repeated, grouped, rtol=0, atol=1e-12)
+
+
+def test_the_compact_cache_copies_and_selects_samples_with_its_layout():
+    """generate()'s batch operations on the Cache move every layer's keys and values and the layout
+    together: sample i of the result is sample index[i] of the source."""
+    model = build("llama")
+    layout = uneven_layout(seed=6)
+    rows = torch.randn(3, layout.num_rows, TINY["hidden_size"], dtype=torch.float64)
+    with torch.no_grad():
+        _, cache = vtu_prefill(model, rows, layout, cache="compact")
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    expand = cache.layout.expand.clone()
+    for operation, index in (
+        (lambda c: c.batch_repeat_interleave(2), torch.tensor([0, 0, 1, 1, 2, 2])),
+        (lambda c: c.batch_select_indices(torch.tensor([5, 0, 2])), torch.tensor([2, 0, 1])),
+        (lambda c: c.reorder_cache(torch.tensor([1, 1, 0])), torch.tensor([0, 0, 2])),
+    ):
+        operation(cache)
+        assert torch.equal(cache.layout.expand, expand[index])
+        for layer, (keys, values) in zip(cache.layers, before, strict=True):
+            assert torch.equal(layer.keys, keys[index]) and torch.equal(layer.values, values[index])
