@@ -18,6 +18,7 @@ needs no change.
 
 from __future__ import annotations
 
+import inspect
 import os
 import types
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from itertools import accumulate
 from pathlib import Path
 
 import torch
+import transformers
 from torch import Tensor, nn
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
@@ -36,8 +38,12 @@ from dymu_lightning.core import MergedTokens, MergePolicy
 from dymu_lightning.core.vtu import VirtualLayout
 
 STATE_ATTRIBUTE = "_dymu_llava"
-# generate()'s hook that copies each sample for beams and returned sequences (see its override below)
+# generate()'s hook that copies each sample for beams and returned sequences (see its override below).
+# It is private: the override is written against this version's parameters, checked by apply_dymu and
+# pinned by tests/test_llava.py.
 EXPAND_ATTRIBUTE = "_expand_inputs_for_generation"
+EXPAND_TESTED_WITH = "5.24"
+EXPAND_PARAMETERS = ("self", "expand_size", "is_encoder_decoder", "input_ids", "model_kwargs")
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,8 @@ def apply_dymu(
         model: the LLaVA model.
         thresholds: a ``thresholds.json`` path, a loaded :class:`ThresholdsFile`, or a ready policy.
         cache: the KV cache of ``generate()``: ``"expanded"`` (the stock cache of the full sequence;
-            decoding is the stock model's, at its speed) or ``"compact"`` (one entry per row: less
-            memory, but every decoding step rotates the stored keys again).
+            decoding is the stock model's) or ``"compact"`` (keys per position as stock, values once
+            per row: a smaller cache, whose decoding reads each row's value once).
         backbone: the vision tower's adapter (a registry name or instance); by default the one the
             thresholds file names, or else the first registered adapter that handles the tower.
         max_merges, min_tokens: per-image caps on top of the thresholds.
@@ -103,9 +109,12 @@ def apply_dymu(
     Raises:
         ValueError: thresholds calibrated for another tower or another depth, an unknown cache kind,
             or a feature layer LLaVA-DyMU cannot read (a list of layers).
+        RuntimeError: a transformers whose private generate() hook differs from the one overridden
+            (see :func:`check_expand_hook`).
     """
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown cache {cache!r}; expected one of {CACHE_KINDS}")
+    check_expand_hook(type(model))
     tower = model.model.vision_tower
     if isinstance(thresholds, (str, os.PathLike)):
         thresholds = ThresholdsFile.load(Path(thresholds))
@@ -140,6 +149,19 @@ def apply_dymu(
     object.__setattr__(model, "forward", types.MethodType(_dymu_forward, model))
     object.__setattr__(model, EXPAND_ATTRIBUTE, types.MethodType(_expand_inputs_for_generation, model))
     return model
+
+
+def check_expand_hook(model_class: type) -> None:
+    """Refuse a transformers whose private ``_expand_inputs_for_generation`` is not the one our
+    override wraps (its parameters changed): beam search would otherwise mix up a prompt's images."""
+    stock = getattr(model_class, EXPAND_ATTRIBUTE, None)
+    found = tuple(inspect.signature(stock).parameters) if stock is not None else ()
+    if found != EXPAND_PARAMETERS:
+        raise RuntimeError(
+            f"transformers {transformers.__version__}: {model_class.__name__}.{EXPAND_ATTRIBUTE} takes {found}, "
+            f"not {EXPAND_PARAMETERS} as in transformers {EXPAND_TESTED_WITH}, which DyMU's override of it "
+            "(backbones/hf_llava.py) was written against; update the override for this version"
+        )
 
 
 def remove_dymu(model: nn.Module) -> nn.Module:

@@ -3,44 +3,81 @@
 Their decoder layers share one shape: ``input_layernorm -> self_attn (q/k/v/o_proj, RoPE) ->
 residual -> post_attention_layernorm -> mlp -> residual``, with ``model.rotary_emb`` giving the RoPE
 tables and ``model.norm`` at the end. VTU runs everything but the attention product on the unique
-rows; the host's own modules do the work, so nothing of the host is copied.
+rows, packed across the batch; the host's own modules do the work, so nothing of the host is copied.
 
 Generation has two caches:
 
 * ``"expanded"``: a stock ``DynamicCache`` holding keys and values at every virtual position, exactly
   what the stock model would have cached for the full sequence. Decoding is then the stock model's
   own forward.
-* ``"compact"``: :class:`HFCompactCache`, one entry per row plus the layout. Decoding runs
-  :func:`vtu_decode`, which rotates the stored keys per position as it reads them.
+* ``"compact"``: :class:`HFCompactCache`, a ``transformers.Cache`` whose layers hold the keys at every
+  position (rotated, as stock) but the values once per row, plus the layout. Decoding runs
+  :func:`vtu_decode`, which sums the attention weights of each row's positions and reads its value
+  once.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from dymu_lightning.core.vtu import CompactKVCache, VirtualLayout, decode_attention, vtu_attention
+from dymu_lightning.core.vtu import VirtualLayout, apply_rope, causal_mask, decode_attention, vtu_attention
 
 CacheKind = Literal["expanded", "compact"]
 CACHE_KINDS: tuple[str, ...] = ("expanded", "compact")
 
 
-class HFCompactCache(CompactKVCache):
-    """:class:`CompactKVCache` with the few methods ``generate()`` asks of a cache."""
+class CompactLayer(DynamicLayer):
+    """One decoder layer of :class:`HFCompactCache`.
 
-    is_compileable = False
+    ``keys``: ``[B, Hkv, N, d]`` after RoPE, one per virtual position, as in ``DynamicLayer``.
+    ``values``: ``[B, Hkv, N_un, d]``, one per row (a merged token's value is the same at each of its
+    positions). ``DynamicLayer``'s growth (concatenation on dim -2), sequence length (the keys'
+    positions), beam reordering and batch selection apply unchanged; cropping does not (the last
+    values are rows, not positions), so it is refused.
+    """
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seq_length
+    is_croppable = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the compact VTU cache cannot be cropped (values are stored per row)")
+
+
+class HFCompactCache(Cache):
+    """A ``transformers.Cache`` of :class:`CompactLayer` (one per decoder layer) and the layout shared by every layer
+    (rows -> virtual positions), which follows the batch when generate() reorders or copies it."""
+
+    def __init__(self, layout: VirtualLayout) -> None:
+        super().__init__(layer_class_to_replicate=CompactLayer)
+        self.layout = layout
 
     @property
-    def is_linear(self) -> list[bool]:
-        return [False] * len(self.keys)
+    def seq_length(self) -> int:
+        """Virtual positions covered so far (prompt and generated tokens)."""
+        return self.layout.expand.shape[1]
+
+    def nbytes(self) -> int:
+        """Bytes held: keys, values and the layout maps."""
+        lay = self.layout
+        tensors = [t for layer in self.layers for t in (layer.keys, layer.values)]
+        return sum(t.numel() * t.element_size() for t in [*tensors, lay.expand, lay.positions, lay.valid])
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
-        self.select(beam_idx)
+        super().reorder_cache(beam_idx)
+        self.layout = self.layout.select(beam_idx.to(self.layout.expand.device))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.layout = self.layout.select(indices.to(self.layout.expand.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        index = torch.arange(self.layout.expand.shape[0], device=self.layout.expand.device)
+        self.layout = self.layout.select(index.repeat_interleave(repeats))
 
 
 def _project(layer: nn.Module, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,6 +107,9 @@ def vtu_prefill(
 ) -> tuple[Tensor, DynamicCache | HFCompactCache | None]:
     """The base model (``LlamaModel``, ``Qwen2Model``, ``MistralModel``) on embedded rows.
 
+    The rows that some valid position uses are packed into one sequence for the position-wise
+    layers (:meth:`VirtualLayout.pack`), so a batch costs the sum of its samples' rows.
+
     Args:
         model: the host base model (not the ``...ForCausalLM`` wrapper: pass ``.model``).
         rows: ``[B, N_un, C]`` input embeddings of the unique rows.
@@ -77,7 +117,8 @@ def vtu_prefill(
         cache: None, ``"expanded"`` or ``"compact"`` (see the module docstring).
 
     Returns:
-        ``[B, N_un, C]`` final hidden states of the rows (after ``model.norm``), and the cache.
+        ``[B, N_un, C]`` final hidden states of the rows (after ``model.norm``; zeros in rows no valid
+        position uses), and the cache.
     """
     if cache is not None and cache not in CACHE_KINDS:
         raise ValueError(f"unknown cache {cache!r}; expected one of {CACHE_KINDS}")
@@ -87,16 +128,19 @@ def vtu_prefill(
         store = DynamicCache(config=model.config)
     elif cache == "compact":
         store = HFCompactCache(layout)
-    cos, sin = model.rotary_emb(rows, layout.positions)
+    packed = layout.pack()
+    hidden = packed.pack(rows)  # [T, C]
+    cos, sin = model.rotary_emb(hidden, layout.positions)
     for index, layer in enumerate(model.layers):
-        q, k, v = _project(layer, rows)
-        attended, k_positions, v_positions = vtu_attention(q, k, v, layout, cos, sin, layer.self_attn.scaling)
+        q, k, v = _project(layer, hidden)
+        attended, k_positions, v_positions = vtu_attention(q, k, v, packed, cos, sin, layer.self_attn.scaling)
         if isinstance(store, HFCompactCache):
-            store.store(index, k, v)
+            store.update(k_positions, packed.unpack(v).transpose(1, 2), index)  # values per row
         elif store is not None:
             store.update(k_positions, v_positions, index)
-        rows = _finish(layer, rows, attended)
-    return model.norm(rows), store
+        del k_positions, v_positions  # the cache holds copies; free these before the MLP runs
+        hidden = _finish(layer, hidden, attended)
+    return packed.unpack(model.norm(hidden)), store
 
 
 def vtu_forward(model: nn.Module, rows: Tensor, layout: VirtualLayout) -> Tensor:
@@ -121,11 +165,14 @@ def vtu_decode(
     """
     layout = cache.layout.extend(positions, valid)
     _check_window(model, layout.expand.shape[1])
-    cos, sin = model.rotary_emb(embeds, layout.positions)
+    cos, sin = model.rotary_emb(embeds, positions)  # [B, t, d]: only the new tokens are rotated
+    mask = causal_mask(layout.valid, positions.shape[1])  # [B, 1, t, N], the same for every layer
     rows = embeds
     for index, layer in enumerate(model.layers):
         q, k, v = _project(layer, rows)
-        keys, values = cache.store(index, k, v)
-        rows = _finish(layer, rows, decode_attention(q, keys, values, layout, cos, sin, layer.self_attn.scaling))
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, t, d], at the new positions
+        keys, values = cache.update(k, v.transpose(1, 2), index)
+        attended = decode_attention(q, keys, values, layout, cos, sin, layer.self_attn.scaling, mask)
+        rows = _finish(layer, rows, attended)
     cache.layout = layout
     return model.norm(rows)

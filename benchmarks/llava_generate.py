@@ -22,11 +22,20 @@ so each photo's token count is not what the real CLIP-L would give it.
 
 For each variant, from inside one generate() call: the prefill (until the first next-token scores),
 the median time per further token (between consecutive scores), the visual rows, the KV cache bytes,
-and on GPU the peak memory. Rounds interleave the variants in one process.
+and the peak memory of a generate() of 2 tokens. Rounds interleave the variants in one process.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the whole call (weights included;
+"prefill peak" is the same counter read at the first scores); on the CPU, the peak bytes of the
+tensors allocated inside the call (weights and inputs excluded; ``benchmarks/peak_memory.py``). Both
+are also given per prompt above the stock model's, the quantity the issue's "+160 MiB per prompt"
+is about. The report ends with issue 12's targets for the batches measured (prefill at most 1.0x
+stock at batch 1 and 0.55x at batch 16, compact-cache decoding at most 1.1x per token at batch 64,
+peak memory at most 1.05x stock), each marked met or NOT met.
 
     python benchmarks/llava_generate.py                      # batch 1 and 4, CPU, float32
+    python benchmarks/llava_generate.py --model llava15-7b --tiny --batch 1 4   # CPU, a small geometry
     python benchmarks/llava_generate.py --batch 1 16 --device cuda --dtype bfloat16
-    python benchmarks/llava_generate.py --model llava15-7b --batch 1 16 --device cuda --dtype bfloat16
+    python benchmarks/llava_generate.py --model llava15-7b --batch 1 16 64 --device cuda --dtype bfloat16
     python benchmarks/llava_generate.py --model dinov2s-7b --batch 1 16 --device cuda --dtype bfloat16 \
         --thresholds runs/results/calibrate/llava_mid/thresholds.json
 """
@@ -34,6 +43,7 @@ and on GPU the peak memory. Rounds interleave the variants in one process.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -42,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 from encoder_speed import add_run_arguments, encoder_flops, machine_name, photos, write_report
+from peak_memory import PeakTensorBytes
 from torch import Tensor
 from transformers import (
     CLIPVisionConfig,
@@ -105,14 +116,18 @@ class Setup:
 
 class StepClock(LogitsProcessor):
     """Stamps the time each time generate() has next-token scores: after the prefill, then after
-    every decoding step."""
+    every decoding step; on CUDA also the peak memory allocated so far, at the first scores (the
+    prefill's peak)."""
 
     def __init__(self) -> None:
         self.stamps: list[float] = []
+        self.prefill_peak: int | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.is_cuda:
             torch.cuda.synchronize()
+            if self.prefill_peak is None:
+                self.prefill_peak = torch.cuda.max_memory_allocated(scores.device)
         self.stamps.append(time.perf_counter())
         return scores
 
@@ -121,6 +136,45 @@ def cache_bytes(cache: object) -> int:
     if hasattr(cache, "nbytes"):
         return cache.nbytes()
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+# Issue 12's GPU targets for generate(): (what, ratio, batch, variants, at most)
+TARGETS = (
+    ("prefill", 1, ("compact", "expanded"), 1.0),
+    ("prefill", 16, ("compact", "expanded"), 0.55),
+    ("decode", 64, ("compact",), 1.1),
+    ("peak", None, ("compact", "expanded"), 1.05),
+)
+
+
+def target_lines(ratios: dict[tuple[int, str], dict[str, float]]) -> list[str]:
+    """One line per target whose batch was measured: each variant's ratio to stock and whether it is met
+    (``peak`` applies at every batch)."""
+    lines = []
+    for what, batch, variants, limit in TARGETS:
+        batches = sorted({b for b, _ in ratios}) if batch is None else [batch]
+        for b in batches:
+            if (b, "stock") not in ratios:
+                continue
+            found = ", ".join(f"{v} {ratios[b, v][what]:.2f}x" for v in variants)
+            verdict = "met" if all(ratios[b, v][what] <= limit for v in variants) else "NOT met"
+            lines.append(f"- target: {what} <= {limit:.2f}x stock at batch {b}: {found} ({verdict})")
+    return ["", *lines] if lines else []
+
+
+def measured_memory(run: Callable, variant: str, inputs: dict, device: torch.device) -> tuple[object, StepClock, int]:
+    """generate() of 2 tokens with ``variant``: its output, its clock and its peak memory in bytes (on
+    CUDA the allocator's peak, weights included; on the CPU the peak of the tensors allocated inside
+    the call)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        _, _, out, clock = run(variant, inputs, 2)
+        return out, clock, torch.cuda.max_memory_allocated(device)
+    with PeakTensorBytes() as tracker:
+        _, _, out, clock = run(variant, inputs, 2)
+    return out, clock, tracker.peak
 
 
 def small_setup(device: torch.device, dtype: torch.dtype, thresholds_path: str | None) -> Setup:
@@ -304,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         "num_key_value_heads": text.num_key_value_heads,
     }
 
-    def run(variant: str, inputs: dict, new_tokens: int) -> tuple[float, float, object]:
-        """Prefill seconds, median seconds per further token, and generate()'s output."""
+    def run(variant: str, inputs: dict, new_tokens: int) -> tuple[float, float, object, StepClock]:
+        """Prefill seconds, median seconds per further token, generate()'s output and its clock."""
         if variant == "stock" and is_dymu(model):
             remove_dymu(model)
         elif variant != "stock":
@@ -327,24 +381,27 @@ def main(argv: list[str] | None = None) -> int:
         if generated != new_tokens:  # min_new_tokens holds a random model's EOS back; check it did
             raise RuntimeError(f"{variant}: generate() made {generated} tokens, not {new_tokens}")
         steps = [b - a for a, b in zip(clock.stamps[:-1], clock.stamps[1:], strict=True)]
-        return clock.stamps[0] - start, statistics.median(steps), out
+        return clock.stamps[0] - start, statistics.median(steps) if steps else math.nan, out, clock
 
+    peak_what = "peak memory (prefill)" if device.type == "cuda" else "peak tensor bytes"
     lines = [
         f"# generate() on {setup.title}, {machine_name(device)}, {args.dtype}, torch {torch.__version__}",
         f"# command: python {' '.join(sys.argv)}",
         f"{setup.about}; decode = {args.new_tokens} new tokens after the first",
         "",
         "| batch | variant | visual rows (mean) | prefill | / stock | FLOPs ideal | per new token | / stock "
-        "| KV cache | / stock | peak memory |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| KV cache | / stock | {peak_what} | / stock | per prompt vs stock |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    notes: list[str] = []
+    ratios: dict[tuple[int, str], dict[str, float]] = {}
     for batch in args.batch:
         inputs = setup.inputs(batch)
         prefill: dict[str, list[float]] = {v: [] for v in VARIANTS}
         decode: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for round_ in range(args.repeats + 1):  # round 0 warms up
             for variant in VARIANTS:
-                seconds, per_token, _ = run(variant, inputs, 1 + args.new_tokens)
+                seconds, per_token, *_ = run(variant, inputs, 1 + args.new_tokens)
                 if round_:
                     prefill[variant].append(seconds)
                     decode[variant].append(per_token)
@@ -363,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         positions = inputs["input_ids"].shape[1]
         counts = merged.layout.counts()
         rows = (counts > 0).sum(1)
+        notes.append(
+            f"- batch {batch}: the language model runs {int(rows.sum())} packed rows; padded to the prompt "
+            f"with most rows they would be {batch} x {merged.layout.num_rows} = {batch * merged.layout.num_rows}"
+        )
         dymu = encoder_flops(tokens, vision.hidden_size, mlp_ratio) + sum(
             prefill_flops(int(r), positions, llm) for r in rows
         )
@@ -370,25 +431,31 @@ def main(argv: list[str] | None = None) -> int:
             positions, positions, llm
         )
 
+        peaks: dict[str, int] = {}
         for variant in VARIANTS:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            out = run(variant, inputs, 2)[2]
-            peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB" if device.type == "cuda" else "-"
+            out, clock, peak = measured_memory(run, variant, inputs, device)
+            peaks[variant] = peak
+            ratios[batch, variant] = {
+                "prefill": prefill[variant] / prefill["stock"],
+                "decode": decode[variant] / decode["stock"],
+                "peak": peak / peaks["stock"],
+            }
             size = cache_bytes(out.cache)
             if variant == "stock":
                 stock_size, visual = size, float(setup.patches)
             else:
                 visual = float(last_prefill(model)["visual_rows"].float().mean())
             ideal = f"{dymu / stock:.2f}x" if variant != "stock" else "1.00x"
+            prefill_peak = f" ({clock.prefill_peak / 2**20:.0f})" if clock.prefill_peak is not None else ""
             lines.append(
                 f"| {batch} | {variant} | {visual:.1f} | {prefill[variant] * 1e3:.0f} ms | "
                 f"{prefill[variant] / prefill['stock']:.2f}x | {ideal} | {decode[variant] * 1e3:.0f} ms | "
                 f"{decode[variant] / decode['stock']:.2f}x | {size / 2**20:.1f} MiB | "
-                f"{size / stock_size:.2f}x | {peak} |"
+                f"{size / stock_size:.2f}x | {peak / 2**20:.0f}{prefill_peak} MiB | {peak / peaks['stock']:.3f}x | "
+                f"{(peak - peaks['stock']) / batch / 2**20:+.1f} MiB |"
             )
             print(lines[-1], flush=True)
-    write_report(lines, args.out)
+    write_report([*lines, "", *notes, *target_lines(ratios)], args.out)
     return 0
 
 

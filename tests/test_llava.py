@@ -17,9 +17,12 @@ from tests_support import (
     prompt_batch,
     tiny_llava,
 )
+from transformers import Cache
 
 from dymu_lightning.backbones.hf_llava import (
+    EXPAND_TESTED_WITH,
     apply_dymu,
+    check_expand_hook,
     dymu_inputs,
     is_dymu,
     last_prefill,
@@ -109,11 +112,12 @@ def test_images_of_different_complexity_get_different_row_counts():
                 token = merged.tokens[image, merged.group[image, patch]]
                 torch.testing.assert_close(at_positions[b, start + patch], projector(token), rtol=0, atol=1e-12)
             image += 1
-    # the compact cache holds one entry per row and per generated token (the last token is not fed back)
+    # the compact cache holds a value per row and a key per position, and one of each per generated
+    # token (the last token is not fed back)
     cache = out.cache
     assert isinstance(cache, HFCompactCache)
-    assert cache.keys[0].shape[1] == inputs.layout.num_rows + 3
-    assert cache.seq_length == batch["input_ids"].shape[1] + 3
+    assert cache.layers[0].values.shape[2] == inputs.layout.num_rows + 3
+    assert cache.layers[0].keys.shape[2] == cache.seq_length == batch["input_ids"].shape[1] + 3
 
 
 def test_compact_and_expanded_caches_hold_what_they_should():
@@ -129,7 +133,9 @@ def test_compact_and_expanded_caches_hold_what_they_should():
     expanded_keys = sizes["expanded"].layers[0].keys  # [B, Hkv, N, d], the stock layout
     assert expanded_keys.shape == (2, TINY["num_key_value_heads"], length, 8)
     compact = sizes["compact"]
-    assert compact.keys[0].shape[:3] == (2, compact.layout.num_rows, TINY["num_key_value_heads"])
+    # keys: the stock ones, rotated at their positions (the same up to rounding: RoPE written differently)
+    torch.testing.assert_close(compact.layers[0].keys, expanded_keys, rtol=0, atol=1e-12)
+    assert compact.layers[0].values.shape[:3] == (2, TINY["num_key_value_heads"], compact.layout.num_rows)
     assert compact.layout.num_rows < length
 
 
@@ -164,10 +170,11 @@ def test_beam_search_with_infinite_thresholds_equals_the_stock_model(cache):
     assert ours.shape[0] == 4 and torch.equal(ours, stock)
 
 
-def test_beam_search_with_merging_is_independent_of_batch_mates():
+@pytest.mark.parametrize("cache", ["compact", "expanded"])
+def test_beam_search_with_merging_is_independent_of_batch_mates(cache):
     model = tiny_llava()
     batch = prompt_batch()
-    apply_dymu(model, merging_policy(model))
+    apply_dymu(model, merging_policy(model), cache=cache)
     pad = int((batch["attention_mask"][1] == 0).sum())
     alone = [
         {"input_ids": batch["input_ids"][:1], "attention_mask": batch["attention_mask"][:1]},
@@ -254,3 +261,38 @@ def test_next_token_logits_with_and_without_vtu():
         rows = last_prefill(model)["rows"]
     assert (with_vtu - without).abs().max() > 1e-3
     assert rows.tolist()[0] < batch["attention_mask"].sum(1).tolist()[0]
+
+
+def test_beam_search_with_merging_gives_the_same_beams_with_either_cache():
+    """Beams reorder and copy the compact cache (a ``transformers.Cache``) and its layout through the
+    Cache API; it must keep giving what the stock cache of the full sequence gives."""
+    model = tiny_llava()
+    batch = prompt_batch()
+    out = {}
+    with torch.no_grad():
+        for cache in ("compact", "expanded"):
+            apply_dymu(model, merging_policy(model), cache=cache)
+            out[cache] = generate(model, batch, 4, num_beams=3, num_return_sequences=2, return_dict_in_generate=True)
+    assert last_prefill(model)["visual_rows"].lt(PATCHES).all()
+    assert isinstance(out["compact"].cache, HFCompactCache) and isinstance(out["compact"].cache, Cache)
+    assert out["compact"].cache.layout.expand.shape[0] == 3 * 2  # the layout followed the beams
+    assert torch.equal(out["compact"].sequences, out["expanded"].sequences)
+    torch.testing.assert_close(out["compact"].sequences_scores, out["expanded"].sequences_scores, rtol=0, atol=1e-10)
+
+
+def test_the_private_generate_hook_we_override_is_pinned_to_the_tested_transformers():
+    """``_expand_inputs_for_generation`` is private: this fails on a new transformers until the
+    override is checked against it, and apply_dymu refuses a changed hook with a clear error."""
+    import transformers
+
+    assert transformers.__version__.startswith(EXPAND_TESTED_WITH + "."), (
+        f"DyMU's override of _expand_inputs_for_generation was checked against transformers {EXPAND_TESTED_WITH}; "
+        f"re-check it (backbones/hf_llava.py) for {transformers.__version__} and update EXPAND_TESTED_WITH"
+    )
+    check_expand_hook(type(tiny_llava()))  # the installed hook has the parameters the override passes
+
+    class Changed(torch.nn.Module):
+        def _expand_inputs_for_generation(self, expand_size=1, input_ids=None, **model_kwargs): ...
+
+    with pytest.raises(RuntimeError, match=r"Changed._expand_inputs_for_generation takes .* update the override"):
+        check_expand_hook(Changed)

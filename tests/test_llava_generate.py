@@ -7,6 +7,7 @@ generation itself with ``--tiny``, the same structure shrunk.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -60,8 +61,18 @@ def test_tiny_run_reports_every_variant(tmp_path):
     out = tmp_path / "llava"
     argv = ["--model", "llava15-7b", "--tiny", "--batch", "1", "2", "--repeats", "1", "--new-tokens", "2"]
     assert llava_generate.main([*argv, "--out", str(out)]) == 0
-    rows = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| 1 |")]
-    assert [row.split(" | ")[1] for row in rows] == ["stock", "compact", "expanded"]
+    report = out.with_suffix(".md").read_text()
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| 1 |")]
+    assert [row[1] for row in rows] == ["stock", "compact", "expanded"]
+    # peak memory against the stock model's, and the decode per-token ratio, for every variant
+    assert rows[0][11] == "1.000x" and rows[0][12] == "+0.0 MiB |"
+    assert all(float(row[11].rstrip("x")) > 0 and float(row[7].rstrip("x")) > 0 for row in rows)
+    # the language model's rows are packed: never more than padding every prompt to the busiest
+    packed = re.findall(r"batch (\d+): the language model runs (\d+) packed rows; .* = (\d+)", report)
+    assert [int(b) for b, _, _ in packed] == [1, 2] and all(int(t) <= int(p) for _, t, p in packed)
+    # issue 12's targets, for the batches measured (batch 16 and 64 are not: no line for them)
+    targets = re.findall(r"- target: (\w+) <= ([\d.]+)x stock at batch (\d+): .* \((met|NOT met)\)", report)
+    assert [(what, batch) for what, _, batch, _ in targets] == [("prefill", "1"), ("peak", "1"), ("peak", "2")]
 
 
 @pytest.mark.slow  # the real DINOv2-S weights and the bundled photos (make assets)
