@@ -7,6 +7,7 @@ Every task (calibration, evaluation, fine-tuning) starts here, so the rules for 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from dymu_lightning.backbones import Backbone, get_backbone
+from dymu_lightning.backbones.base import local_dir
 from dymu_lightning.config.recipes import ConfigError
 from dymu_lightning.config.schema import DataConfig, ModelConfig
 
@@ -59,9 +61,58 @@ def check_model_and_data(
     for key, value, least in (
         ("data.global_batch_size", data.global_batch_size, 1),
         ("data.max_images", data.max_images, 1),
+        ("data.num_workers", data.num_workers, 0),
+        ("data.shard_size", data.shard_size, 1),
         ("model.num_blocks", model.num_blocks, 1),
         ("model.image_size", model.image_size, 1),
         *more,
     ):
         if value is not None and value < least:
             raise ConfigError(f"{path}: {key} must be >= {least}, got {value}")
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """What a schedule needs to know of an encoder: blocks, and tokens per image (prefix included)."""
+
+    num_layers: int
+    tokens: int
+    num_prefix: int
+    image_size: int
+
+
+def encoder_shape(
+    backbone: Backbone, model: nn.Module, transform: Callable[[Image.Image], torch.Tensor]
+) -> EncoderShape:
+    """The shape of ``model`` fed through ``transform`` (one blank image through the embedding)."""
+    probe = transform(Image.new("RGB", (64, 64)))[None]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        tokens = backbone.embed(model, probe.to(device, next(model.parameters()).dtype)).shape[1]
+    return EncoderShape(
+        backbone.num_layers(model), int(tokens), backbone.num_prefix_tokens(model), int(probe.shape[-1])
+    )
+
+
+def probe_shape(cfg: ModelConfig) -> EncoderShape | None:
+    """The encoder's shape without loading weights: the model is built on the meta device from
+    ``model.arch`` (random_init) or from the config.json of a local HF directory. None where that
+    needs the weights themselves (a hub id, a timm checkpoint)."""
+    backbone = get_backbone(cfg.backbone)
+    config_class = getattr(backbone, "config_class", None)
+    directory = None
+    if not cfg.random_init:
+        source = cfg.source if cfg.source is not None else getattr(backbone, "default_source", None)
+        directory = local_dir(source) if source is not None else None
+        if config_class is None or directory is None or not (Path(directory) / "config.json").is_file():
+            return None
+    with torch.device("meta"):
+        if cfg.random_init:
+            model = backbone.build(cfg.arch)
+        else:
+            model = backbone.model_class(config_class.from_pretrained(str(directory)))
+            model.name_or_path = str(directory)  # its preprocessing comes from the directory, as on load
+    transform = backbone.image_transform(model)
+    if cfg.image_size is not None:
+        transform = ResizedTransform(transform, cfg.image_size)
+    return encoder_shape(backbone, model, transform)

@@ -124,3 +124,83 @@ def test_all_blocks_with_or_without_the_final_norm_merge_alike(tmp_path, calibra
     result.check_fits(backbone, backbone.build(TINY_TIMM_ARCH), 64, 3)
     with pytest.raises(ValueError, match=r"num_blocks=null \(all\), but this run reads features after num_blocks=2"):
         result.check_fits(backbone, backbone.build(TINY_TIMM_ARCH), 64, 2)
+
+
+# ----- 6. check catches every bad trainer, schedule, data and out_dir value --------------------------------
+def _check_error(capsys, recipe, *overrides: str) -> str:
+    """The CLI's `check`: exit status 2 and one line on stderr, returned without its 'error: ' prefix."""
+    from dymu_lightning.cli import main
+
+    assert main(["check", f"recipe={recipe}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.removeprefix("error: ").rstrip("\n")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.devices=0"], "trainer.devices must be an integer >= 1 or 'auto', got 0"),
+        (["trainer.devices=-1"], "trainer.devices must be an integer >= 1 or 'auto', got -1"),
+        (["trainer.num_nodes=0"], "trainer.num_nodes must be >= 1, got 0"),
+        (
+            ["trainer.accelerator=tpu"],
+            "trainer.accelerator='tpu'; expected one of ('auto', 'cpu', 'gpu', 'cuda', 'mps')",
+        ),
+        (
+            ["schedule.r=null", "schedule.variants={low: -3}", "schedule.variant=low"],
+            "schedule.variants.low must be >= 0, got -3",
+        ),
+        (["data.num_workers=-1"], "data.num_workers must be >= 0, got -1"),
+        (["model.num_blocks=99"], "model.num_blocks=99, but backbone 'timm_vit' has 3 blocks"),
+        (
+            ["schedule.r=null", "schedule.tokens_left=10000"],
+            "schedule.tokens_left=10000, but backbone 'timm_vit' gives 65 tokens per image at 64 px (1 of them "
+            "never merge); expected 2..65",
+        ),
+    ],
+)
+def test_check_refuses_bad_values_in_one_line(tmp_path, shards, capsys, overrides, message):
+    recipe = recipe_file(tmp_path, shards)
+    assert _check_error(capsys, recipe, *overrides) == f"{recipe}: {message}"
+
+
+def test_check_refuses_an_out_dir_that_cannot_be_written(tmp_path, shards, capsys):
+    recipe = recipe_file(tmp_path, shards)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert _check_error(capsys, recipe, f"out_dir={afile}") == (
+        f"{recipe}: out_dir={afile}: {afile} is a file, not a folder"
+    )
+    assert _check_error(capsys, recipe, f"out_dir={afile}/sub/out") == (
+        f"{recipe}: out_dir={afile}/sub/out: {afile} is a file, so no folder can be created under it"
+    )
+    # Not writable even by root: a folder of a read-only file system.
+    message = _check_error(capsys, recipe, "out_dir=/proc/self/dymu")
+    assert message.startswith(f"{recipe}: out_dir=/proc/self/dymu: cannot write in /proc/self (")
+    assert not list(tmp_path.glob(".dymu-write-test-*"))
+
+
+# ----- 3. impossible schedules are refused by check --------------------------------------------------------
+def test_check_refuses_more_merges_than_a_layer_has_pairs(tmp_path, shards, capsys):
+    recipe = recipe_file(tmp_path, shards)
+    assert _check_error(capsys, recipe, "schedule.r=20") == (
+        f"{recipe}: schedule.r=20 asks layer 2 for 20 merges per image, but its 25 tokens (of 65 tokens per image "
+        "at 64 px) form 12 candidate pairs, and a threshold needs fewer merges than pairs; lower the schedule, or "
+        "feed larger images (model.image_size)"
+    )
+
+
+def test_small_llava_calib_at_224_px_is_refused_before_loading_weights(tmp_path, capsys):
+    from dymu_lightning.assets.paths import small_llava_dir
+    from dymu_lightning.config.recipes import packaged_recipes
+
+    if not (small_llava_dir() / "vision_tower" / "config.json").is_file():
+        pytest.skip("the small LLaVA is not assembled (`dymu small_llava`)")
+    recipe = packaged_recipes()["small_llava_calib"]
+    message = _check_error(capsys, "small_llava_calib", "model.image_size=224", f"out_dir={tmp_path}")
+    assert message == (
+        f"{recipe}: schedule.variant='mid' (r=35) asks layer 6 for 35 merges per image, but its 47 tokens (of 257 "
+        "tokens per image at 224 px) form 23 candidate pairs, and a threshold needs fewer merges than pairs; lower "
+        "the schedule, or feed larger images (model.image_size)"
+    )

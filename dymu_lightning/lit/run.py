@@ -15,21 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DDPStrategy
-from PIL import Image
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.config.recipes import ConfigError, Recipe
 from dymu_lightning.config.schema import CalibrationRecipe
 from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
+from dymu_lightning.files import check_writable_dir
 from dymu_lightning.lit.calibration import CalibrationModule, load_state
 from dymu_lightning.lit.datamodule import ShardsDataModule
 from dymu_lightning.lit.progress import CalibrationProgressBar
 from dymu_lightning.lit.report import write_report
-from dymu_lightning.loading import DTYPES, check_model_and_data, load_encoder
+from dymu_lightning.loading import EncoderShape, check_model_and_data, encoder_shape, load_encoder, probe_shape
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +59,37 @@ def target_r(cfg: CalibrationRecipe, path: Path) -> tuple[int | None, int | None
     return r, schedule.tokens_left
 
 
-def check(recipe: Recipe) -> CalibrationRecipe:
-    """Validate a recipe beyond its types, without loading a model."""
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check(recipe: Recipe, probe: bool = True) -> CalibrationRecipe:
+    """Validate a recipe beyond its types, without loading weights: with ``probe``, the schedule is
+    checked against the encoder's shape where that is known without its weights (:func:`probe_shape`);
+    :func:`calibrate` checks it against the loaded model in any case, before any compute."""
     cfg: CalibrationRecipe = recipe.to_object()
-    target_r(cfg, recipe.path)
+    path = recipe.path
+    target_r(cfg, path)
+    for name, value in cfg.schedule.variants.items():
+        if value < 0:
+            raise ConfigError(f"{path}: schedule.variants.{name} must be >= 0, got {value}")
     get_backbone(cfg.model.backbone)  # unknown names fail here, with a did-you-mean
     if cfg.schedule.kind not in SCHEDULES:
-        raise ConfigError(f"{recipe.path}: schedule.kind={cfg.schedule.kind!r}; expected one of {SCHEDULES}")
+        raise ConfigError(f"{path}: schedule.kind={cfg.schedule.kind!r}; expected one of {SCHEDULES}")
+    trainer = cfg.trainer
+    if trainer.accelerator not in ACCELERATORS:
+        raise ConfigError(f"{path}: trainer.accelerator={trainer.accelerator!r}; expected one of {ACCELERATORS}")
+    devices = trainer.devices
+    if devices != "auto" and (not isinstance(devices, int) or isinstance(devices, bool) or devices < 1):
+        raise ConfigError(f"{path}: trainer.devices must be an integer >= 1 or 'auto', got {devices!r}")
     check_model_and_data(
-        recipe.path,
+        path,
         cfg.model,
         cfg.data,
         [
-            ("trainer.save_every_n_steps", cfg.trainer.save_every_n_steps, 1),
-            ("trainer.max_steps", cfg.trainer.max_steps, 1),
-            ("trainer.timeout_s", cfg.trainer.timeout_s, 1),
+            ("trainer.num_nodes", trainer.num_nodes, 1),
+            ("trainer.save_every_n_steps", trainer.save_every_n_steps, 1),
+            ("trainer.max_steps", trainer.max_steps, 1),
+            ("trainer.timeout_s", trainer.timeout_s, 1),
             ("schedule.r", cfg.schedule.r, 0),
             ("schedule.tokens_left", cfg.schedule.tokens_left, 1),
         ],
@@ -85,36 +100,75 @@ def check(recipe: Recipe) -> CalibrationRecipe:
         # torchrun (or srun) started WORLD_SIZE processes; Lightning must be told the same layout,
         # or each process would calibrate alone on all the data.
         raise ConfigError(
-            f"{recipe.path}: the launcher started {launched} processes but trainer.devices x trainer.num_nodes "
+            f"{path}: the launcher started {launched} processes but trainer.devices x trainer.num_nodes "
             f"= {world}; set them to match (and trainer.strategy=ddp)"
         )
     if world is not None and cfg.data.global_batch_size % world:
         raise ConfigError(
-            f"{recipe.path}: data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
+            f"{path}: data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
             f"{world} processes (trainer.devices x trainer.num_nodes)"
         )
-    if cfg.trainer.timeout_s is not None and cfg.trainer.strategy != "ddp":
-        raise ConfigError(f"{recipe.path}: trainer.timeout_s needs trainer.strategy=ddp, got {cfg.trainer.strategy!r}")
+    if trainer.timeout_s is not None and trainer.strategy != "ddp":
+        raise ConfigError(f"{path}: trainer.timeout_s needs trainer.strategy=ddp, got {trainer.strategy!r}")
+    check_writable_dir(cfg.out_dir, f"{path}: out_dir={cfg.out_dir}")
+    if probe:
+        shape = probe_shape(cfg.model)
+        if shape is not None:
+            check_schedule(cfg, path, shape)
     return cfg
+
+
+def check_schedule(cfg: CalibrationRecipe, path: Path, shape: EncoderShape) -> list[int]:
+    """Per-layer r of the recipe's schedule on an encoder of this shape; a ConfigError if the depth or
+    the schedule does not fit it, e.g. more merges than a layer has pairs (thresholds would be 0,
+    leaving a handful of tokens)."""
+    layers, tokens, prefix = shape.num_layers, shape.tokens, shape.num_prefix
+    backbone = f"backbone '{cfg.model.backbone}'"
+    if cfg.model.num_blocks is not None and cfg.model.num_blocks > layers:
+        raise ConfigError(f"{path}: model.num_blocks={cfg.model.num_blocks}, but {backbone} has {layers} blocks")
+    r_value, tokens_left = target_r(cfg, path)
+    at = f"{tokens} tokens per image at {shape.image_size} px"
+    if tokens_left is not None and not prefix < tokens_left <= tokens:
+        raise ConfigError(
+            f"{path}: schedule.tokens_left={tokens_left}, but {backbone} gives {at} ({prefix} of them never "
+            f"merge); expected {prefix + 1}..{tokens}"
+        )
+    r = merges_per_layer(
+        layers,
+        cfg.schedule.kind,
+        r=r_value,
+        tokens_left=tokens_left,
+        tokens=tokens,
+        merging_layers=cfg.model.num_blocks,
+    )
+    if cfg.schedule.variant is not None:
+        asked = f"schedule.variant={cfg.schedule.variant!r} (r={r_value})"
+    else:
+        asked = f"schedule.r={r_value}" if r_value is not None else f"schedule.tokens_left={tokens_left}"
+    n = tokens
+    for layer, r_l in enumerate(r):
+        # Bipartite matching: one candidate pair per A token (even positions past the prefix) while
+        # there is a B token. Merging every pair leaves no edge to set the threshold by.
+        pairs = max(0, (n + 1) // 2 - (prefix + 1) // 2) if n // 2 - prefix // 2 > 0 else 0
+        if r_l > 0 and r_l >= pairs:
+            raise ConfigError(
+                f"{path}: {asked} asks layer {layer} for {r_l} merges per image, but its {n} tokens (of {at}) "
+                f"form {pairs} candidate pairs, and a threshold needs fewer merges than pairs; lower the "
+                "schedule, or feed larger images (model.image_size)"
+            )
+        n -= r_l
+    return r
 
 
 def calibrate(recipe: Recipe) -> Path:
     """Run the calibration recipe; returns the path of thresholds.json."""
-    cfg = check(recipe)
+    cfg = check(recipe, probe=False)
     L.seed_everything(cfg.seed, verbose=False)
     backbone, model, transform = load_encoder(cfg.model)
-    probe = transform(Image.new("RGB", (64, 64)))[None].to(DTYPES[cfg.model.dtype])
-    with torch.no_grad():
-        full_tokens = backbone.embed(model, probe).shape[1]
+    shape = encoder_shape(backbone, model, transform)
+    r = check_schedule(cfg, recipe.path, shape)  # before any compute
     r_value, tokens_left = target_r(cfg, recipe.path)
-    r = merges_per_layer(
-        backbone.num_layers(model),
-        cfg.schedule.kind,
-        r=r_value,
-        tokens_left=tokens_left,
-        tokens=full_tokens,
-        merging_layers=cfg.model.num_blocks,
-    )
+    full_tokens = shape.tokens
     fingerprint = _fingerprint(cfg, r)
     # Under Slurm our module handles the requeue signal (save at a step boundary, requeue, stop) in
     # place of Lightning's handler, which would checkpoint the whole encoder from inside the handler.
@@ -159,7 +213,7 @@ def calibrate(recipe: Recipe) -> Path:
         result = ThresholdsFile(
             backbone=backbone.name,
             num_layers=backbone.num_layers(model),
-            image_size=int(probe.shape[-1]),
+            image_size=shape.image_size,
             thresholds=[t if rl > 0 else None for t, rl in zip(module.thresholds.mean(), r, strict=True)],
             r=r,
             schedule={
