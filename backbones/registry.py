@@ -41,6 +41,10 @@ class UnknownBackboneError(KeyError):
         return str(self.args[0])
 
 
+class BackboneImportError(ValueError):
+    """A registered backbone (an entry point, usually) whose module or attribute cannot be imported."""
+
+
 _registry: dict[str, BackboneFactory | str] = dict(_BUILTIN)
 _entry_points_loaded = False
 
@@ -67,7 +71,13 @@ def get_backbone(name: str) -> Backbone:
         raise UnknownBackboneError(f"unknown backbone {name!r}.{hint} Registered: {', '.join(sorted(_registry))}")
     factory = _registry[name]
     if isinstance(factory, str):
-        factory = _import(factory)
+        try:
+            factory = _import(factory)
+        except Exception as error:  # a broken plugin: any error its import raises
+            raise BackboneImportError(
+                f"backbone {name!r} is registered to {factory}, which cannot be imported "
+                f"({type(error).__name__}: {error}); fix or uninstall the package that provides it"
+            ) from error
     backbone = factory()
     if not isinstance(backbone, Backbone):
         raise TypeError(f"backbone {name!r} is registered to {factory!r}, which did not return a Backbone")

@@ -204,3 +204,69 @@ def test_small_llava_calib_at_224_px_is_refused_before_loading_weights(tmp_path,
         "tokens per image at 224 px) form 23 candidate pairs, and a threshold needs fewer merges than pairs; lower "
         "the schedule, or feed larger images (model.image_size)"
     )
+
+
+# ----- 7. one line, not a traceback ----------------------------------------------------------------------
+def _run_error(capsys, recipe, *overrides: str) -> str:
+    from dymu_lightning.cli import main
+
+    assert main([f"recipe={recipe}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.removeprefix("error: ").rstrip("\n")
+
+
+def test_a_corrupt_state_says_resume_false_starts_over(tmp_path, shards, capsys, monkeypatch):
+    recipe = recipe_file(tmp_path, shards)
+    state = tmp_path / "out" / "calibration_state.pt"
+    state.parent.mkdir()
+    state.write_bytes(b"PK\x03\x04 not a whole zip")
+    import dymu_lightning.lit.run as lit_run
+
+    monkeypatch.setattr(lit_run, "load_encoder", lambda cfg: pytest.fail("the model was loaded"))
+    message = _run_error(capsys, recipe)
+    assert message.startswith(f"{state} is not a readable calibration state (")
+    assert message.endswith("); resume=false starts over (and replaces it)")
+    monkeypatch.undo()
+    assert run(recipe, "resume=false").images_seen == 10
+
+
+@pytest.mark.parametrize(
+    ("shards_value", "message"),
+    [
+        ("{shards}/shard-000000.tar", "data.shards={value} is a file; data.shards names the folder that holds the "
+         ".tar shards (here probably data.shards={shards})"),
+        ("{shards}/shard-{{000000..000003}}.tar", "data.shards={value} is a pattern and matches no folder; "
+         "data.shards names the folder that holds the .tar shards (here probably data.shards={shards})"),
+        ("{shards}/*.tar", "data.shards={value} is a pattern and matches no folder; data.shards names the folder "
+         "that holds the .tar shards (here probably data.shards={shards})"),
+    ],
+)  # fmt: skip
+def test_shards_given_as_a_file_or_a_pattern(tmp_path, shards, capsys, shards_value, message):
+    recipe = recipe_file(tmp_path, shards)
+    value = shards_value.format(shards=shards)
+    expected = message.format(value=value, shards=shards)
+    assert _check_error(capsys, recipe, f"data.shards={value}") == f"{recipe}: {expected}"
+
+
+def test_images_next_to_a_folder_of_shards_without_an_index_reads_the_shards(tmp_path, shards):
+    """A packaged recipe's data.images with your own shards (no index.json): the shards are used."""
+    import shutil
+
+    own = tmp_path / "own"
+    own.mkdir()
+    for tar in shards.glob("*.tar"):
+        shutil.copy(tar, own)
+    result = run(recipe_file(tmp_path, own, images="assets:skimage"))
+    assert result.images_seen == 10 and not (own / "index.json").exists()
+
+
+def test_a_broken_plugin_is_one_line(tmp_path, shards, capsys, monkeypatch):
+    from dymu_lightning.backbones import registry
+
+    monkeypatch.setitem(registry._registry, "lab_broken", "no_such_module_xyz:LabViT")
+    recipe = recipe_file(tmp_path, shards)
+    assert _check_error(capsys, recipe, "model.backbone=lab_broken") == (
+        "backbone 'lab_broken' is registered to no_such_module_xyz:LabViT, which cannot be imported "
+        "(ModuleNotFoundError: No module named 'no_such_module_xyz'); fix or uninstall the package that provides it"
+    )

@@ -265,17 +265,36 @@ class CalibrationModule(L.LightningModule):
         return None
 
 
-def load_state(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The saved state in ``out_dir``, if any; an error if it belongs to a different run."""
+def read_state(out_dir: Path) -> dict[str, Any] | None:
+    """The saved state in ``out_dir``, if any, unchecked; a one-line error if it cannot be read."""
     path = Path(out_dir) / STATE_FILE
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state.get("fingerprint", {})
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state["fingerprint"]  # noqa: B018 (a state without one is not ours)
+    except Exception as error:  # a truncated zip, a pickle torch refuses, another file altogether
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{path} is not a readable calibration state ({why}); resume=false starts over (and replaces it)"
+        ) from None
+    return state
+
+
+def check_state(state: dict[str, Any] | None, out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """``state`` (from :func:`read_state`) if it belongs to this run; an error if it belongs to another."""
+    if state is None:
+        return None
+    saved = state["fingerprint"]
     if saved != fingerprint:
         differing = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         raise ValueError(
-            f"{path} holds the state of a different calibration run (differs in: {', '.join(differing)}). "
-            "Use another out_dir, or resume=false to start over."
+            f"{Path(out_dir) / STATE_FILE} holds the state of a different calibration run (differs in: "
+            f"{', '.join(differing)}). Use another out_dir, or resume=false to start over."
         )
     return state
+
+
+def load_state(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved state in ``out_dir``, if any; an error if it cannot be read or belongs to another run."""
+    return check_state(read_state(out_dir), out_dir, fingerprint)

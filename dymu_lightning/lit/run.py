@@ -23,8 +23,9 @@ from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.config.recipes import ConfigError, Recipe
 from dymu_lightning.config.schema import CalibrationRecipe
 from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
+from dymu_lightning.data.source import check_shards
 from dymu_lightning.files import check_writable_dir
-from dymu_lightning.lit.calibration import CalibrationModule, load_state
+from dymu_lightning.lit.calibration import CalibrationModule, check_state, read_state
 from dymu_lightning.lit.datamodule import ShardsDataModule
 from dymu_lightning.lit.progress import CalibrationProgressBar
 from dymu_lightning.lit.report import write_report
@@ -111,6 +112,10 @@ def check(recipe: Recipe, probe: bool = True) -> CalibrationRecipe:
     if trainer.timeout_s is not None and trainer.strategy != "ddp":
         raise ConfigError(f"{path}: trainer.timeout_s needs trainer.strategy=ddp, got {trainer.strategy!r}")
     check_writable_dir(cfg.out_dir, f"{path}: out_dir={cfg.out_dir}")
+    try:
+        check_shards(cfg.data.shards, cfg.data.images)
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"{path}: {error}") from None
     if probe:
         shape = probe_shape(cfg.model)
         if shape is not None:
@@ -163,6 +168,8 @@ def check_schedule(cfg: CalibrationRecipe, path: Path, shape: EncoderShape) -> l
 def calibrate(recipe: Recipe) -> Path:
     """Run the calibration recipe; returns the path of thresholds.json."""
     cfg = check(recipe, probe=False)
+    out_dir = Path(cfg.out_dir).expanduser()
+    saved = read_state(out_dir) if cfg.resume else None  # unreadable: an error before the model loads
     L.seed_everything(cfg.seed, verbose=False)
     backbone, model, transform = load_encoder(cfg.model)
     shape = encoder_shape(backbone, model, transform)
@@ -174,8 +181,7 @@ def calibrate(recipe: Recipe) -> Path:
     # place of Lightning's handler, which would checkpoint the whole encoder from inside the handler.
     # torchrun inside a Slurm job takes precedence, as in Lightning: torchrun then owns the ranks.
     slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
-    out_dir = Path(cfg.out_dir).expanduser()
-    state = load_state(out_dir, fingerprint) if cfg.resume else None
+    state = check_state(saved, out_dir, fingerprint)
     start_step = int(state["steps_done"]) if state else 0
     if start_step:
         log.warning("resuming %s from step %d (%d images seen)", out_dir, start_step, state["images_seen"])
