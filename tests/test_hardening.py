@@ -270,3 +270,71 @@ def test_a_broken_plugin_is_one_line(tmp_path, shards, capsys, monkeypatch):
         "backbone 'lab_broken' is registered to no_such_module_xyz:LabViT, which cannot be imported "
         "(ModuleNotFoundError: No module named 'no_such_module_xyz'); fix or uninstall the package that provides it"
     )
+
+
+# ----- 3, 14. a partial run says so: in the file, on the console, in the report, at inference --------------
+def test_a_run_stopped_by_max_steps_is_marked_partial(tmp_path, shards, capsys):
+    recipe = recipe_file(tmp_path, shards)
+    first = run(recipe, "trainer.max_steps=1")
+    out = capsys.readouterr().out
+    assert first.partial and first.extra["steps"] == 1 and first.extra["total_steps"] == 3
+    assert "partial: 1 of 3 global steps (trainer.max_steps); run the same command again to continue\n" in out
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "- run: **partial**: 1 of 3 global steps (trainer.max_steps); run the same command again" in report
+    assert "- skipped images (undecodable): 0\n" in report
+    from tests_support import TINY_TIMM_ARCH
+
+    from dymu_lightning.backbones import get_backbone
+    from dymu_lightning.backbones.thresholds import PartialCalibrationWarning
+
+    backbone = get_backbone("timm_vit")
+    with pytest.warns(PartialCalibrationWarning, match=r"thresholds.json: a partial calibration \(4 images, stopped "
+                      r"by trainer.max_steps\); rerun its command to finish it"):  # fmt: skip
+        ThresholdsFile.load(tmp_path / "out" / "thresholds.json").check_fits(
+            backbone, backbone.build(TINY_TIMM_ARCH), 64, None
+        )
+    finished = run(recipe)
+    assert not finished.partial and "partial" not in capsys.readouterr().out
+    assert "- run: complete: every image was used" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ----- 4. another run's results are not overwritten -------------------------------------------------------
+def test_another_runs_thresholds_are_not_overwritten(tmp_path, shards, capsys):
+    recipe = recipe_file(tmp_path, shards)
+    run(recipe)
+    path = tmp_path / "out" / "thresholds.json"
+    before = path.read_bytes()
+    message = _run_error(capsys, recipe, "resume=false", "schedule.r=4")
+    assert message == f"{path} would be overwritten (another calibration wrote it; differs in: r); use another " \
+        "out_dir, or remove the file"  # fmt: skip
+    assert _run_error(capsys, recipe, "seed=3") == (
+        f"{path} would be overwritten (another calibration wrote it; differs in: seed); use another out_dir, or "
+        "remove the file"
+    )
+    path.write_text("{}")
+    assert _run_error(capsys, recipe) == (
+        f"{path} would be overwritten (it records no run fingerprint: another tool or version wrote it); use "
+        "another out_dir, or remove the file"
+    )
+    path.write_bytes(before)
+
+
+# ----- 5. rerunning a finished run rewrites the same results ----------------------------------------------
+def test_rerunning_a_finished_run_rewrites_the_same_file(tmp_path, shards):
+    recipe = recipe_file(tmp_path, shards)
+    run(recipe)
+    path = tmp_path / "out" / "thresholds.json"
+    first = json.loads(path.read_text())
+    run(recipe)
+    again = json.loads(path.read_text())
+    assert first["extra"]["bytes_gathered_per_step"] > 0 and first["extra"]["seconds_per_step"] is not None
+    assert again == first
+
+
+# ----- 8. the same shard folder, relative or absolute ----------------------------------------------------
+def test_resume_accepts_the_same_shards_given_relative(tmp_path, shards, monkeypatch):
+    recipe = recipe_file(tmp_path, shards)
+    run(recipe, "trainer.max_steps=1")
+    monkeypatch.chdir(shards.parent)
+    resumed = run(recipe, "data.shards=shards")
+    assert resumed.images_seen == 10 and not resumed.partial

@@ -8,6 +8,7 @@ processes end each step with identical statistics, so rank 0 alone writes the st
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from dymu_lightning.files import atomic_path
 log = logging.getLogger(__name__)
 
 STATE_FILE = "calibration_state.pt"
+RESULTS_FILE = "thresholds.json"
 # Slurm sends it before the time limit (`#SBATCH --signal=USR1@120`) or ahead of a preemption.
 REQUEUE_SIGNAL = signal.SIGUSR1
 # Fault injection (tests only). After global step N, DYMU_FAULT_KILL_AFTER_STEP=N makes a process
@@ -97,6 +99,7 @@ class CalibrationModule(L.LightningModule):
         self.bytes_gathered_per_step = 0
         self.bytes_gathered_per_layer: list[int] = []
         self._step_ends: list[float] = []  # this run's step end times, for seconds_per_step
+        self._saved_seconds_per_step: float | None = None  # of the runs before this one
         if state is not None:
             self.thresholds.load_state_dict(state["thresholds"])
             self.tokens.load_state_dict(state["tokens"])
@@ -104,6 +107,10 @@ class CalibrationModule(L.LightningModule):
             self.images_seen = int(state["images_seen"])
             self.images_skipped = int(state["images_skipped"])
             self.index_sums = state["index_sums"].clone()
+            # A rerun of a finished run does no step: it reports what the last steps measured.
+            self.bytes_gathered_per_step = int(state.get("bytes_gathered_per_step", 0))
+            self.bytes_gathered_per_layer = list(state.get("bytes_gathered_per_layer", []))
+            self._saved_seconds_per_step = state.get("seconds_per_step")
         self.requeue_job = requeue_job
         self._requeue_signalled = False
         self._previous_handler: Any = None
@@ -182,7 +189,7 @@ class CalibrationModule(L.LightningModule):
         only step; None before any step."""
         ends = [self._started, *self._step_ends]
         if len(ends) < 2:
-            return None
+            return self._saved_seconds_per_step
         if len(ends) == 2:
             return ends[1] - ends[0]
         return (ends[-1] - ends[1]) / (len(ends) - 2)
@@ -237,6 +244,9 @@ class CalibrationModule(L.LightningModule):
             "images_seen": self.images_seen,
             "images_skipped": self.images_skipped,
             "index_sums": self.index_sums.clone(),
+            "bytes_gathered_per_step": self.bytes_gathered_per_step,
+            "bytes_gathered_per_layer": list(self.bytes_gathered_per_layer),
+            "seconds_per_step": self.seconds_per_step,
         }
 
     def save_state(self) -> None:
@@ -285,7 +295,9 @@ def check_state(state: dict[str, Any] | None, out_dir: Path, fingerprint: dict[s
     """``state`` (from :func:`read_state`) if it belongs to this run; an error if it belongs to another."""
     if state is None:
         return None
-    saved = state["fingerprint"]
+    saved = dict(state["fingerprint"])
+    if "shards" in saved:  # the same folder, given relative or absolute, through a link or not
+        saved["shards"] = str(Path(saved["shards"]).expanduser().resolve())
     if saved != fingerprint:
         differing = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         raise ValueError(
@@ -298,3 +310,25 @@ def check_state(state: dict[str, Any] | None, out_dir: Path, fingerprint: dict[s
 def load_state(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     """The saved state in ``out_dir``, if any; an error if it cannot be read or belongs to another run."""
     return check_state(read_state(out_dir), out_dir, fingerprint)
+
+
+def check_previous_results(out_dir: Path, fingerprint: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+    """A FileExistsError if ``out_dir`` holds a thresholds.json that another run wrote (one whose
+    recorded fingerprint differs, keys in ``ignore`` aside): this run would overwrite it."""
+    path = Path(out_dir) / RESULTS_FILE
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())["extra"]["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        recorded = None
+    ours = json.loads(json.dumps(fingerprint))
+    if not isinstance(recorded, dict):
+        why = "it records no run fingerprint: another tool or version wrote it"
+    else:
+        recorded = {**recorded, "shards": str(Path(recorded.get("shards", "")).expanduser().resolve())}
+        differing = sorted(k for k in set(recorded) | set(ours) if k not in ignore and recorded.get(k) != ours.get(k))
+        if not differing:
+            return
+        why = f"another calibration wrote it; differs in: {', '.join(differing)}"
+    raise FileExistsError(f"{path} would be overwritten ({why}); use another out_dir, or remove the file")

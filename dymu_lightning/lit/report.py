@@ -42,9 +42,19 @@ def write_report(result: ThresholdsFile, histogram: torch.Tensor, out_dir: Path)
         else f"{tokens['mean']:.1f} ± {tokens['std']:.1f} (min {tokens['min']}, max {tokens['max']}) "
         f"of {tokens['full']} tokens per image"
     )
+    extra = result.extra
+    if result.partial:
+        done = (
+            f"**partial**: {extra.get('steps')} of {extra.get('total_steps')} global steps (trainer.max_steps); "
+            "run the same command again to continue"
+        )
+    else:
+        done = "complete: every image was used"
     text = f"""# Calibration report: {result.backbone}
 
+- run: {done}
 - images: {result.images_seen} in global batches of {result.global_batch_size}, world size {result.world_size}
+- skipped images (undecodable): {extra.get("images_skipped", 0)}
 - schedule: {result.schedule}
 - tokens during calibration (merges ranked per global batch): {summary}
 

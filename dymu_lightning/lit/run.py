@@ -25,7 +25,13 @@ from dymu_lightning.config.schema import CalibrationRecipe
 from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
 from dymu_lightning.data.source import check_shards
 from dymu_lightning.files import check_writable_dir
-from dymu_lightning.lit.calibration import CalibrationModule, check_state, read_state
+from dymu_lightning.lit.calibration import (
+    RESULTS_FILE,
+    CalibrationModule,
+    check_previous_results,
+    check_state,
+    read_state,
+)
 from dymu_lightning.lit.datamodule import ShardsDataModule
 from dymu_lightning.lit.progress import CalibrationProgressBar
 from dymu_lightning.lit.report import write_report
@@ -170,6 +176,8 @@ def calibrate(recipe: Recipe) -> Path:
     cfg = check(recipe, probe=False)
     out_dir = Path(cfg.out_dir).expanduser()
     saved = read_state(out_dir) if cfg.resume else None  # unreadable: an error before the model loads
+    # Another run's results in out_dir are not overwritten (r is compared once the model is known).
+    check_previous_results(out_dir, _fingerprint(cfg, []), ignore=("r",))
     L.seed_everything(cfg.seed, verbose=False)
     backbone, model, transform = load_encoder(cfg.model)
     shape = encoder_shape(backbone, model, transform)
@@ -182,6 +190,7 @@ def calibrate(recipe: Recipe) -> Path:
     # torchrun inside a Slurm job takes precedence, as in Lightning: torchrun then owns the ranks.
     slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
     state = check_state(saved, out_dir, fingerprint)
+    check_previous_results(out_dir, fingerprint)
     start_step = int(state["steps_done"]) if state else 0
     if start_step:
         log.warning("resuming %s from step %d (%d images seen)", out_dir, start_step, state["images_seen"])
@@ -214,8 +223,9 @@ def calibrate(recipe: Recipe) -> Path:
     )
     trainer.validate(module, datamodule=datamodule, verbose=False)
 
-    path = out_dir / "thresholds.json"
+    path = out_dir / RESULTS_FILE
     if trainer.is_global_zero:
+        total_steps = datamodule.dataset.num_steps if datamodule.dataset is not None else module.steps_done
         result = ThresholdsFile(
             backbone=backbone.name,
             num_layers=backbone.num_layers(model),
@@ -245,9 +255,12 @@ def calibrate(recipe: Recipe) -> Path:
                 "images_skipped": module.images_skipped,
                 "index_sum": float(module.index_sums[0]),
                 "index_square_sum": float(module.index_sums[1]),
+                "total_steps": total_steps,
                 "recipe": str(recipe.path),
                 "overrides": list(recipe.overrides),
+                "fingerprint": fingerprint,
             },
+            partial=module.steps_done < total_steps,
         )
         result.save(path)
         write_report(result, module.tokens.histogram, out_dir)
@@ -285,7 +298,7 @@ def _fingerprint(cfg: CalibrationRecipe, r: list[int]) -> dict[str, Any]:
         "dtype": cfg.model.dtype,
         **({"image_size": cfg.model.image_size} if cfg.model.image_size is not None else {}),
         "r": list(r),
-        "shards": str(Path(cfg.data.shards).expanduser()),
+        "shards": str(Path(cfg.data.shards).expanduser().resolve()),
         "global_batch_size": cfg.data.global_batch_size,
         "max_images": cfg.data.max_images,
         "seed": cfg.seed,
@@ -301,5 +314,10 @@ def _print_summary(result: ThresholdsFile, path: Path) -> None:
         print(
             f"tokens per image: {tokens['mean']:.1f} ± {tokens['std']:.1f} (min {tokens['min']}, "
             f"max {tokens['max']}) of {tokens['full']}"
+        )
+    if result.partial:
+        print(
+            f"partial: {result.extra['steps']} of {result.extra['total_steps']} global steps (trainer.max_steps); "
+            "run the same command again to continue"
         )
     print(f"wrote {path} and {path.parent / 'report.md'}")
