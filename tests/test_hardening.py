@@ -338,3 +338,52 @@ def test_resume_accepts_the_same_shards_given_relative(tmp_path, shards, monkeyp
     monkeypatch.chdir(shards.parent)
     resumed = run(recipe, "data.shards=shards")
     assert resumed.images_seen == 10 and not resumed.partial
+
+
+# ----- 9. backbones registered in your own code, from the CLI ----------------------------------------------
+PLUGIN = '''
+from dymu_lightning.backbones import register_backbone
+from dymu_lightning.backbones.timm_vit import TimmViT
+
+
+@register_backbone("lab_vit")
+class LabViT(TimmViT):
+    """A timm ViT under the lab's name."""
+'''
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    from dymu_lightning.backbones import registry
+
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    monkeypatch.setattr(registry, "_in_process", set(registry._in_process))
+
+
+def test_a_recipe_imports_its_plugins_before_the_backbone_lookup(tmp_path, shards, capsys, clean_registry, monkeypatch):
+    import sys
+
+    from dymu_lightning.cli import main
+
+    (tmp_path / "lab_plugin.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "lab_plugin", raising=False)
+    recipe = recipe_file(tmp_path, shards)
+    assert _check_error(capsys, recipe, "model.backbone=lab_vit").startswith("unknown backbone 'lab_vit'.")
+    assert main(["check", f"recipe={recipe}", "model.backbone=lab_vit", "plugins=[lab_plugin]"]) == 0
+    assert _check_error(capsys, recipe, "plugins=[lab_plugn]") == (
+        f"{recipe}: plugins: cannot import 'lab_plugn' (ModuleNotFoundError: No module named 'lab_plugn')"
+    )
+
+
+def test_an_in_process_registration_wins_over_an_entry_point(clean_registry, monkeypatch):
+    from dymu_lightning.backbones import get_backbone, register_backbone, registry
+    from dymu_lightning.backbones.timm_vit import TimmViT
+
+    class Ours(TimmViT):
+        pass
+
+    register_backbone("contested_vit")(Ours)
+    registry._add("contested_vit", "no_such_module_xyz:Theirs", origin="entry point no_such_module_xyz:Theirs")
+    assert type(get_backbone("contested_vit")) is Ours

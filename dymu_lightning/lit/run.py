@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasti
 from lightning.pytorch.strategies import DDPStrategy
 
 from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.registry import import_plugins
 from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.config.recipes import ConfigError, Recipe
 from dymu_lightning.config.schema import CalibrationRecipe
@@ -79,6 +80,7 @@ def check(recipe: Recipe, probe: bool = True) -> CalibrationRecipe:
     for name, value in cfg.schedule.variants.items():
         if value < 0:
             raise ConfigError(f"{path}: schedule.variants.{name} must be >= 0, got {value}")
+    import_plugins(cfg.plugins, f"{path}: plugins")  # their backbones register themselves
     get_backbone(cfg.model.backbone)  # unknown names fail here, with a did-you-mean
     if cfg.schedule.kind not in SCHEDULES:
         raise ConfigError(f"{path}: schedule.kind={cfg.schedule.kind!r}; expected one of {SCHEDULES}")
