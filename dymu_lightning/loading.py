@@ -6,6 +6,8 @@ Every task (calibration, evaluation, fine-tuning) starts here, so the rules for 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +53,29 @@ class ResizedTransform:
         return resized[0].to(pixels.dtype)
 
 
+def check_arch(path: Path, model: ModelConfig) -> None:
+    """A ConfigError for a ``model.arch`` key that the backbone's HF config class does not know (HF
+    configs keep unknown keyword arguments as attributes, silently), with the closest known key."""
+    config_class = getattr(get_backbone(model.backbone), "config_class", None)
+    if config_class is None or not model.arch:
+        return
+    known = set(config_class().to_dict()) | set(inspect.signature(config_class.__init__).parameters) - {"kwargs"}
+    for key in model.arch:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean 'model.arch.{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{path}: model.arch.{key} is not a setting of {config_class.__name__} "
+                f"(backbone '{model.backbone}'){hint}"
+            )
+
+
 def check_model_and_data(
     path: Path, model: ModelConfig, data: DataConfig, more: Sequence[tuple[str, int | None, int]] = ()
 ) -> None:
     """The checks every task makes on its ``model`` and ``data`` sections, plus ``more`` lower bounds
     given as (key, value, least); a None value is not checked."""
+    check_arch(path, model)
     if model.dtype not in DTYPES:
         raise ConfigError(f"{path}: model.dtype={model.dtype!r}; expected one of {sorted(DTYPES)}")
     for key, value, least in (
@@ -94,7 +114,7 @@ def encoder_shape(
     )
 
 
-def probe_shape(cfg: ModelConfig) -> EncoderShape | None:
+def probe_shape(cfg: ModelConfig, path: Path | str = "model") -> EncoderShape | None:
     """The encoder's shape without loading weights: the model is built on the meta device from
     ``model.arch`` (random_init) or from the config.json of a local HF directory. None where that
     needs the weights themselves (a hub id, a timm checkpoint)."""
@@ -108,7 +128,10 @@ def probe_shape(cfg: ModelConfig) -> EncoderShape | None:
             return None
     with torch.device("meta"):
         if cfg.random_init:
-            model = backbone.build(cfg.arch)
+            try:
+                model = backbone.build(cfg.arch)
+            except TypeError as error:  # timm: an argument the model does not take
+                raise ConfigError(f"{path}: model.arch: backbone '{cfg.backbone}' cannot build it ({error})") from None
         else:
             model = backbone.model_class(config_class.from_pretrained(str(directory)))
             model.name_or_path = str(directory)  # its preprocessing comes from the directory, as on load

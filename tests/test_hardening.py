@@ -387,3 +387,24 @@ def test_an_in_process_registration_wins_over_an_entry_point(clean_registry, mon
     register_backbone("contested_vit")(Ours)
     registry._add("contested_vit", "no_such_module_xyz:Theirs", origin="entry point no_such_module_xyz:Theirs")
     assert type(get_backbone("contested_vit")) is Ours
+
+
+# ----- 10. a typo in model.arch ------------------------------------------------------------------------
+def test_a_typo_in_an_hf_arch_is_an_error_with_a_suggestion(tmp_path, shards, capsys):
+    import yaml
+
+    recipe = recipe_file(tmp_path, shards)
+    data = yaml.safe_load(recipe.read_text())
+    data["model"] = {"backbone": "hf_clip", "random_init": True, "arch": {"hidden_size": 32, "num_hiden_layers": 2}}
+    recipe.write_text(yaml.safe_dump(data))
+    assert _check_error(capsys, recipe) == (
+        f"{recipe}: model.arch.num_hiden_layers is not a setting of CLIPVisionConfig (backbone 'hf_clip'); did "
+        "you mean 'model.arch.num_hidden_layers'?"
+    )
+
+
+def test_a_wrong_timm_arch_key_is_one_line(tmp_path, shards, capsys):
+    recipe = recipe_file(tmp_path, shards)
+    message = _check_error(capsys, recipe, "model.arch.dept=3")
+    assert message.startswith(f"{recipe}: model.arch: backbone 'timm_vit' cannot build it (")
+    assert "dept" in message

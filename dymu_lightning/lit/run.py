@@ -125,7 +125,7 @@ def check(recipe: Recipe, probe: bool = True) -> CalibrationRecipe:
     except (ValueError, FileNotFoundError) as error:
         raise type(error)(f"{path}: {error}") from None
     if probe:
-        shape = probe_shape(cfg.model)
+        shape = probe_shape(cfg.model, path)
         if shape is not None:
             check_schedule(cfg, path, shape)
     return cfg
