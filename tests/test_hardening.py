@@ -408,3 +408,30 @@ def test_a_wrong_timm_arch_key_is_one_line(tmp_path, shards, capsys):
     message = _check_error(capsys, recipe, "model.arch.dept=3")
     assert message.startswith(f"{recipe}: model.arch: backbone 'timm_vit' cannot build it (")
     assert "dept" in message
+
+
+# ----- 11. output a user can read ----------------------------------------------------------------------
+def test_the_console_shows_our_lines_not_lightnings_noise(tmp_path, shards):
+    import subprocess
+    import sys
+
+    recipe = recipe_file(tmp_path, shards)
+    command = [sys.executable, "-m", "dymu_lightning", f"recipe={recipe}", "trainer.progress_bar=true"]
+    outputs = []
+    for _ in range(2):  # the run, then a rerun of the finished run
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout + done.stderr)
+    first, rerun = outputs
+    assert "Calibrating: 100%" in first and "3/3" in first
+    for text in outputs:
+        for noise in ("litlogger", "DataLoader 0", "Validation", "was configured so", "Total length of `DataLoader`"):
+            assert noise not in text, noise
+    assert "resuming" in rerun and "calibrated timm_vit: 10 images" in rerun
+
+
+def test_the_package_metadata_has_an_spdx_license():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '\nlicense = "Apache-2.0"\n' in text and 'requires = ["setuptools>=77"]' in text

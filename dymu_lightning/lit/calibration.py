@@ -262,7 +262,10 @@ class CalibrationModule(L.LightningModule):
         if self.trainer is None or self.trainer.world_size == 1:
             return tensor
         try:
-            return self.all_gather(tensor).reshape(-1)
+            # torch.distributed's own all_gather (Lightning's goes through a deprecated functional one).
+            parts = [torch.empty_like(tensor) for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather(parts, tensor.contiguous())
+            return torch.cat(parts).reshape(-1)
         except RuntimeError as error:  # gloo/NCCL errors, timeouts included, are RuntimeErrors
             raise CollectiveError(
                 f"rank {self.global_rank}: an all-gather with the other {self.trainer.world_size - 1} process(es) "

@@ -44,6 +44,21 @@ log = logging.getLogger(__name__)
 # Lightning's generic warnings about __len__ with workers and about its own pytree internals are noise.
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# Rerunning a finished run resumes at its last step: an empty loader is the point, not a mistake.
+warnings.filterwarnings("ignore", message=".*Total length of `DataLoader` across ranks is zero.*")
+
+
+class _LightningNoise(logging.Filter):
+    """Drops Lightning's advertisement for its cloud logger and its note on limit_val_batches
+    (trainer.max_steps here, which our own summary reports)."""
+
+    NOISE = ("litlogger", "` was configured so ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(noise in record.getMessage() for noise in self.NOISE)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_LightningNoise())
 
 
 def target_r(cfg: CalibrationRecipe, path: Path) -> tuple[int | None, int | None]:
