@@ -155,8 +155,8 @@ def _check_error(capsys, recipe, *overrides: str) -> str:
         (["model.num_blocks=99"], "model.num_blocks=99, but backbone 'timm_vit' has 3 blocks"),
         (
             ["schedule.r=null", "schedule.tokens_left=10000"],
-            "schedule.tokens_left=10000, but backbone 'timm_vit' gives 65 tokens per image at 64 px (1 of them "
-            "never merge); expected 2..65",
+            "schedule.tokens_left=10000, but backbone 'timm_vit' gives 65 tokens per image at 64 px (1 prefix "
+            "tokens never merge); expected 2..65",
         ),
     ],
 )
@@ -435,3 +435,31 @@ def test_the_package_metadata_has_an_spdx_license():
 
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert '\nlicense = "Apache-2.0"\n' in text and 'requires = ["setuptools>=77"]' in text
+
+
+# ----- the table of bad inputs in docs/configuration.md ---------------------------------------------------
+def _doc_rows() -> list:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    table = text.split("<!-- bad-inputs:start -->")[1].split("<!-- bad-inputs:end -->")[0]
+    rows = re.findall(r"^\| `(.+?)` \| `(.+)` \|$", table, re.MULTILINE)
+    assert len(rows) >= 15
+    return [pytest.param(arguments, message, id=arguments) for arguments, message in rows]
+
+
+@pytest.mark.parametrize(("arguments", "message"), _doc_rows())
+def test_the_documented_bad_inputs_give_their_documented_message(arguments, message, capsys, monkeypatch):
+    import shlex
+    from pathlib import Path
+
+    from dymu_lightning.backbones import get_backbone
+    from dymu_lightning.config.recipes import packaged_recipes
+
+    offline = Path(get_backbone("dinov2_vits14_offline").default_source) / "config.json"
+    if ("dinov2_vits14_offline" in message or "tokens per image" in message) and not offline.is_file():
+        pytest.skip("needs the offline DINOv2 config (`dymu assets`)")
+    monkeypatch.chdir(Path(__file__).parents[1])
+    got = _check_error(capsys, "quickstart", *shlex.split(arguments))
+    assert got == message.replace("RECIPE", str(packaged_recipes()["quickstart"]))

@@ -158,8 +158,8 @@ def check_schedule(cfg: CalibrationRecipe, path: Path, shape: EncoderShape) -> l
     at = f"{tokens} tokens per image at {shape.image_size} px"
     if tokens_left is not None and not prefix < tokens_left <= tokens:
         raise ConfigError(
-            f"{path}: schedule.tokens_left={tokens_left}, but {backbone} gives {at} ({prefix} of them never "
-            f"merge); expected {prefix + 1}..{tokens}"
+            f"{path}: schedule.tokens_left={tokens_left}, but {backbone} gives {at} ({prefix} prefix tokens "
+            f"never merge); expected {prefix + 1}..{tokens}"
         )
     r = merges_per_layer(
         layers,
