@@ -146,7 +146,7 @@ class ThresholdsFile:
         if self.image_size != image_size:
             raise ValueError(
                 f"{where}calibrated at {self.image_size} px, but this run feeds {image_size} px images; "
-                f"feed {self.image_size} px images, or calibrate again with model.image_size={image_size}"
+                f"set model.image_size={self.image_size} or recalibrate at {image_size} px"
             )
         # Merging happens in the blocks: features after all blocks, with or without the final norm
         # (num_blocks null or num_layers), come from the same merges.

@@ -92,8 +92,8 @@ def _llava_thresholds(tmp_path, **changes):
     [
         (
             {"image_size": 24},
-            r"thresholds.json: calibrated at 24 px, but this run feeds 32 px images; feed 24 px images, "
-            r"or calibrate again with model.image_size=32$",
+            r"thresholds.json: calibrated at 24 px, but this run feeds 32 px images; set model.image_size=24 or "
+            r"recalibrate at 32 px$",
         ),
         (
             {"num_blocks": None},
@@ -463,3 +463,55 @@ def test_the_documented_bad_inputs_give_their_documented_message(arguments, mess
     monkeypatch.chdir(Path(__file__).parents[1])
     got = _check_error(capsys, "quickstart", *shlex.split(arguments))
     assert got == message.replace("RECIPE", str(packaged_recipes()["quickstart"]))
+
+
+# ----- 15. what merged -------------------------------------------------------------------------------
+def test_token_groups_are_the_output_tokens(tiny):
+    from dymu_lightning.merges import token_groups
+
+    pixels = tiny.images(4)
+    policy = __import__("dymu_lightning.core", fromlist=["MergePolicy"]).MergePolicy(thresholds=tiny.thresholds(pixels))
+    groups, lengths = token_groups(tiny.backbone, tiny.model, pixels, policy)
+    prefix = tiny.backbone.num_prefix_tokens(tiny.model)
+    for image_groups, length in zip(groups, lengths, strict=True):
+        assert image_groups.unique().numel() == int(length) - prefix  # one group per output patch token
+
+
+def test_the_report_shows_what_merged(calibrated):
+    out_dir = calibrated[0].parent
+    assert (out_dir / "merges.png").stat().st_size > 1000
+    assert "![what merged](merges.png)" in (out_dir / "report.md").read_text()
+
+
+def test_the_merges_command_draws_any_thresholds_file(tmp_path, capsys):
+    from tests_support import make_images
+
+    from dymu_lightning.backbones import get_backbone
+    from dymu_lightning.backbones.thresholds import batch_thresholds
+    from dymu_lightning.cli import main
+
+    backbone = get_backbone("hf_dinov2")
+    model = backbone.build(backbone.tiny_configs()[0].config)
+    model.save_pretrained(tmp_path / "weights")
+    make_images(tmp_path / "images", 4)
+    transform = backbone.image_transform(model)
+    from PIL import Image
+
+    pixels = __import__("torch").stack([transform(Image.open(p)) for p in sorted((tmp_path / "images").iterdir())])
+    found = batch_thresholds(backbone, model, pixels, r=3)
+    layers = backbone.num_layers(model)
+    path = ThresholdsFile(
+        "hf_dinov2", layers, int(pixels.shape[-1]), found, [3] * layers, {"kind": "constant"}, 4, 4, 1, {},
+        source=str(tmp_path / "weights"),
+    ).save(tmp_path / "thresholds.json")  # fmt: skip
+    out = tmp_path / "merges.png"
+    args = ["merges", str(path), "--images", str(tmp_path / "images"), "--max-images", "3", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"wrote {out}" and out.stat().st_size > 1000
+    assert [line.split(":")[0] for line in printed[:-1]] == ["img000.png", "img001.png", "img002.png"]
+    path.write_text(path.read_text().replace(str(tmp_path / "weights"), "random"))
+    assert main(["merges", str(path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path}: source='random': the thresholds belong to random weights; give the weights with --source\n"
+    )

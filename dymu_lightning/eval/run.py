@@ -373,7 +373,7 @@ def _load_thresholds(
     try:
         thresholds.check_fits(backbone, model, image_size, cfg.model.num_blocks)
     except ValueError as error:
-        raise ValueError(f"variants.{name} ({path}): {error}") from None
+        raise ValueError(f"variants.{name} ({path}): {str(error).removeprefix(thresholds.origin + ': ')}") from None
     return thresholds
 
 

@@ -10,20 +10,24 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.strategies import DDPStrategy
+from PIL import Image
 
-from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones import Backbone, get_backbone
 from dymu_lightning.backbones.registry import import_plugins
 from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.config.recipes import ConfigError, Recipe
 from dymu_lightning.config.schema import CalibrationRecipe
 from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
+from dymu_lightning.data import GlobalBatchShards
 from dymu_lightning.data.source import check_shards
 from dymu_lightning.files import check_writable_dir
 from dymu_lightning.lit.calibration import (
@@ -37,6 +41,7 @@ from dymu_lightning.lit.datamodule import ShardsDataModule
 from dymu_lightning.lit.progress import CalibrationProgressBar
 from dymu_lightning.lit.report import write_report
 from dymu_lightning.loading import EncoderShape, check_model_and_data, encoder_shape, load_encoder, probe_shape
+from dymu_lightning.merges import draw_merges, pick_images, token_groups
 
 log = logging.getLogger(__name__)
 
@@ -280,9 +285,41 @@ def calibrate(recipe: Recipe) -> Path:
             partial=module.steps_done < total_steps,
         )
         result.save(path)
-        write_report(result, module.tokens.histogram, out_dir)
+        merges = _draw_merges(backbone, model, transform, datamodule.dataset, result, out_dir)
+        write_report(result, module.tokens.histogram, out_dir, merges)
         _print_summary(result, path)
     return path
+
+
+MERGES_IMAGES = 8  # images in the report's panel of what merged
+
+
+def _draw_merges(
+    backbone: Backbone,
+    model: torch.nn.Module,
+    transform: Callable[[Image.Image], torch.Tensor],
+    dataset: GlobalBatchShards | None,
+    result: ThresholdsFile,
+    out_dir: Path,
+) -> Path | None:
+    """merges.png: the first decodable images of the data under the final thresholds, simplest first."""
+    if dataset is None or result.images_seen == 0:
+        return None
+    pictures = []
+    for i in range(dataset.num_samples):
+        try:
+            pictures.append(dataset.image(i))
+        except ValueError:  # undecodable: counted in images_skipped already
+            continue
+        if len(pictures) == MERGES_IMAGES:
+            break
+    parameter = next(model.parameters())
+    _, pixels = pick_images(pictures, transform, MERGES_IMAGES)
+    groups, lengths = token_groups(
+        backbone, model, pixels.to(parameter.device, parameter.dtype), result.policy(), result.num_blocks
+    )
+    title = f"{result.backbone}: final groups under the calibrated thresholds, simplest image first"
+    return draw_merges(pixels, groups, lengths, out_dir / "merges.png", title)
 
 
 def _strategy(cfg: CalibrationRecipe) -> str | DDPStrategy:
