@@ -515,3 +515,24 @@ def test_the_merges_command_draws_any_thresholds_file(tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: {path}: source='random': the thresholds belong to random weights; give the weights with --source\n"
     )
+
+
+# ----- 12. a dead rank is named, in one line ---------------------------------------------------------------
+@pytest.mark.distributed
+def test_a_dead_rank_is_named_by_the_survivor_in_one_line(tmp_path, shards):
+    import os
+    import subprocess
+    import sys
+
+    recipe = recipe_file(tmp_path, shards)
+    command = [sys.executable, "-m", "dymu_lightning", f"recipe={recipe}", "trainer.devices=2", "trainer.strategy=ddp"]
+    env = {**os.environ, "DYMU_FAULT_KILL_AFTER_STEP": "1", "DYMU_FAULT_RANK": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    state = tmp_path / "out" / "calibration_state.pt"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: rank 1 did not reach global step 2: died, or hung longer than trainer.timeout_s (seen by rank 0, "
+        f"whose all-gather failed). Rerun the same command to resume from {state} ("
+    ), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -209,8 +209,8 @@ def test_hung_rank_fails_the_job_after_the_timeout(cluster, tmp_path, shards):
     output = log(folder, job_id)
     assert info["JobState"] == "FAILED", output
     assert (
-        "error: rank 0: an all-gather with the other 1 process(es) failed in global step 3: a process died, "
-        "hung longer than trainer.timeout_s, or lost the network. Rerun the same command to resume from "
+        "error: rank 1 did not reach global step 3: died, or hung longer than trainer.timeout_s (seen by rank 0, "
+        "whose all-gather failed). Rerun the same command to resume from "
         f"{folder / 'out' / STATE_FILE}"
     ) in output
     assert steps_saved(folder / "out") == 2

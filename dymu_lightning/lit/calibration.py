@@ -8,12 +8,15 @@ processes end each step with identical statistics, so rank 0 alone writes the st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +126,7 @@ class CalibrationModule(L.LightningModule):
 
     # ----- one global step ---------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._beat()
         valid = batch["valid"].bool()
         pixels = batch["pixels"].to(next(self.encoder.parameters()).dtype)
         # Real images, images skipped as undecodable (their rows keep their index but are invalid), and
@@ -177,6 +181,11 @@ class CalibrationModule(L.LightningModule):
         self._started = time.perf_counter()
         self._images_this_run = 0
         self._step_ends = []
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # In place of Lightning's SIGTERM handler, which broadcasts to the other processes from
+            # inside the handler: when srun stops the tasks because one failed, that broadcast fails
+            # with a long traceback. Ours prints one line and ends the process as SIGTERM would.
+            signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def on_validation_end(self) -> None:
         self.save_state()
@@ -195,6 +204,49 @@ class CalibrationModule(L.LightningModule):
         return (ends[-1] - ends[1]) / (len(ends) - 2)
 
     # ----- preemption and faults -----------------------------------------------------------------------
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        print(
+            f"note: rank {self.global_rank}: stopped by SIGTERM in global step {self.steps_done + 1} (the job was "
+            "cancelled or requeued, or another task failed); rerun the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _beat(self) -> None:
+        """Record in the process group's store that this rank starts the next step: when a collective
+        fails, the others can then name the rank that never got there."""
+        store = self._store()
+        if store is not None:
+            with contextlib.suppress(Exception):  # the store is a diagnostic aid only
+                store.set(f"dymu/step/{self.global_rank}", str(self.steps_done + 1))
+
+    def _store(self) -> Any:
+        if self.trainer is None or self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return None
+        try:
+            return torch.distributed.distributed_c10d._get_default_store()
+        except Exception:
+            return None
+
+    def _absent_ranks(self) -> list[int]:
+        """Ranks that have not started the current step (died or hung before it), as the store tells;
+        empty when that cannot be found out (the store went down with its host, rank 0)."""
+        store = self._store()
+        if store is None:
+            return []
+        step, absent = self.steps_done + 1, []
+        try:
+            store.set_timeout(timedelta(seconds=5))
+            for rank in range(self.trainer.world_size):
+                key = f"dymu/step/{rank}"
+                if not store.check([key]) or int(store.get(key)) < step:
+                    absent.append(rank)
+        except Exception:
+            return []
+        return absent
+
     def _on_requeue_signal(self, signum: int, frame: Any) -> None:
         # Only a flag: saving or calling collectives inside a handler could interleave with the
         # collective this process is in the middle of (which is what Lightning's own handler risks).
@@ -267,11 +319,20 @@ class CalibrationModule(L.LightningModule):
             torch.distributed.all_gather(parts, tensor.contiguous())
             return torch.cat(parts).reshape(-1)
         except RuntimeError as error:  # gloo/NCCL errors, timeouts included, are RuntimeErrors
+            step, resume = self.steps_done + 1, f"Rerun the same command to resume from {self.out_dir / STATE_FILE}"
+            why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            absent = self._absent_ranks()
+            if absent:
+                names = ", ".join(str(r) for r in absent)
+                raise CollectiveError(
+                    f"rank{'s' if len(absent) > 1 else ''} {names} did not reach global step {step}: died, or hung "
+                    f"longer than trainer.timeout_s (seen by rank {self.global_rank}, whose all-gather failed). "
+                    f"{resume} ({why})"
+                ) from error
             raise CollectiveError(
                 f"rank {self.global_rank}: an all-gather with the other {self.trainer.world_size - 1} process(es) "
-                f"failed in global step {self.steps_done + 1}: a process died, hung longer than trainer.timeout_s, "
-                f"or lost the network. Rerun the same command to resume from {self.out_dir / STATE_FILE} "
-                f"({error})"
+                f"failed in global step {step}: a process died, hung longer than trainer.timeout_s, "
+                f"or lost the network. {resume} ({why})"
             ) from error
 
     def configure_optimizers(self) -> None:
