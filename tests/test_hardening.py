@@ -536,3 +536,23 @@ def test_a_dead_rank_is_named_by_the_survivor_in_one_line(tmp_path, shards):
         f"whose all-gather failed). Rerun the same command to resume from {state} ("
     ), done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+# ----- 13. two local Slurm clusters do not share names -------------------------------------------------
+def test_local_slurm_cluster_names_derive_from_its_folder():
+    import subprocess
+    from pathlib import Path
+
+    env_sh = Path(__file__).parents[1] / "scripts" / "slurm" / "env.sh"
+
+    def settings(folder: str | None) -> str:
+        prefix = f"DYMU_SLURM_DIR={folder} " if folder else "unset DYMU_SLURM_DIR; "
+        script = f'{prefix}source "{env_sh}" && echo "${{NODES[*]}} ${{VETH}}1h $BRIDGE $SUB $CTLD_PORT $MUNGE_DIR"'
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
+
+    default = settings(None)
+    assert default == ["slnode1", "slnode2", "sl1h", "slbr0", "10.250.77", "6817", "/run/munge"]
+    one, two = settings("/tmp/cluster-one"), settings("/tmp/cluster-two")
+    assert one[-1] == "/tmp/cluster-one/munge" and all(len(name) <= 15 for name in one[:4])
+    for a, b, c in zip(default[:-1], one[:-1], two[:-1], strict=True):
+        assert len({a, b, c}) == 3  # nodes, veths, bridge, subnet, port: all distinct
