@@ -11,10 +11,13 @@ LLAVA  := $(CACHE)/llava-dinov2s-smollm2/config.json
 
 .PHONY: venv assets run test test-fast lint docs format bench clean
 
+# pip's own progress is shown: the first install downloads a few GB (torch) and takes minutes.
 $(STAMP): pyproject.toml requirements/constraints.txt
+	@echo "[1/2] creating $(VENV) and upgrading pip"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --progress-bar on --upgrade pip
+	@echo "[2/2] installing dymu-lightning and its pinned dependencies (first time: several minutes)"
+	$(BIN)/python -m pip install --progress-bar on -c requirements/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -19,6 +19,7 @@ needs no change.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import types
 from dataclasses import dataclass, field
@@ -129,12 +130,10 @@ def apply_dymu(
         )
     num_blocks = _feature_blocks(model.config.vision_feature_layer, backbone.num_layers(tower))
     if isinstance(thresholds, ThresholdsFile):
-        thresholds.check_matches(backbone, tower)
-        if thresholds.num_blocks is not None and thresholds.num_blocks != num_blocks:
-            raise ValueError(
-                f"these thresholds were calibrated on features after {thresholds.num_blocks} blocks; this "
-                f"LLaVA reads them after {num_blocks} (vision_feature_layer={model.config.vision_feature_layer})"
-            )
+        # Tower, depth and image size (image_seq_length patches a side, as the processor feeds them:
+        # a DINOv2 tower's config keeps its pretraining size); warns on a partial calibration.
+        side = math.isqrt(model.config.image_seq_length) * tower.config.patch_size
+        thresholds.check_fits(backbone, tower, side, num_blocks)
         policy = thresholds.policy(max_merges=max_merges, min_tokens=min_tokens)
     else:
         policy = thresholds

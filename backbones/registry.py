@@ -5,13 +5,18 @@ Three sources fill the registry, in this order:
    timm user never imports transformers);
 2. third-party packages, through the entry-point group ``dymu_lightning.backbones``; each entry
    point names a :class:`Backbone` subclass or a zero-argument factory returning an instance;
-3. :func:`register_backbone`, as a decorator in user code.
+3. :func:`register_backbone`, as a decorator in user code. A registration made in this process wins
+   over a third-party entry point of the same name, whichever comes first. From the command line,
+   a recipe's ``plugins`` key names the modules to import (with their registrations) before the
+   backbone is looked up; see :func:`import_plugins`.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -41,7 +46,12 @@ class UnknownBackboneError(KeyError):
         return str(self.args[0])
 
 
+class BackboneImportError(ValueError):
+    """A registered backbone (an entry point, usually) whose module or attribute cannot be imported."""
+
+
 _registry: dict[str, BackboneFactory | str] = dict(_BUILTIN)
+_in_process: set[str] = set()  # names registered by register_backbone: entry points do not replace them
 _entry_points_loaded = False
 
 
@@ -67,7 +77,13 @@ def get_backbone(name: str) -> Backbone:
         raise UnknownBackboneError(f"unknown backbone {name!r}.{hint} Registered: {', '.join(sorted(_registry))}")
     factory = _registry[name]
     if isinstance(factory, str):
-        factory = _import(factory)
+        try:
+            factory = _import(factory)
+        except Exception as error:  # a broken plugin: any error its import raises
+            raise BackboneImportError(
+                f"backbone {name!r} is registered to {factory}, which cannot be imported "
+                f"({type(error).__name__}: {error}); fix or uninstall the package that provides it"
+            ) from error
     backbone = factory()
     if not isinstance(backbone, Backbone):
         raise TypeError(f"backbone {name!r} is registered to {factory!r}, which did not return a Backbone")
@@ -95,7 +111,25 @@ def list_backbones() -> list[str]:
     return sorted(_registry)
 
 
+def import_plugins(modules: list[str], where: str = "plugins") -> None:
+    """Import each module of ``modules`` (dotted names, importable from ``sys.path`` or the current
+    folder), so that its :func:`register_backbone` calls run; a ValueError naming the module if one
+    cannot be imported. The current folder is searched too, as ``python -m`` would (the ``dymu``
+    script does not put it on ``sys.path``)."""
+    if modules and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as error:
+            raise ValueError(f"{where}: cannot import {module!r} ({type(error).__name__}: {error})") from error
+
+
 def _add(name: str, factory: BackboneFactory | str, origin: str) -> None:
+    if origin == "register_backbone":
+        _in_process.add(name)
+    elif name in _in_process:
+        return  # an entry point never replaces what this process registered
     if name in _registry:
         warnings.warn(
             f"backbone {name!r} is registered twice; the entry from {origin} replaces the earlier one",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,14 @@ from dymu_lightning.core import LayerMerges, MergePolicy
 from dymu_lightning.files import write_text_atomic
 
 SCHEMA_VERSION = 1
+
+
+class PartialCalibrationWarning(UserWarning):
+    """Thresholds of a calibration that stopped before it had seen all its images."""
+
+
+def _blocks(num_blocks: int | None) -> str:
+    return "null (all)" if num_blocks is None else str(num_blocks)
 
 
 def batch_thresholds(backbone: Backbone, model: nn.Module, pixels: Tensor, r: int | list[int]) -> list[float]:
@@ -61,6 +70,8 @@ class ThresholdsFile:
         source: where the weights came from (hub id, directory, or "random").
         num_blocks: blocks the features are read after (None = all, with the final norm).
         extra: anything else the writer wants to keep (steps, skipped images, timings).
+        partial: the run stopped before it had seen all its images (``trainer.max_steps``); the
+            thresholds are those of the images seen so far. Rerun the same command to finish it.
     """
 
     backbone: str
@@ -76,33 +87,51 @@ class ThresholdsFile:
     source: str = ""
     num_blocks: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    partial: bool = False
     schema_version: int = SCHEMA_VERSION
+
+    # The file this was loaded from (not saved): errors name it.
+    origin: str = field(default="", repr=False, compare=False)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically (a killed writer leaves the previous file intact)."""
-        return write_text_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ThresholdsFile:
+        """Read and validate ``path``: every error is a ValueError that names the file and the key."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no thresholds file at {path}")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not a valid thresholds file (not JSON: {error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a valid thresholds file (a JSON {type(data).__name__}, not an object)")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ValueError(f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
-        known = set(cls.__dataclass_fields__)
+        known = set(cls.__dataclass_fields__) - {"origin"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}")
-        return cls(**data)
+        _validate(path, data)
+        return cls(**data, origin=str(path))
+
+    def to_json(self) -> dict[str, Any]:
+        """What thresholds.json holds."""
+        data = asdict(self)
+        del data["origin"]
+        return data
 
     def check_matches(self, backbone: Backbone, model: nn.Module) -> None:
         """Raise ValueError unless these thresholds were calibrated for ``backbone`` with this depth."""
         layers = backbone.num_layers(model)
         if backbone.name != self.backbone or layers != self.num_layers:
+            where = f"{self.origin}: " if self.origin else ""
             raise ValueError(
-                f"these thresholds were calibrated for backbone '{self.backbone}' ({self.num_layers} layers); "
+                f"{where}these thresholds were calibrated for backbone '{self.backbone}' ({self.num_layers} layers); "
                 f"they cannot drive backbone '{backbone.name}' ({layers} layers)"
             )
 
@@ -113,17 +142,79 @@ class ThresholdsFile:
         A threshold is a similarity of one encoder's keys at one token grid and one depth: the same
         numbers on another grid or depth merge a different share of the tokens, silently."""
         self.check_matches(backbone, model)
+        where = f"{self.origin}: " if self.origin else ""
         if self.image_size != image_size:
             raise ValueError(
-                f"calibrated at {self.image_size} px, but this run feeds {image_size} px images; "
-                f"set model.image_size={self.image_size} or recalibrate"
+                f"{where}calibrated at {self.image_size} px, but this run feeds {image_size} px images; "
+                f"set model.image_size={self.image_size} or recalibrate at {image_size} px"
             )
-        if self.num_blocks != num_blocks:
+        # Merging happens in the blocks: features after all blocks, with or without the final norm
+        # (num_blocks null or num_layers), come from the same merges.
+        layers = backbone.num_layers(model)
+        if (self.num_blocks or self.num_layers) != (num_blocks or layers):
             raise ValueError(
-                f"calibrated with num_blocks={self.num_blocks}, but this run reads features after "
-                f"num_blocks={num_blocks}"
+                f"{where}calibrated with num_blocks={_blocks(self.num_blocks)}, but this run reads features "
+                f"after num_blocks={_blocks(num_blocks)}; recalibrate with model.num_blocks={_blocks(num_blocks)}"
+            )
+        if self.partial:
+            warnings.warn(
+                f"{where}a partial calibration ({self.images_seen} images, stopped by trainer.max_steps); "
+                "rerun its command to finish it",
+                PartialCalibrationWarning,
+                stacklevel=3,
             )
 
     def policy(self, **caps: int | None) -> MergePolicy:
         """A threshold-mode policy; ``caps`` may set ``max_merges`` and ``min_tokens``."""
         return MergePolicy(thresholds=list(self.thresholds), **caps)
+
+
+# ----- validation of a loaded file ---------------------------------------------------------------------
+_REQUIRED = ("backbone", "num_layers", "image_size", "thresholds", "r", "schedule", "images_seen",
+             "global_batch_size", "world_size", "tokens")  # fmt: skip
+# A threshold is a cosine similarity, clamped at 0 by calibration; the slack admits rounding in
+# low-precision encoders (a similarity of a vector with itself may round to just above 1).
+_THRESHOLD_SLACK = 1e-2
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate(path: Path, data: dict[str, Any]) -> None:
+    """Raise ValueError naming ``path`` and the key for the first value of the wrong type or range."""
+
+    def fail(key: str, expected: str, value: Any) -> None:
+        raise ValueError(f"{path}: '{key}' must be {expected}, got {json.dumps(value)}")
+
+    missing = [key for key in _REQUIRED if key not in data]
+    if missing:
+        raise ValueError(f"{path}: missing key{'s' if len(missing) > 1 else ''} {', '.join(repr(k) for k in missing)}")
+    for key in ("backbone", "source"):
+        if key in data and not isinstance(data[key], str):
+            fail(key, "a string", data[key])
+    for key, least in (("num_layers", 1), ("image_size", 1), ("images_seen", 0), ("global_batch_size", 1),
+                       ("world_size", 1)):  # fmt: skip
+        if not _is_int(data[key]) or data[key] < least:
+            fail(key, f"an integer >= {least}", data[key])
+    layers = data["num_layers"]
+    for key in ("schedule", "tokens", "extra"):
+        if key in data and not isinstance(data[key], dict):
+            fail(key, "an object", data[key])
+    if "partial" in data and not isinstance(data["partial"], bool):
+        fail("partial", "true or false", data["partial"])
+    blocks = data.get("num_blocks")
+    if blocks is not None and (not _is_int(blocks) or not 1 <= blocks <= layers):
+        fail("num_blocks", f"null or an integer in 1..{layers} (num_layers)", blocks)
+    for key in ("thresholds", "r"):
+        if not isinstance(data[key], list) or len(data[key]) != layers:
+            fail(key, f"a list of {layers} values (num_layers)", data[key])
+    for i, r in enumerate(data["r"]):
+        if not _is_int(r) or r < 0:
+            fail(f"r[{i}]", "an integer >= 0", r)
+    for i, threshold in enumerate(data["thresholds"]):
+        if threshold is None:
+            continue
+        number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+        if not number or not 0 <= threshold <= 1 + _THRESHOLD_SLACK:
+            fail(f"thresholds[{i}]", "null or a number in [0, 1] (a cosine similarity)", threshold)

@@ -8,6 +8,7 @@ version or the new one, never half of one.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,3 +38,24 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as temporary:
         temporary.write_text(text)
     return Path(path)
+
+
+def check_writable_dir(folder: str | os.PathLike[str], where: str) -> Path:
+    """Raise ValueError (prefixed by ``where``, e.g. ``"recipe.yaml: out_dir=runs/x"``) unless
+    ``folder`` is, or can be created as, a folder this process can write in. Creates nothing: a test
+    file is written into the nearest existing folder and removed at once."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{where}: {folder} is a file, not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{where}: {existing} is a file, so no folder can be created under it")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".dymu-write-test-", dir=existing)
+    except OSError as error:
+        raise ValueError(f"{where}: cannot write in {existing} ({error.strerror or error})") from None
+    os.close(handle)
+    os.unlink(probe)
+    return folder

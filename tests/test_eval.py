@@ -49,7 +49,7 @@ TINY_MODEL = (
     "model.backbone=hf_dinov2",
     "model.random_init=true",
     "model.arch.hidden_size=48",
-    "model.arch.intermediate_size=96",
+    # (no intermediate_size: Dinov2Config takes mlp_ratio, default 4, and model.arch typos are errors)
     "model.arch.num_hidden_layers=3",
     "model.arch.num_attention_heads=3",
     "model.arch.image_size=64",

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "dymu_lightning.loading": 3,
     "dymu_lightning.testing": 3,
     "dymu_lightning.demo": 3,
+    "dymu_lightning.merges": 3,
     "dymu_lightning.lit": 4,  # task runners: calibration ...
     "dymu_lightning.eval": 4,  # ... and evaluation, which do not import each other
     "dymu_lightning.eval.studies": 5,  # studies that run several tasks, and the asset tools

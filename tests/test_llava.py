@@ -222,8 +222,11 @@ def test_apply_from_a_thresholds_file(tmp_path):
             {"backbone": "hf_siglip"},
             r"backbone 'hf_siglip' does not adapt this LLaVA's vision tower \(CLIPVisionModel\)",
         ),
-        ({"num_layers": 12}, r"calibrated for backbone 'hf_clip' \(12 layers\)"),
-        ({"num_blocks": 3}, r"calibrated on features after 3 blocks; this LLaVA reads them after 2"),
+        (
+            {"num_layers": 12, "thresholds": [0.5] * 12, "r": [6] * 12},
+            r"calibrated for backbone 'hf_clip' \(12 layers\)",
+        ),
+        ({"num_blocks": 3}, r"calibrated with num_blocks=3, but this run reads features after num_blocks=2"),
     ],
 )
 def test_thresholds_for_another_tower_are_refused(tmp_path, changes, message):

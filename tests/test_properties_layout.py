@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests_support import FAMILIES, TINY, naive_reference
 
-from dymu_lightning.backbones.hf_llm import vtu_forward
+from dymu_lightning.backbones.hf_llm import HFCompactCache, vtu_forward
 from dymu_lightning.core import TokenLayout
-from dymu_lightning.core.vtu import CompactKVCache, VirtualLayout, decode_attention, vtu_attention
+from dymu_lightning.core.vtu import VirtualLayout, decode_attention, vtu_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -258,8 +258,9 @@ def test_decoding_from_compact_rows_equals_prefilling_the_longer_sequence(layout
     q = torch.randn(batch, longer.num_rows, heads, dim, generator=generator, dtype=torch.float64)
     k, v = (torch.randn(batch, longer.num_rows, 2, dim, generator=generator, dtype=torch.float64) for _ in range(2))
     cos, sin = _rope_tables(longer.positions, dim)
-    prefill, _, _ = vtu_attention(q, k, v, longer, cos, sin, scale=dim**-0.5)
-    decoded = decode_attention(q[:, -new:], k, v, longer, cos, sin, scale=dim**-0.5)
+    prefill, keys, _ = vtu_attention(q, k, v, longer, cos, sin, scale=dim**-0.5)  # keys rotated per position
+    values = v.transpose(1, 2)  # one per row, as the compact cache keeps them
+    decoded = decode_attention(q[:, -new:], keys, values, longer, cos[:, -new:], sin[:, -new:], scale=dim**-0.5)
     torch.testing.assert_close(decoded, prefill[:, -new:], rtol=0, atol=1e-12)
 
 
@@ -268,11 +269,12 @@ def test_reordering_the_batch_reorders_the_layout(layout, data):
     """Beam search reorders (and repeats) samples: the cache's layout maps follow its rows."""
     batch = layout.expand.shape[0]
     index = torch.tensor(data.draw(st.lists(st.integers(0, batch - 1), min_size=1, max_size=4), label="index"))
-    cache = CompactKVCache(layout)
-    rows = torch.randint(-1000, 1000, (batch, layout.num_rows, 2)).double()
-    cache.store(0, rows[:, :, None], rows[:, :, None])
-    cache.select(index)
-    assert torch.equal(cache.keys[0][:, :, 0], rows[index])
-    assert torch.equal(cache.layout.to_positions(rows[index]), layout.to_positions(rows)[index])
+    cache = HFCompactCache(layout)
+    rows = torch.randint(-1000, 1000, (batch, 1, layout.num_rows, 2)).double()  # [B, Hkv, N_un, d]
+    cache.update(rows, rows, 0)
+    cache.reorder_cache(index)
+    assert torch.equal(cache.layers[0].keys, rows[index]) and torch.equal(cache.layers[0].values, rows[index])
+    per_row = rows[:, 0]  # [B, N_un, d]
+    assert torch.equal(cache.layout.to_positions(per_row[index]), layout.to_positions(per_row)[index])
     assert torch.equal(cache.layout.counts(), layout.counts()[index])
     assert torch.equal(cache.layout.valid, layout.valid[index])

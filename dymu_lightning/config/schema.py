@@ -72,6 +72,7 @@ class CalibrationRecipe:
     out_dir: str = MISSING  # thresholds.json, report.md and the resumable state land here
     seed: int = 0
     resume: bool = True  # continue from out_dir's saved state if there is one
+    plugins: list[str] = field(default_factory=list)  # modules to import first (they register backbones)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -108,6 +109,7 @@ class EvalEncoderRecipe:
     # where the encoder runs: cpu | cuda | cuda:N (the metrics are computed on the CPU either way)
     device: str = "cpu"
     seed: int = 0  # seeds a random_init model before it is built (calibration seeds the same way)
+    plugins: list[str] = field(default_factory=list)  # modules to import first (they register backbones)
 
 
 SCHEMAS: dict[str, type] = {"calibrate": CalibrationRecipe, "eval_encoder": EvalEncoderRecipe}

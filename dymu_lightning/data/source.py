@@ -26,10 +26,32 @@ def resolve_images(images: str) -> Path:
     return path
 
 
+def check_shards(shards: str | Path, images: str | None = None, key: str = "data.shards") -> Path:
+    """The shard folder ``shards`` as a path; a one-line error, naming ``key``, for what cannot be a
+    shard folder: a pattern, a file, or (``images`` None) a folder that does not exist."""
+    path = Path(shards).expanduser()
+    if not path.exists() and any(c in str(shards) for c in "*?[{"):
+        folder = next(p for p in path.parents if not any(c in str(p) for c in "*?[{"))
+        raise ValueError(
+            f"{key}={shards} is a pattern and matches no folder; {key} names the folder that holds the .tar "
+            f"shards (here probably {key}={folder})"
+        )
+    if path.is_file():
+        hint = f" (here probably {key}={path.parent})" if path.suffix == ".tar" else ""
+        raise ValueError(f"{key}={shards} is a file; {key} names the folder that holds the .tar shards{hint}")
+    if not path.exists() and images is None:
+        raise FileNotFoundError(
+            f"{key}={shards}: no such folder; write shards there with `dymu shards IMAGES_DIR {path}`, or set "
+            "data.images to write them on the first run"
+        )
+    return path
+
+
 def prepare_shards(shards: str | Path, images: str | None = None, shard_size: int = 1000) -> Path:
-    """The shard folder ``shards``, written first from the folder ``images`` if it has no index yet
+    """The shard folder ``shards``, written first from the folder ``images`` if it holds no shards yet
     (``images`` None: the shards must already exist). Read it with :func:`~dymu_lightning.data.read_index`."""
-    shards = Path(shards).expanduser()
-    if images is not None and not (shards / INDEX_NAME).is_file():
+    shards = check_shards(shards, images)
+    has_shards = (shards / INDEX_NAME).is_file() or (shards.is_dir() and any(shards.glob("*.tar")))
+    if images is not None and not has_shards:
         write_shards(resolve_images(images), shards, shard_size=shard_size)
     return shards

@@ -106,7 +106,7 @@ def matched_variants(
     variants = []
     for name, file in thresholds.items():
         dymu = MergePolicy(thresholds=list(file.thresholds))
-        state = getattr(apply_dymu(model, dymu), STATE_ATTRIBUTE)
+        state = getattr(apply_dymu(model, file), STATE_ATTRIBUTE)  # the file's checks: tower, size, depth
         with torch.inference_mode():
             merged = state.backbone.merged_forward(tower, pixels, dymu, num_blocks=state.num_blocks)
         remove_dymu(model)

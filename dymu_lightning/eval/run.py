@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dymu_lightning.backbones import Backbone, get_backbone
+from dymu_lightning.backbones.registry import import_plugins
 from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.config.recipes import ConfigError, Recipe
 from dymu_lightning.config.schema import EvalEncoderRecipe
@@ -84,6 +85,7 @@ class Images:
 def check(recipe: Recipe) -> EvalEncoderRecipe:
     """Validate an ``eval_encoder`` recipe beyond its types, without loading a model."""
     cfg: EvalEncoderRecipe = recipe.to_object()
+    import_plugins(cfg.plugins, f"{recipe.path}: plugins")
     get_backbone(cfg.model.backbone)
     if cfg.scene_pattern is not None:
         _check_pattern(recipe, "scene_pattern", cfg.scene_pattern)
@@ -383,7 +385,7 @@ def _load_thresholds(
     try:
         thresholds.check_fits(backbone, model, image_size, cfg.model.num_blocks)
     except ValueError as error:
-        raise ValueError(f"variants.{name} ({path}): {error}") from None
+        raise ValueError(f"variants.{name} ({path}): {str(error).removeprefix(thresholds.origin + ': ')}") from None
     return thresholds
 
 

@@ -8,11 +8,15 @@ processes end each step with identical statistics, so rank 0 alone writes the st
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from dymu_lightning.files import atomic_path
 log = logging.getLogger(__name__)
 
 STATE_FILE = "calibration_state.pt"
+RESULTS_FILE = "thresholds.json"
 # Slurm sends it before the time limit (`#SBATCH --signal=USR1@120`) or ahead of a preemption.
 REQUEUE_SIGNAL = signal.SIGUSR1
 # Fault injection (tests only). After global step N, DYMU_FAULT_KILL_AFTER_STEP=N makes a process
@@ -97,6 +102,7 @@ class CalibrationModule(L.LightningModule):
         self.bytes_gathered_per_step = 0
         self.bytes_gathered_per_layer: list[int] = []
         self._step_ends: list[float] = []  # this run's step end times, for seconds_per_step
+        self._saved_seconds_per_step: float | None = None  # of the runs before this one
         if state is not None:
             self.thresholds.load_state_dict(state["thresholds"])
             self.tokens.load_state_dict(state["tokens"])
@@ -104,6 +110,10 @@ class CalibrationModule(L.LightningModule):
             self.images_seen = int(state["images_seen"])
             self.images_skipped = int(state["images_skipped"])
             self.index_sums = state["index_sums"].clone()
+            # A rerun of a finished run does no step: it reports what the last steps measured.
+            self.bytes_gathered_per_step = int(state.get("bytes_gathered_per_step", 0))
+            self.bytes_gathered_per_layer = list(state.get("bytes_gathered_per_layer", []))
+            self._saved_seconds_per_step = state.get("seconds_per_step")
         self.requeue_job = requeue_job
         self._requeue_signalled = False
         self._previous_handler: Any = None
@@ -116,6 +126,7 @@ class CalibrationModule(L.LightningModule):
 
     # ----- one global step ---------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._beat()
         valid = batch["valid"].bool()
         pixels = batch["pixels"].to(next(self.encoder.parameters()).dtype)
         # Real images, images skipped as undecodable (their rows keep their index but are invalid), and
@@ -170,6 +181,11 @@ class CalibrationModule(L.LightningModule):
         self._started = time.perf_counter()
         self._images_this_run = 0
         self._step_ends = []
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # In place of Lightning's SIGTERM handler, which broadcasts to the other processes from
+            # inside the handler: when srun stops the tasks because one failed, that broadcast fails
+            # with a long traceback. Ours prints one line and ends the process as SIGTERM would.
+            signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def on_validation_end(self) -> None:
         self.save_state()
@@ -182,12 +198,55 @@ class CalibrationModule(L.LightningModule):
         only step; None before any step."""
         ends = [self._started, *self._step_ends]
         if len(ends) < 2:
-            return None
+            return self._saved_seconds_per_step
         if len(ends) == 2:
             return ends[1] - ends[0]
         return (ends[-1] - ends[1]) / (len(ends) - 2)
 
     # ----- preemption and faults -----------------------------------------------------------------------
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        print(
+            f"note: rank {self.global_rank}: stopped by SIGTERM in global step {self.steps_done + 1} (the job was "
+            "cancelled or requeued, or another task failed); rerun the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _beat(self) -> None:
+        """Record in the process group's store that this rank starts the next step: when a collective
+        fails, the others can then name the rank that never got there."""
+        store = self._store()
+        if store is not None:
+            with contextlib.suppress(Exception):  # the store is a diagnostic aid only
+                store.set(f"dymu/step/{self.global_rank}", str(self.steps_done + 1))
+
+    def _store(self) -> Any:
+        if self.trainer is None or self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return None
+        try:
+            return torch.distributed.distributed_c10d._get_default_store()
+        except Exception:
+            return None
+
+    def _absent_ranks(self) -> list[int]:
+        """Ranks that have not started the current step (died or hung before it), as the store tells;
+        empty when that cannot be found out (the store went down with its host, rank 0)."""
+        store = self._store()
+        if store is None:
+            return []
+        step, absent = self.steps_done + 1, []
+        try:
+            store.set_timeout(timedelta(seconds=5))
+            for rank in range(self.trainer.world_size):
+                key = f"dymu/step/{rank}"
+                if not store.check([key]) or int(store.get(key)) < step:
+                    absent.append(rank)
+        except Exception:
+            return []
+        return absent
+
     def _on_requeue_signal(self, signum: int, frame: Any) -> None:
         # Only a flag: saving or calling collectives inside a handler could interleave with the
         # collective this process is in the middle of (which is what Lightning's own handler risks).
@@ -237,6 +296,9 @@ class CalibrationModule(L.LightningModule):
             "images_seen": self.images_seen,
             "images_skipped": self.images_skipped,
             "index_sums": self.index_sums.clone(),
+            "bytes_gathered_per_step": self.bytes_gathered_per_step,
+            "bytes_gathered_per_layer": list(self.bytes_gathered_per_layer),
+            "seconds_per_step": self.seconds_per_step,
         }
 
     def save_state(self) -> None:
@@ -252,30 +314,85 @@ class CalibrationModule(L.LightningModule):
         if self.trainer is None or self.trainer.world_size == 1:
             return tensor
         try:
-            return self.all_gather(tensor).reshape(-1)
+            # torch.distributed's own all_gather (Lightning's goes through a deprecated functional one).
+            parts = [torch.empty_like(tensor) for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather(parts, tensor.contiguous())
+            return torch.cat(parts).reshape(-1)
         except RuntimeError as error:  # gloo/NCCL errors, timeouts included, are RuntimeErrors
+            step, resume = self.steps_done + 1, f"Rerun the same command to resume from {self.out_dir / STATE_FILE}"
+            why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            absent = self._absent_ranks()
+            if absent:
+                names = ", ".join(str(r) for r in absent)
+                raise CollectiveError(
+                    f"rank{'s' if len(absent) > 1 else ''} {names} did not reach global step {step}: died, or hung "
+                    f"longer than trainer.timeout_s (seen by rank {self.global_rank}, whose all-gather failed). "
+                    f"{resume} ({why})"
+                ) from error
             raise CollectiveError(
                 f"rank {self.global_rank}: an all-gather with the other {self.trainer.world_size - 1} process(es) "
-                f"failed in global step {self.steps_done + 1}: a process died, hung longer than trainer.timeout_s, "
-                f"or lost the network. Rerun the same command to resume from {self.out_dir / STATE_FILE} "
-                f"({error})"
+                f"failed in global step {step}: a process died, hung longer than trainer.timeout_s, "
+                f"or lost the network. {resume} ({why})"
             ) from error
 
     def configure_optimizers(self) -> None:
         return None
 
 
-def load_state(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The saved state in ``out_dir``, if any; an error if it belongs to a different run."""
+def read_state(out_dir: Path) -> dict[str, Any] | None:
+    """The saved state in ``out_dir``, if any, unchecked; a one-line error if it cannot be read."""
     path = Path(out_dir) / STATE_FILE
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state.get("fingerprint", {})
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state["fingerprint"]  # noqa: B018 (a state without one is not ours)
+    except Exception as error:  # a truncated zip, a pickle torch refuses, another file altogether
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{path} is not a readable calibration state ({why}); resume=false starts over (and replaces it)"
+        ) from None
+    return state
+
+
+def check_state(state: dict[str, Any] | None, out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """``state`` (from :func:`read_state`) if it belongs to this run; an error if it belongs to another."""
+    if state is None:
+        return None
+    saved = dict(state["fingerprint"])
+    if "shards" in saved:  # the same folder, given relative or absolute, through a link or not
+        saved["shards"] = str(Path(saved["shards"]).expanduser().resolve())
     if saved != fingerprint:
         differing = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         raise ValueError(
-            f"{path} holds the state of a different calibration run (differs in: {', '.join(differing)}). "
-            "Use another out_dir, or resume=false to start over."
+            f"{Path(out_dir) / STATE_FILE} holds the state of a different calibration run (differs in: "
+            f"{', '.join(differing)}). Use another out_dir, or resume=false to start over."
         )
     return state
+
+
+def load_state(out_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved state in ``out_dir``, if any; an error if it cannot be read or belongs to another run."""
+    return check_state(read_state(out_dir), out_dir, fingerprint)
+
+
+def check_previous_results(out_dir: Path, fingerprint: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+    """A FileExistsError if ``out_dir`` holds a thresholds.json that another run wrote (one whose
+    recorded fingerprint differs, keys in ``ignore`` aside): this run would overwrite it."""
+    path = Path(out_dir) / RESULTS_FILE
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())["extra"]["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        recorded = None
+    ours = json.loads(json.dumps(fingerprint))
+    if not isinstance(recorded, dict):
+        why = "it records no run fingerprint: another tool or version wrote it"
+    else:
+        recorded = {**recorded, "shards": str(Path(recorded.get("shards", "")).expanduser().resolve())}
+        differing = sorted(k for k in set(recorded) | set(ours) if k not in ignore and recorded.get(k) != ours.get(k))
+        if not differing:
+            return
+        why = f"another calibration wrote it; differs in: {', '.join(differing)}"
+    raise FileExistsError(f"{path} would be overwritten ({why}); use another out_dir, or remove the file")

@@ -1,4 +1,5 @@
-"""A progress bar for calibration that shows images/s and the running mean token count.
+"""A progress bar for calibration, named "Calibrating", that shows images/s and the running mean
+token count.
 
 Lightning's bars show logged metrics during training only; calibration runs in ``trainer.validate``,
 so this bar puts the module's progress-bar metrics next to the validation bar itself.
@@ -10,9 +11,27 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 
 
 class CalibrationProgressBar(TQDMProgressBar):
+    DESCRIPTION = "Calibrating"
+
+    @property
+    def validation_description(self) -> str:
+        return self.DESCRIPTION
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        # As Lightning's, without "DataLoader 0" after the name: there is one data loader.
+        if not self.has_dataloader_changed(dataloader_idx) or self.val_progress_bar is None:
+            return
+        self.val_progress_bar.reset()
+        self.val_progress_bar.total = convert_inf(self.total_val_batches_current_dataloader)
+        self.val_progress_bar.initial = 0
+        self.val_progress_bar.set_description(self.DESCRIPTION)
+
     def on_validation_batch_end(
         self,
         trainer: L.Trainer,

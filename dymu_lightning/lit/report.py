@@ -10,8 +10,9 @@ from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.plots import draw_token_histogram, pyplot
 
 
-def write_report(result: ThresholdsFile, histogram: torch.Tensor, out_dir: Path) -> Path:
-    """Write ``report.md``, ``tokens.png`` and ``thresholds.png`` into ``out_dir``."""
+def write_report(result: ThresholdsFile, histogram: torch.Tensor, out_dir: Path, merges: Path | None = None) -> Path:
+    """Write ``report.md``, ``tokens.png`` and ``thresholds.png`` into ``out_dir``; ``merges``: a panel of
+    what merged (``merges.png``) to show in it."""
     plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(6, 3))
@@ -42,16 +43,36 @@ def write_report(result: ThresholdsFile, histogram: torch.Tensor, out_dir: Path)
         else f"{tokens['mean']:.1f} ± {tokens['std']:.1f} (min {tokens['min']}, max {tokens['max']}) "
         f"of {tokens['full']} tokens per image"
     )
+    extra = result.extra
+    if result.partial:
+        done = (
+            f"**partial**: {extra.get('steps')} of {extra.get('total_steps')} global steps (trainer.max_steps); "
+            "run the same command again to continue"
+        )
+    else:
+        done = "complete: every image was used"
+    merges_section = (
+        ""
+        if merges is None
+        else f"""
+What merged: each image beside its final groups (one colour, one token) under these thresholds,
+from the simplest image to the busiest.
+
+![what merged]({merges.name})
+"""
+    )
     text = f"""# Calibration report: {result.backbone}
 
+- run: {done}
 - images: {result.images_seen} in global batches of {result.global_batch_size}, world size {result.world_size}
+- skipped images (undecodable): {extra.get("images_skipped", 0)}
 - schedule: {result.schedule}
 - tokens during calibration (merges ranked per global batch): {summary}
 
 ![token counts](tokens.png)
 
 ![thresholds](thresholds.png)
-
+{merges_section}
 | layer | r | threshold |
 |---|---|---|
 {rows}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,27 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasti
 from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 
-from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones import Backbone, get_backbone
+from dymu_lightning.backbones.registry import import_plugins
 from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.config.recipes import ConfigError, Recipe
 from dymu_lightning.config.schema import CalibrationRecipe
 from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
-from dymu_lightning.lit.calibration import CalibrationModule, load_state
+from dymu_lightning.data import GlobalBatchShards
+from dymu_lightning.data.source import check_shards
+from dymu_lightning.files import check_writable_dir
+from dymu_lightning.lit.calibration import (
+    RESULTS_FILE,
+    CalibrationModule,
+    check_previous_results,
+    check_state,
+    read_state,
+)
 from dymu_lightning.lit.datamodule import ShardsDataModule
 from dymu_lightning.lit.progress import CalibrationProgressBar
 from dymu_lightning.lit.report import write_report
-from dymu_lightning.loading import DTYPES, check_model_and_data, load_encoder
+from dymu_lightning.loading import EncoderShape, check_model_and_data, encoder_shape, load_encoder, probe_shape
+from dymu_lightning.merges import draw_merges, pick_images, token_groups
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +49,21 @@ log = logging.getLogger(__name__)
 # Lightning's generic warnings about __len__ with workers and about its own pytree internals are noise.
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# Rerunning a finished run resumes at its last step: an empty loader is the point, not a mistake.
+warnings.filterwarnings("ignore", message=".*Total length of `DataLoader` across ranks is zero.*")
+
+
+class _LightningNoise(logging.Filter):
+    """Drops Lightning's advertisement for its cloud logger and its note on limit_val_batches
+    (trainer.max_steps here, which our own summary reports)."""
+
+    NOISE = ("litlogger", "` was configured so ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(noise in record.getMessage() for noise in self.NOISE)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_LightningNoise())
 
 
 def target_r(cfg: CalibrationRecipe, path: Path) -> tuple[int | None, int | None]:
@@ -60,21 +87,38 @@ def target_r(cfg: CalibrationRecipe, path: Path) -> tuple[int | None, int | None
     return r, schedule.tokens_left
 
 
-def check(recipe: Recipe) -> CalibrationRecipe:
-    """Validate a recipe beyond its types, without loading a model."""
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check(recipe: Recipe, probe: bool = True) -> CalibrationRecipe:
+    """Validate a recipe beyond its types, without loading weights: with ``probe``, the schedule is
+    checked against the encoder's shape where that is known without its weights (:func:`probe_shape`);
+    :func:`calibrate` checks it against the loaded model in any case, before any compute."""
     cfg: CalibrationRecipe = recipe.to_object()
-    target_r(cfg, recipe.path)
+    path = recipe.path
+    target_r(cfg, path)
+    for name, value in cfg.schedule.variants.items():
+        if value < 0:
+            raise ConfigError(f"{path}: schedule.variants.{name} must be >= 0, got {value}")
+    import_plugins(cfg.plugins, f"{path}: plugins")  # their backbones register themselves
     get_backbone(cfg.model.backbone)  # unknown names fail here, with a did-you-mean
     if cfg.schedule.kind not in SCHEDULES:
-        raise ConfigError(f"{recipe.path}: schedule.kind={cfg.schedule.kind!r}; expected one of {SCHEDULES}")
+        raise ConfigError(f"{path}: schedule.kind={cfg.schedule.kind!r}; expected one of {SCHEDULES}")
+    trainer = cfg.trainer
+    if trainer.accelerator not in ACCELERATORS:
+        raise ConfigError(f"{path}: trainer.accelerator={trainer.accelerator!r}; expected one of {ACCELERATORS}")
+    devices = trainer.devices
+    if devices != "auto" and (not isinstance(devices, int) or isinstance(devices, bool) or devices < 1):
+        raise ConfigError(f"{path}: trainer.devices must be an integer >= 1 or 'auto', got {devices!r}")
     check_model_and_data(
-        recipe.path,
+        path,
         cfg.model,
         cfg.data,
         [
-            ("trainer.save_every_n_steps", cfg.trainer.save_every_n_steps, 1),
-            ("trainer.max_steps", cfg.trainer.max_steps, 1),
-            ("trainer.timeout_s", cfg.trainer.timeout_s, 1),
+            ("trainer.num_nodes", trainer.num_nodes, 1),
+            ("trainer.save_every_n_steps", trainer.save_every_n_steps, 1),
+            ("trainer.max_steps", trainer.max_steps, 1),
+            ("trainer.timeout_s", trainer.timeout_s, 1),
             ("schedule.r", cfg.schedule.r, 0),
             ("schedule.tokens_left", cfg.schedule.tokens_left, 1),
         ],
@@ -85,43 +129,90 @@ def check(recipe: Recipe) -> CalibrationRecipe:
         # torchrun (or srun) started WORLD_SIZE processes; Lightning must be told the same layout,
         # or each process would calibrate alone on all the data.
         raise ConfigError(
-            f"{recipe.path}: the launcher started {launched} processes but trainer.devices x trainer.num_nodes "
+            f"{path}: the launcher started {launched} processes but trainer.devices x trainer.num_nodes "
             f"= {world}; set them to match (and trainer.strategy=ddp)"
         )
     if world is not None and cfg.data.global_batch_size % world:
         raise ConfigError(
-            f"{recipe.path}: data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
+            f"{path}: data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
             f"{world} processes (trainer.devices x trainer.num_nodes)"
         )
-    if cfg.trainer.timeout_s is not None and cfg.trainer.strategy != "ddp":
-        raise ConfigError(f"{recipe.path}: trainer.timeout_s needs trainer.strategy=ddp, got {cfg.trainer.strategy!r}")
+    if trainer.timeout_s is not None and trainer.strategy != "ddp":
+        raise ConfigError(f"{path}: trainer.timeout_s needs trainer.strategy=ddp, got {trainer.strategy!r}")
+    check_writable_dir(cfg.out_dir, f"{path}: out_dir={cfg.out_dir}")
+    try:
+        check_shards(cfg.data.shards, cfg.data.images)
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"{path}: {error}") from None
+    if probe:
+        shape = probe_shape(cfg.model, path)
+        if shape is not None:
+            check_schedule(cfg, path, shape)
     return cfg
+
+
+def check_schedule(cfg: CalibrationRecipe, path: Path, shape: EncoderShape) -> list[int]:
+    """Per-layer r of the recipe's schedule on an encoder of this shape; a ConfigError if the depth or
+    the schedule does not fit it, e.g. more merges than a layer has pairs (thresholds would be 0,
+    leaving a handful of tokens)."""
+    layers, tokens, prefix = shape.num_layers, shape.tokens, shape.num_prefix
+    backbone = f"backbone '{cfg.model.backbone}'"
+    if cfg.model.num_blocks is not None and cfg.model.num_blocks > layers:
+        raise ConfigError(f"{path}: model.num_blocks={cfg.model.num_blocks}, but {backbone} has {layers} blocks")
+    r_value, tokens_left = target_r(cfg, path)
+    at = f"{tokens} tokens per image at {shape.image_size} px"
+    if tokens_left is not None and not prefix < tokens_left <= tokens:
+        raise ConfigError(
+            f"{path}: schedule.tokens_left={tokens_left}, but {backbone} gives {at} ({prefix} prefix tokens "
+            f"never merge); expected {prefix + 1}..{tokens}"
+        )
+    r = merges_per_layer(
+        layers,
+        cfg.schedule.kind,
+        r=r_value,
+        tokens_left=tokens_left,
+        tokens=tokens,
+        merging_layers=cfg.model.num_blocks,
+    )
+    if cfg.schedule.variant is not None:
+        asked = f"schedule.variant={cfg.schedule.variant!r} (r={r_value})"
+    else:
+        asked = f"schedule.r={r_value}" if r_value is not None else f"schedule.tokens_left={tokens_left}"
+    n = tokens
+    for layer, r_l in enumerate(r):
+        # Bipartite matching: one candidate pair per A token (even positions past the prefix) while
+        # there is a B token. Merging every pair leaves no edge to set the threshold by.
+        pairs = max(0, (n + 1) // 2 - (prefix + 1) // 2) if n // 2 - prefix // 2 > 0 else 0
+        if r_l > 0 and r_l >= pairs:
+            raise ConfigError(
+                f"{path}: {asked} asks layer {layer} for {r_l} merges per image, but its {n} tokens (of {at}) "
+                f"form {pairs} candidate pairs, and a threshold needs fewer merges than pairs; lower the "
+                "schedule, or feed larger images (model.image_size)"
+            )
+        n -= r_l
+    return r
 
 
 def calibrate(recipe: Recipe) -> Path:
     """Run the calibration recipe; returns the path of thresholds.json."""
-    cfg = check(recipe)
+    cfg = check(recipe, probe=False)
+    out_dir = Path(cfg.out_dir).expanduser()
+    saved = read_state(out_dir) if cfg.resume else None  # unreadable: an error before the model loads
+    # Another run's results in out_dir are not overwritten (r is compared once the model is known).
+    check_previous_results(out_dir, _fingerprint(cfg, []), ignore=("r",))
     L.seed_everything(cfg.seed, verbose=False)
     backbone, model, transform = load_encoder(cfg.model)
-    probe = transform(Image.new("RGB", (64, 64)))[None].to(DTYPES[cfg.model.dtype])
-    with torch.no_grad():
-        full_tokens = backbone.embed(model, probe).shape[1]
+    shape = encoder_shape(backbone, model, transform)
+    r = check_schedule(cfg, recipe.path, shape)  # before any compute
     r_value, tokens_left = target_r(cfg, recipe.path)
-    r = merges_per_layer(
-        backbone.num_layers(model),
-        cfg.schedule.kind,
-        r=r_value,
-        tokens_left=tokens_left,
-        tokens=full_tokens,
-        merging_layers=cfg.model.num_blocks,
-    )
+    full_tokens = shape.tokens
     fingerprint = _fingerprint(cfg, r)
     # Under Slurm our module handles the requeue signal (save at a step boundary, requeue, stop) in
     # place of Lightning's handler, which would checkpoint the whole encoder from inside the handler.
     # torchrun inside a Slurm job takes precedence, as in Lightning: torchrun then owns the ranks.
     slurm = SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
-    out_dir = Path(cfg.out_dir).expanduser()
-    state = load_state(out_dir, fingerprint) if cfg.resume else None
+    state = check_state(saved, out_dir, fingerprint)
+    check_previous_results(out_dir, fingerprint)
     start_step = int(state["steps_done"]) if state else 0
     if start_step:
         log.warning("resuming %s from step %d (%d images seen)", out_dir, start_step, state["images_seen"])
@@ -154,12 +245,13 @@ def calibrate(recipe: Recipe) -> Path:
     )
     trainer.validate(module, datamodule=datamodule, verbose=False)
 
-    path = out_dir / "thresholds.json"
+    path = out_dir / RESULTS_FILE
     if trainer.is_global_zero:
+        total_steps = datamodule.dataset.num_steps if datamodule.dataset is not None else module.steps_done
         result = ThresholdsFile(
             backbone=backbone.name,
             num_layers=backbone.num_layers(model),
-            image_size=int(probe.shape[-1]),
+            image_size=shape.image_size,
             thresholds=[t if rl > 0 else None for t, rl in zip(module.thresholds.mean(), r, strict=True)],
             r=r,
             schedule={
@@ -185,14 +277,49 @@ def calibrate(recipe: Recipe) -> Path:
                 "images_skipped": module.images_skipped,
                 "index_sum": float(module.index_sums[0]),
                 "index_square_sum": float(module.index_sums[1]),
+                "total_steps": total_steps,
                 "recipe": str(recipe.path),
                 "overrides": list(recipe.overrides),
+                "fingerprint": fingerprint,
             },
+            partial=module.steps_done < total_steps,
         )
         result.save(path)
-        write_report(result, module.tokens.histogram, out_dir)
+        merges = _draw_merges(backbone, model, transform, datamodule.dataset, result, out_dir)
+        write_report(result, module.tokens.histogram, out_dir, merges)
         _print_summary(result, path)
     return path
+
+
+MERGES_IMAGES = 8  # images in the report's panel of what merged
+
+
+def _draw_merges(
+    backbone: Backbone,
+    model: torch.nn.Module,
+    transform: Callable[[Image.Image], torch.Tensor],
+    dataset: GlobalBatchShards | None,
+    result: ThresholdsFile,
+    out_dir: Path,
+) -> Path | None:
+    """merges.png: the first decodable images of the data under the final thresholds, simplest first."""
+    if dataset is None or result.images_seen == 0:
+        return None
+    pictures = []
+    for i in range(dataset.num_samples):
+        try:
+            pictures.append(dataset.image(i))
+        except ValueError:  # undecodable: counted in images_skipped already
+            continue
+        if len(pictures) == MERGES_IMAGES:
+            break
+    parameter = next(model.parameters())
+    _, pixels = pick_images(pictures, transform, MERGES_IMAGES)
+    groups, lengths = token_groups(
+        backbone, model, pixels.to(parameter.device, parameter.dtype), result.policy(), result.num_blocks
+    )
+    title = f"{result.backbone}: final groups under the calibrated thresholds, simplest image first"
+    return draw_merges(pixels, groups, lengths, out_dir / "merges.png", title)
 
 
 def _strategy(cfg: CalibrationRecipe) -> str | DDPStrategy:
@@ -225,7 +352,7 @@ def _fingerprint(cfg: CalibrationRecipe, r: list[int]) -> dict[str, Any]:
         "dtype": cfg.model.dtype,
         **({"image_size": cfg.model.image_size} if cfg.model.image_size is not None else {}),
         "r": list(r),
-        "shards": str(Path(cfg.data.shards).expanduser()),
+        "shards": str(Path(cfg.data.shards).expanduser().resolve()),
         "global_batch_size": cfg.data.global_batch_size,
         "max_images": cfg.data.max_images,
         "seed": cfg.seed,
@@ -241,5 +368,10 @@ def _print_summary(result: ThresholdsFile, path: Path) -> None:
         print(
             f"tokens per image: {tokens['mean']:.1f} ± {tokens['std']:.1f} (min {tokens['min']}, "
             f"max {tokens['max']}) of {tokens['full']}"
+        )
+    if result.partial:
+        print(
+            f"partial: {result.extra['steps']} of {result.extra['total_steps']} global steps (trainer.max_steps); "
+            "run the same command again to continue"
         )
     print(f"wrote {path} and {path.parent / 'report.md'}")

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Stop what up.sh started, by PID, and remove its namespaces and bridge. Safe to run twice.
+# Stop what up.sh started, by PID, and remove its namespaces and bridge. Safe to run twice. Only the
+# cluster of this DYMU_SLURM_DIR: its names derive from the folder (env.sh).
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/env.sh"
 # Cancel jobs first: job steps would outlive their slurmd.
@@ -21,13 +22,19 @@ if [ -s "$D/pids" ]; then
   stop "${munge[@]}"
   : > "$D/pids"
 fi
-for i in "${!NODES[@]}"; do ip netns del "${NODES[$i]}" 2>/dev/null || true; done
-ip link del "$BRIDGE" 2>/dev/null || true
-# Namespace removal is asynchronous: wait for the host ends of the veths to go before a restart.
-for _ in $(seq 50); do
-  left=0
-  for i in "${!NODES[@]}"; do ip link show "sl$((i + 1))h" >/dev/null 2>&1 && left=1; done
-  [ "$left" = 0 ] && break
-  sleep 0.1
-done
+# The namespaces and the bridge that this folder's up.sh created (listed in $D/created), and no others.
+if [ -s "$D/created" ]; then
+  while read -r kind name; do [ "$kind" = netns ] && { ip netns del "$name" 2>/dev/null || true; }; done < "$D/created"
+  while read -r kind name; do [ "$kind" = bridge ] && { ip link del "$name" 2>/dev/null || true; }; done < "$D/created"
+  # Namespace removal is asynchronous: wait for the host ends of the veths to go before a restart.
+  for _ in $(seq 50); do
+    left=0
+    while read -r kind name; do
+      [ "$kind" = veth ] && ip link show "$name" >/dev/null 2>&1 && left=1
+    done < "$D/created"
+    [ "$left" = 0 ] && break
+    sleep 0.1
+  done
+  : > "$D/created"
+fi
 exit 0

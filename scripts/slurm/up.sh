@@ -1,7 +1,9 @@
 #!/bin/bash
 # Start a throw-away two-node Slurm cluster on this machine (root): munged, slurmctld, and one slurmd
 # per "node", each slurmd in its own network and UTS namespace on a private bridge, so that the nodes
-# are distinct hosts (slnode1, slnode2) as on a real cluster. Debian's slurm-wlm and munge (and
+# are distinct hosts (slnode1, slnode2) as on a real cluster. Names, addresses, ports and munged's
+# socket derive from DYMU_SLURM_DIR (env.sh): a second cluster with another folder runs beside the
+# first. Debian's slurm-wlm and munge (and
 # iproute2) are installed with apt when missing. Traffic stays on loopback and on the bridge: the
 # namespaces have no other route.
 # Then: `export SLURM_CONF=/tmp/dymu-slurm/slurm.conf` (printed at the end) and use sbatch/srun/squeue.
@@ -11,8 +13,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/env.sh"
 
 if [ "$(id -u)" != 0 ]; then echo "error: up.sh needs root (namespaces, daemons)" >&2; exit 2; fi
-if [ -e "/sys/class/net/$BRIDGE" ] || [ -s "$D/pids" ]; then
-  echo "error: a local cluster seems to be running already ($BRIDGE exists or $D/pids is not empty); run down.sh" >&2
+if [ -e "/sys/class/net/$BRIDGE" ] || [ -s "$D/pids" ] || [ -e "/run/netns/${NODES[0]}" ]; then
+  echo "error: a local cluster seems to be running already ($BRIDGE or ${NODES[0]} exists, or $D/pids is not" \
+       "empty); run down.sh with the same DYMU_SLURM_DIR, or start another with a different DYMU_SLURM_DIR" >&2
   exit 2
 fi
 
@@ -27,14 +30,15 @@ if [ "${#missing[@]}" != 0 ]; then
 fi
 
 rm -rf "$D"
-mkdir -p "$D/ctld" /run/munge
+mkdir -p "$D/ctld" "$MUNGE_DIR"
 for node in "${NODES[@]}"; do mkdir -p "$D/spool-$node"; done  # slurmd does not create its spool dir
-chown munge:munge /run/munge
+chown munge:munge "$MUNGE_DIR"
 [ -s /etc/munge/munge.key ] || setpriv --reuid=munge --regid=munge --init-groups mungekey --create
 : > "$D/pids"
 
 # The bridge (the controller's address) and one namespace per node, joined to it by a veth pair.
 ip link add "$BRIDGE" type bridge
+echo "bridge $BRIDGE" >> "$D/created"   # down.sh removes what is listed here, nothing else
 ip addr add "$SUB.1/24" dev "$BRIDGE"
 ip link set "$BRIDGE" up
 CTL=$(hostname -s)
@@ -43,8 +47,10 @@ NODE_LINES=""
 for i in "${!NODES[@]}"; do
   node=${NODES[$i]}; n=$((i + 1))
   ip netns add "$node"
-  ip link add "sl${n}h" type veth peer name snet0 netns "$node"
-  ip link set "sl${n}h" master "$BRIDGE" up
+  echo "netns $node" >> "$D/created"
+  ip link add "${VETH}${n}h" type veth peer name snet0 netns "$node"
+  echo "veth ${VETH}${n}h" >> "$D/created"
+  ip link set "${VETH}${n}h" master "$BRIDGE" up
   ip -n "$node" addr add "$SUB.1$n/24" dev snet0
   ip -n "$node" link set snet0 up
   ip -n "$node" link set lo up
@@ -54,11 +60,12 @@ for i in "${!NODES[@]}"; do
 done
 
 cat > "$SLURM_CONF" <<CONF
-ClusterName=dymulocal
+ClusterName=dymulocal${TAG}
 SlurmctldHost=$CTL($SUB.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=socket=$MUNGE_DIR/munge.socket.2
 CredType=cred/munge
 MpiDefault=none
 MailProg=/bin/true
@@ -78,8 +85,8 @@ SlurmctldPidFile=$D/slurmctld.pid
 SlurmdPidFile=$D/slurmd-%n.pid
 SlurmctldLogFile=$D/slurmctld.log
 SlurmdLogFile=$D/slurmd-%n.log
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$((CTLD_PORT + 1))
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
@@ -93,9 +100,11 @@ CONF
 
 # Each daemon runs in the foreground and `$!` is its own PID (setpriv, unshare, sh -c exec and
 # nsenter without --fork all exec), so down.sh stops exactly these processes.
-setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged --foreground > "$D/munged.out" 2>&1 &
+setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged --foreground \
+  --socket="$MUNGE_DIR/munge.socket.2" --pid-file="$MUNGE_DIR/munged.pid" --seed-file="$MUNGE_DIR/munged.seed" \
+  --log-file="$MUNGE_DIR/munged.log" > "$D/munged.out" 2>&1 &
 echo "munged $!" >> "$D/pids"
-for _ in $(seq 50); do munge -n >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 50); do munge -n --socket="$MUNGE_DIR/munge.socket.2" >/dev/null 2>&1 && break; sleep 0.1; done
 slurmctld -D -i > "$D/slurmctld.out" 2>&1 &
 echo "slurmctld $!" >> "$D/pids"
 for node in "${NODES[@]}"; do
