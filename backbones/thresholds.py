@@ -123,6 +123,9 @@ class ThresholdsFile:
         """What thresholds.json holds."""
         data = asdict(self)
         del data["origin"]
+        # +inf (a layer that never merges, as batch_thresholds gives it) is written as null, its meaning
+        # in the file: JSON has no infinity, and load refuses Python's "Infinity".
+        data["thresholds"] = [None if t is not None and t == math.inf else t for t in data["thresholds"]]
         return data
 
     def check_matches(self, backbone: Backbone, model: nn.Module) -> None:

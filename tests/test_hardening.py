@@ -425,7 +425,8 @@ def test_the_console_shows_our_lines_not_lightnings_noise(tmp_path, shards):
     first, rerun = outputs
     assert "Calibrating: 100%" in first and "3/3" in first
     for text in outputs:
-        for noise in ("litlogger", "DataLoader 0", "Validation", "was configured so", "Total length of `DataLoader`"):
+        noises = ("litlogger", "DataLoader 0", "Validation", "was configured so", "Total length of `DataLoader`")
+        for noise in (*noises, "`srun` command is available"):
             assert noise not in text, noise
     assert "resuming" in rerun and "calibrated timm_vit: 10 images" in rerun
 
@@ -556,3 +557,12 @@ def test_local_slurm_cluster_names_derive_from_its_folder():
     assert one[-1] == "/tmp/cluster-one/munge" and all(len(name) <= 15 for name in one[:4])
     for a, b, c in zip(default[:-1], one[:-1], two[:-1], strict=True):
         assert len({a, b, c}) == 3  # nodes, veths, bridge, subnet, port: all distinct
+
+
+def test_a_never_merging_layer_is_saved_as_null_and_loads(tmp_path, calibrated):
+    data = json.loads(calibrated[0].read_text())
+    fields = {k: v for k, v in data.items() if k != "schema_version"}
+    fields["thresholds"] = [0.5, float("inf"), None]
+    path = ThresholdsFile(**fields).save(tmp_path / "thresholds.json")
+    assert json.loads(path.read_text())["thresholds"] == [0.5, None, None]
+    assert ThresholdsFile.load(path).thresholds == [0.5, None, None]

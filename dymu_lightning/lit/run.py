@@ -51,6 +51,9 @@ warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` def
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 # Rerunning a finished run resumes at its last step: an empty loader is the point, not a mistake.
 warnings.filterwarnings("ignore", message=".*Total length of `DataLoader` across ranks is zero.*")
+# On a machine with Slurm installed, every local run would be told to prepend `srun`; docs/calibration.md
+# says how to run under Slurm (sbatch scripts/slurm/calibrate.sbatch).
+warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
 
 
 class _LightningNoise(logging.Filter):
