@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.config.task == "eval_encoder":
             from dymu_lightning.eval.run import check
             from dymu_lightning.eval.run import evaluate as run
+        elif recipe.config.task == "finetune":
+            from dymu_lightning.finetune.run import check
+            from dymu_lightning.finetune.run import finetune as run
         else:
             from dymu_lightning.lit.run import calibrate as run
             from dymu_lightning.lit.run import check
