@@ -88,11 +88,12 @@ class FinetuneModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_index: int) -> None:
         valid = batch["valid"].bool()
-        if not valid.any():
-            return
-        logits, lengths = self(batch["pixels"][valid])
-        self.val_accuracy.update(logits.argmax(dim=-1), batch["label"][valid])
-        self.val_tokens.update(lengths.float())
+        if valid.any():
+            logits, lengths = self(batch["pixels"][valid])
+            self.val_accuracy.update(logits.argmax(dim=-1), batch["label"][valid])
+            self.val_tokens.update(lengths.float())
+        # Every rank logs, even with only padding rows: the metrics are reduced across ranks at the
+        # epoch end, and a rank that never logged would leave the others waiting.
         self.log("val_acc", self.val_accuracy, prog_bar=True)
         self.log("val_tokens", self.val_tokens)
 
