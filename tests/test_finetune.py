@@ -295,3 +295,10 @@ def test_lora_wraps_the_attention_projections_only(data, tmp_path):
     assert wrapped == {f"encoder.blocks.{i}.attn.{p}" for i in range(3) for p in ("qkv", "proj")}
     # 2 x (48 + 144) per qkv, 2 x (48 + 48) per proj, per block; plus the head
     assert facts["trainable_parameters"] == 3 * (2 * (48 + 144) + 2 * (48 + 48)) + 48 * 3 + 3
+
+
+def test_the_packaged_recipe_checks():
+    recipe = load_recipe("finetune_encoder")
+    cfg = check(recipe)
+    assert (cfg.model.backbone, cfg.model.image_size, cfg.adaptation.method) == ("dinov2_vits14_offline", 112, "head")
+    assert recipe.path.read_text().startswith("#") and "recipe=finetune_encoder" in recipe.path.read_text()
