@@ -302,3 +302,65 @@ def test_the_packaged_recipe_checks():
     cfg = check(recipe)
     assert (cfg.model.backbone, cfg.model.image_size, cfg.adaptation.method) == ("dinov2_vits14_offline", 112, "head")
     assert recipe.path.read_text().startswith("#") and "recipe=finetune_encoder" in recipe.path.read_text()
+
+
+def fake_run(folder: Path, correct: dict[str, list[bool]], tokens: dict[str, int], trainable: int) -> Path:
+    """A finetune run's results.json and per_image.csv with the given per-image correctness."""
+    folder.mkdir(parents=True)
+    n = len(next(iter(correct.values())))
+    with open(folder / "per_image.csv", "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["index", "key", "label", *(f"{c}:{e}" for e in correct for c in ("predicted", "tokens"))])
+        for i in range(n):
+            row = [i, f"1_{i:05d}", 1]
+            for name, values in correct.items():
+                row += [1 if values[i] else 0, tokens[name]]
+            writer.writerow(row)
+    result = {
+        "trainable_parameters": trainable,
+        "training_images_per_second": 10.0,
+        "wall_seconds": 5.0,
+        "command": f"python -m dymu_lightning recipe=finetune_encoder out_dir={folder}",
+        "machine": "cpu",
+        "image_size": 112,
+        "full_tokens": 65,
+    }
+    (folder / "results.json").write_text(json.dumps(result))
+    return folder / "results.json"
+
+
+def test_study_pairs_each_variant_with_full_and_tome(tmp_path):
+    """The study table compares every row with the full model and each DyMU row with ToMe under the
+    same adaptation, image by image; a run that did not happen leaves its row out."""
+    from dymu_lightning.finetune.study import collect, render
+
+    ones, half = [True] * 4, [True, True, False, False]
+    runs = {
+        "full_head": fake_run(
+            tmp_path / "full_head",
+            {"trained": ones, "dymu_mid": half, "tome_mid": ones},
+            {"trained": 65, "dymu_mid": 22, "tome_mid": 22},
+            3850,
+        ),
+        "dymu_mid_head": fake_run(tmp_path / "dymu_head", {"trained": ones}, {"trained": 22}, 3850),
+        "tome_mid_head": fake_run(tmp_path / "tome_head", {"trained": half}, {"trained": 22}, 3850),
+        "dymu_mid_lora": tmp_path / "never_ran" / "results.json",
+    }
+    study = collect(tmp_path, runs, ["mid"], ["head", "lora"])
+    rows = {row["label"]: row for row in study["rows"]}
+    assert list(rows) == [
+        "full + head",
+        "DyMU-mid, training-free",
+        "ToMe@mid, training-free",
+        "DyMU-mid + head",
+        "ToMe@mid + head",
+    ]
+    assert rows["DyMU-mid, training-free"]["vs_full"]["difference"] == -0.5
+    assert rows["DyMU-mid, training-free"]["vs_tome"]["only_b"] == 2
+    assert rows["DyMU-mid + head"]["vs_tome"]["difference"] == 0.5 and "vs_tome" not in rows["ToMe@mid + head"]
+    assert rows["DyMU-mid, training-free"]["trainable_parameters"] == 0
+    study.update(commands=["python -m x"], seconds=60, train=4, test=4, calibration=4, epochs=1)
+    page = render(study, tmp_path / "page.md", "python -m dymu_lightning.finetune.study")
+    text = page.read_text()
+    assert "| DyMU-mid + head | 22.0 ± 0.0 | 100.0% | +0.0 [+0.0, +0.0] | +50.0 [" in text
+    assert (tmp_path / "page" / "accuracy_tokens.png").is_file()
