@@ -398,6 +398,7 @@ def evaluate_and_write(
     ``cfg.evaluate``); write per_image.csv, results.json and report.md."""
     out_dir = Path(cfg.out_dir).expanduser()
     encoder, backbone = module.encoder, module.backbone
+    module.to(trainer.strategy.root_device)  # Lightning moves the module back to the CPU after fit
     evaluations: dict[str, dict[str, Any]] = {}
     columns: dict[str, Tensor] = {}
     sections = {"trained": (module.policy, facts["reduction"])}

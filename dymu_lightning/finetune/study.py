@@ -31,7 +31,8 @@ import torch
 from dymu_lightning.eval.metrics import paired_difference
 
 ADAPTATIONS = ("head", "lora", "bitfit")
-TOKENS_LEFT_112 = {"low": 10, "mid": 22, "high": 44}  # the results page's 112 px targets (15 / 34 / 68%)
+# DyMU low / mid / high targets (tokens left) per side: the results page's, about 15 / 34 / 68% of the full count
+TOKENS_LEFT = {112: {"low": 10, "mid": 22, "high": 44}, 224: {"low": 40, "mid": 87, "high": 176}}
 
 
 def run_study(
@@ -43,6 +44,7 @@ def run_study(
     epochs: int,
     adaptations: Sequence[str] = ADAPTATIONS,
     extra: Sequence[str] = (),
+    size: int = 112,
 ) -> dict[str, Any]:
     """Calibrate, fit and evaluate; returns the collected study (also written to ``work/study.json``)."""
     from dymu_lightning import assets
@@ -75,6 +77,7 @@ def run_study(
         f"data.val_images={folders['test']}",
         f"data.val_shards={shards['test']}",
         f"trainer.max_epochs={epochs}",
+        f"model.image_size={size}",
         "trainer.progress_bar=false",
         "resume=false",
         *extra,
@@ -90,8 +93,8 @@ def run_study(
                     f"data.shards={shards['calibration']}",
                     "data.global_batch_size=16",
                     "schedule.r=null",
-                    f"schedule.tokens_left={TOKENS_LEFT_112[variant]}",
-                    "model.image_size=112",
+                    f"schedule.tokens_left={TOKENS_LEFT[size][variant]}",
+                    f"model.image_size={size}",
                     "trainer.accelerator=cpu",
                     "trainer.progress_bar=false",
                     "resume=false",
@@ -295,12 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--work", type=Path, default=Path("runs/finetune_study"))
     parser.add_argument("--page", type=Path, default=Path("docs/finetune_results.md"))
-    parser.add_argument("--variants", nargs="+", default=["mid"], choices=sorted(TOKENS_LEFT_112))
+    parser.add_argument("--variants", nargs="+", default=["mid"], choices=["high", "low", "mid"])
     parser.add_argument("--adaptations", nargs="+", default=list(ADAPTATIONS), choices=ADAPTATIONS)
     parser.add_argument("--train", type=int, default=2000, help="first N Fashion-MNIST training images")
     parser.add_argument("--test", type=int, default=1000, help="first N test images")
     parser.add_argument("--calibration", type=int, default=500, help="first N training images for calibration")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--size", type=int, default=112, choices=sorted(TOKENS_LEFT), help="image side in pixels")
     parser.add_argument("--render-only", action="store_true", help="rewrite the page from WORK/study.json")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every finetune run")
     args = parser.parse_args(argv)
@@ -317,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.epochs,
             args.adaptations,
             args.overrides,
+            args.size,
         )
         study["command"] = command
         (args.work / "study.json").write_text(json.dumps(study, indent=2) + "\n")
