@@ -136,6 +136,35 @@ def run_study(
     return study
 
 
+def partial_study(
+    work: Path,
+    variants: Sequence[str],
+    adaptations: Sequence[str],
+    train: int,
+    test: int,
+    calibration: int,
+    epochs: int,
+) -> dict[str, Any]:
+    """The study from the runs an interrupted invocation finished (their own recorded commands)."""
+    from dymu_lightning.thresholds import ThresholdsFile
+
+    names = ["full_head"] + [f"{k}_{v}_{m}" for v in variants for k in ("dymu", "tome") for m in adaptations]
+    runs = {name: work / name / "results.json" for name in names}
+    commands = []
+    for variant in variants:
+        extra = ThresholdsFile.load(work / "calibrate" / variant / "thresholds.json").extra
+        commands.append(
+            shlex.join(["python", "-m", "dymu_lightning", f"recipe={Path(extra['recipe']).stem}", *extra["overrides"]])
+        )
+    commands += [json.loads(path.read_text())["command"] for path in runs.values() if path.is_file()]
+    study = collect(work, runs, variants, adaptations)
+    seconds = sum(json.loads(path.read_text())["wall_seconds"] for path in runs.values() if path.is_file())
+    missing = [name for name, path in runs.items() if not path.is_file()]
+    study.update(commands=commands, seconds=seconds, train=train, test=test, calibration=calibration, epochs=epochs)
+    study["missing"] = missing
+    return study
+
+
 def _correct(out_dir: Path, evaluation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(``[n]`` bool correct, ``[n]`` tokens) per test image in index order, for one evaluation of a run."""
     with open(out_dir / "per_image.csv") as stream:
@@ -239,6 +268,11 @@ def render(study: dict[str, Any], page: Path, command: str) -> Path:
         "",
         f"![accuracy against tokens]({plot.relative_to(page.parent)})",
         "",
+        *(
+            [f"Not run (the invocation was stopped to meet a deadline): {', '.join(study['missing'])}.", ""]
+            if study.get("missing")
+            else []
+        ),
         "## Commands",
         "",
         "```bash",
@@ -309,8 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every finetune run")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "dymu_lightning.finetune.study", *(sys.argv[1:] if argv is None else argv)])
-    if args.render_only:
+    if args.render_only and (args.work / "study.json").is_file():
         study = json.loads((args.work / "study.json").read_text())
+    elif args.render_only:
+        study = partial_study(
+            args.work, args.variants, args.adaptations, args.train, args.test, args.calibration, args.epochs
+        )
     else:
         study = run_study(
             args.work,
