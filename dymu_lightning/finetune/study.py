@@ -109,6 +109,11 @@ def run_study(
                 f"evaluate.tome_{variant}.thresholds={thresholds[variant]}",
             ]
         runs = {"full_head": run("finetune_encoder", [f"out_dir={work}/full_head", *data, *evaluate])}
+        for method in adaptations:
+            if method != "head":
+                runs[f"full_{method}"] = run(
+                    "finetune_encoder", [f"out_dir={work}/full_{method}", *data, f"adaptation.method={method}"]
+                )
         for variant in variants:
             for kind in ("dymu", "tome"):
                 for method in adaptations:
@@ -148,7 +153,8 @@ def partial_study(
     """The study from the runs an interrupted invocation finished (their own recorded commands)."""
     from dymu_lightning.thresholds import ThresholdsFile
 
-    names = ["full_head"] + [f"{k}_{v}_{m}" for v in variants for k in ("dymu", "tome") for m in adaptations]
+    names = ["full_head"] + [f"full_{m}" for m in adaptations if m != "head"]
+    names += [f"{k}_{v}_{m}" for v in variants for k in ("dymu", "tome") for m in adaptations]
     runs = {name: work / name / "results.json" for name in names}
     commands = []
     for variant in variants:
@@ -206,6 +212,9 @@ def collect(work: Path, runs: dict[str, Path], variants: Sequence[str], adaptati
         )
 
     add("full + head", "-", "full", "head", "full_head", "trained")
+    for method in adaptations:
+        if method != "head":  # the reference for the same adaptation with merging
+            add(f"full + {method}", "-", "full", method, f"full_{method}", "trained")
     for variant in variants:
         add(f"DyMU-{variant}, training-free", variant, "dymu", "none", "full_head", f"dymu_{variant}")
         add(f"ToMe@{variant}, training-free", variant, "tome", "none", "full_head", f"tome_{variant}")
@@ -213,9 +222,13 @@ def collect(work: Path, runs: dict[str, Path], variants: Sequence[str], adaptati
             for kind, shown in (("dymu", f"DyMU-{variant}"), ("tome", f"ToMe@{variant}")):
                 add(f"{shown} + {method}", variant, kind, method, f"{kind}_{variant}_{method}", "trained")
     reference = rows[0]["_correct"]
+    full_same = {row["method"]: row for row in rows if row["kind"] == "full"}
     for row in rows:
         if row is not rows[0]:
             row["vs_full"] = paired_difference(row["_correct"], reference)
+        same = full_same.get(row["method"])
+        if row["kind"] != "full" and row["method"] != "head" and same is not None:
+            row["vs_full_same"] = paired_difference(row["_correct"], same["_correct"])
         twins = [
             r for r in rows if r["kind"] == "tome" and (r["variant"], r["method"]) == (row["variant"], row["method"])
         ]
@@ -250,14 +263,15 @@ def render(study: dict[str, Any], page: Path, command: str) -> Path:
         f"At {study['test']} test images one image is {100 / study['test']:.1f} points; the intervals are paired "
         "95% intervals over the same test images (`dymu_lightning.eval.metrics.paired_difference`).",
         "",
-        "| variant | tokens per image | accuracy | vs full + head | vs ToMe, same adaptation | trainable params "
-        "| training images/s | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | tokens per image | accuracy | vs full + head | vs full, same adaptation "
+        "| vs ToMe, same adaptation | trainable params | training images/s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['label']} | {row['tokens_mean']:.1f} ± {row['tokens_std']:.1f} | {100 * row['accuracy']:.1f}% "
-            f"| {_pair(row.get('vs_full'))} | {_pair(row.get('vs_tome'))} | {row['trainable_parameters']:,} "
+            f"| {_pair(row.get('vs_full'))} | {_pair(row.get('vs_full_same'))} | {_pair(row.get('vs_tome'))} "
+            f"| {row['trainable_parameters']:,} "
             f"| {_number(row['training_images_per_second'])} | {_number(row['wall_seconds'], 0)} |"
         )
     lines += [
