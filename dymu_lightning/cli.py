@@ -132,6 +132,7 @@ BY_NAME = {command.name: command for command in COMMANDS}
 TASKS: dict[str, tuple[str, str]] = {
     "calibrate": ("dymu_lightning.lit.run:check", "dymu_lightning.lit.run:calibrate"),
     "eval_encoder": ("dymu_lightning.eval.run:check", "dymu_lightning.eval.run:evaluate"),
+    "finetune": ("dymu_lightning.finetune.run:check", "dymu_lightning.finetune.run:finetune"),
 }
 
 

@@ -2,12 +2,14 @@
 
 A run can be killed at any moment (preemption, Ctrl-C, a full disk). Every result file is therefore
 written beside its final path and renamed over it once complete, so a reader finds either the previous
-version or the new one, never half of one.
+version or the new one, never half of one. Folders (a model, a set of images) are built beside their
+final path and renamed into place the same way.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,3 +61,33 @@ def check_writable_dir(folder: str | os.PathLike[str], where: str) -> Path:
     os.close(handle)
     os.unlink(probe)
     return folder
+
+
+def make_staging_dir(target: Path) -> Path:
+    """A fresh directory next to ``target`` (same filesystem, so the final rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    # mkdtemp creates it private (0700); the cache may be shared, so use ordinary permissions.
+    staging.chmod(0o755)
+    return staging
+
+
+def install_dir_atomically(staging: Path, target: Path) -> None:
+    """Move a fully written ``staging`` directory to ``target`` (replacing it if it exists).
+
+    ``os.replace`` cannot overwrite a non-empty directory, so an existing target is first renamed
+    aside and deleted only after the new one is in place.
+    """
+    old: Path | None = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        # Another process installed its own copy in the meantime; keep theirs, drop ours.
+        if not target.exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

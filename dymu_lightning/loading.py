@@ -73,20 +73,32 @@ def check_arch(path: Path, model: ModelConfig) -> None:
 def check_model_and_data(
     path: Path, model: ModelConfig, data: DataConfig, more: Sequence[tuple[str, int | None, int]] = ()
 ) -> None:
-    """The checks every task makes on its ``model`` and ``data`` sections, plus ``more`` lower bounds
-    given as (key, value, least); a None value is not checked."""
+    """The checks every shard-reading task makes on its ``model`` and ``data`` sections, plus ``more``
+    lower bounds (see :func:`check_at_least`)."""
+    check_model(path, model)
+    check_at_least(
+        path,
+        [
+            ("data.global_batch_size", data.global_batch_size, 1),
+            ("data.max_images", data.max_images, 1),
+            ("data.num_workers", data.num_workers, 0),
+            ("data.shard_size", data.shard_size, 1),
+            *more,
+        ],
+    )
+
+
+def check_model(path: Path, model: ModelConfig) -> None:
+    """The checks every task makes on its ``model`` section, before anything loads."""
     check_arch(path, model)
     if model.dtype not in DTYPES:
         raise ConfigError(f"{path}: model.dtype={model.dtype!r}; expected one of {sorted(DTYPES)}")
-    for key, value, least in (
-        ("data.global_batch_size", data.global_batch_size, 1),
-        ("data.max_images", data.max_images, 1),
-        ("data.num_workers", data.num_workers, 0),
-        ("data.shard_size", data.shard_size, 1),
-        ("model.num_blocks", model.num_blocks, 1),
-        ("model.image_size", model.image_size, 1),
-        *more,
-    ):
+    check_at_least(path, [("model.num_blocks", model.num_blocks, 1), ("model.image_size", model.image_size, 1)])
+
+
+def check_at_least(path: Path, bounds: Sequence[tuple[str, int | None, int]]) -> None:
+    """Each ``(key, value, least)``: a value below ``least`` is an error naming the key; None is not checked."""
+    for key, value, least in bounds:
         if value is not None and value < least:
             raise ConfigError(f"{path}: {key} must be >= {least}, got {value}")
 

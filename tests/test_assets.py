@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from dymu_lightning.assets import fetch as assets
+from dymu_lightning.data.fashion_mnist import fashion_mnist_images, read_idx
 
 pytest.importorskip("onnx", reason="materialising DINOv2 needs the 'assets' extra (onnx)")
 timm = pytest.importorskip("timm")
@@ -234,10 +235,10 @@ def test_mvtb_images_are_decodable_and_cached() -> None:
 
 
 def test_fashion_mnist_images_carry_their_labels() -> None:
-    folder = assets.fashion_mnist_images("test", 12)
+    folder = fashion_mnist_images("test", 12)
     files = sorted(folder.iterdir())
-    labels = assets._read_idx(assets.fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz")
-    pixels = assets._read_idx(assets.fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(assets.fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz")
+    pixels = read_idx(assets.fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz")
     assert labels.shape == (10000,) and pixels.shape == (10000, 28, 28)
     # Fashion-MNIST's published first test labels: ankle boot, pullover, trouser, trouser, shirt.
     assert labels[:5].tolist() == [9, 2, 1, 1, 6]
@@ -249,4 +250,4 @@ def test_fashion_mnist_images_carry_their_labels() -> None:
                 torch.tensor(list(image.getdata())).view(28, 28), pixels[index].long()
             )
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
-        assets.fashion_mnist_images("val", 3)
+        fashion_mnist_images("val", 3)

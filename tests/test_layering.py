@@ -30,7 +30,9 @@ LAYERS: dict[str, int] = {
     "dymu_lightning.demo": 3,
     "dymu_lightning.merges": 3,
     "dymu_lightning.lit": 4,  # task runners: calibration ...
-    "dymu_lightning.eval": 4,  # ... and evaluation, which do not import each other
+    "dymu_lightning.eval": 4,  # ... evaluation, which do not import each other ...
+    "dymu_lightning.finetune": 4,  # ... and fine-tuning
+    "dymu_lightning.finetune.study": 5,
     "dymu_lightning.eval.studies": 5,  # studies that run several tasks, and the asset tools
     "dymu_lightning.assets": 5,
     "dymu_lightning.cli": 6,

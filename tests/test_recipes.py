@@ -13,8 +13,8 @@ from dymu_lightning.config import ConfigError, load_recipe, packaged_recipes
 from dymu_lightning.core.schedule import merges_per_layer
 from dymu_lightning.lit.run import calibrate, check
 
-# The calibration recipes; the evaluation recipe is checked in tests/test_eval.py.
-RECIPES = sorted(name for name, path in packaged_recipes().items() if "task: eval_encoder" not in path.read_text())
+# The calibration recipes; the evaluation and finetune recipes are checked in tests/test_eval.py and test_finetune.py.
+RECIPES = sorted(name for name, path in packaged_recipes().items() if "\ntask: calibrate" in path.read_text())
 # Recipes that need a user's shards get the bundled photos instead.
 SHRUNKEN = ["data.images=assets:skimage", "data.max_images=2", "data.global_batch_size=2", "trainer.progress_bar=false"]
 

@@ -45,6 +45,7 @@ from dymu_lightning.assets.paths import (
     list_photos,
     photos_dir,
 )
+from dymu_lightning.files import install_dir_atomically, make_staging_dir
 
 if TYPE_CHECKING:  # heavy imports only for type checkers; they are imported lazily at run time
     import onnx
@@ -136,36 +137,6 @@ def fetch_wheel(name: str, version: str) -> Path:
         target = wheels / downloaded.name
         os.replace(downloaded, target)
     return target
-
-
-def make_staging_dir(target: Path) -> Path:
-    """A fresh directory next to ``target`` (same filesystem, so the final rename is atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    # mkdtemp creates it private (0700); the cache may be shared, so use ordinary permissions.
-    staging.chmod(0o755)
-    return staging
-
-
-def install_dir_atomically(staging: Path, target: Path) -> None:
-    """Move a fully written ``staging`` directory to ``target`` (replacing it if it exists).
-
-    ``os.replace`` cannot overwrite a non-empty directory, so an existing target is first renamed
-    aside and deleted only after the new one is in place.
-    """
-    old: Path | None = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        # Another process installed its own copy in the meantime; keep theirs, drop ours.
-        if not target.exists():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,43 +442,6 @@ def _run_tool(cmd: list[str], cwd: Path) -> None:
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip()[-2000:]
         raise RuntimeError(f"`{' '.join(cmd)}` failed (exit code {proc.returncode}); is Debian reachable?\n{detail}")
-
-
-def _read_idx(path: Path) -> torch.Tensor:
-    """An IDX file (gzipped): ``[n]`` labels or ``[n, rows, cols]`` images, uint8."""
-    import gzip
-
-    data = gzip.decompress(path.read_bytes())
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return torch.frombuffer(bytearray(data[4 + 4 * dims :]), dtype=torch.uint8).reshape(shape)
-
-
-def fashion_mnist_images(split: str, count: int, force: bool = False) -> Path:
-    """The first ``count`` images of Fashion-MNIST's ``train`` or ``test`` split as 28x28 PNG files
-    named ``{label}_{index:05d}.png`` (the label leads the file name, so it survives sharding as the
-    sample key); returns the folder."""
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
-    target = cache_dir() / "images" / f"fashion-mnist-{split}-{count}"
-    if target.is_dir() and not force:
-        return target
-    from PIL import Image
-
-    source = fashion_mnist_dir()
-    images = _read_idx(source / f"{prefix}-images-idx3-ubyte.gz")
-    labels = _read_idx(source / f"{prefix}-labels-idx1-ubyte.gz")
-    if not 1 <= count <= len(labels):
-        raise ValueError(f"Fashion-MNIST {split} has {len(labels)} images; count={count} is out of range")
-    staging = make_staging_dir(target)
-    try:
-        for i in range(count):
-            Image.fromarray(images[i].numpy()).save(staging / f"{int(labels[i])}_{i:05d}.png")
-        install_dir_atomically(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 # --------------------------------------------------------------------------------------------------

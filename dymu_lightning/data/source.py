@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dymu_lightning.assets.paths import PHOTO_SETS, photos_dir, require
+from dymu_lightning.data import fashion_mnist
 from dymu_lightning.data.shards import INDEX_NAME, write_shards
 
 ASSET_PREFIX = "assets:"  # data.images=assets:skimage names a bundled photo set (docs/assets.md)
@@ -16,7 +17,10 @@ ASSET_PREFIX = "assets:"  # data.images=assets:skimage names a bundled photo set
 
 def resolve_images(images: str) -> Path:
     """A folder of images; ``assets:skimage`` and ``assets:mvtb`` name the photos bundled with
-    scikit-image and mvtb-data (see docs/assets.md)."""
+    scikit-image and mvtb-data, ``fashion_mnist:train:N`` / ``fashion_mnist:test:N`` the first N images
+    of a Fashion-MNIST split (see docs/assets.md)."""
+    if images.startswith(fashion_mnist.SOURCE_PREFIX):
+        return fashion_mnist.fashion_mnist_images(*fashion_mnist.parse_source(images))
     name = images.removeprefix(ASSET_PREFIX)
     if images.startswith(ASSET_PREFIX) and name in PHOTO_SETS:
         return require(photos_dir(name), f"data.images={images}")

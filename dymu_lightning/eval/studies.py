@@ -344,12 +344,12 @@ def _probe_folders(setting: Setting) -> tuple[str, str, str]:
     index in the data set (a folder of its own: shards sort files by name, which leads with the label)."""
     if setting.probe_train is not None and setting.probe_test is not None:
         return setting.probe_train, setting.probe_test, setting.probe_train
-    from dymu_lightning.assets import fetch as assets
+    from dymu_lightning.data.fashion_mnist import fashion_mnist_images
 
     return (
-        str(assets.fashion_mnist_images("train", setting.probe_train_images)),
-        str(assets.fashion_mnist_images("test", setting.probe_test_images)),
-        str(assets.fashion_mnist_images("train", setting.probe_calibration_images)),
+        str(fashion_mnist_images("train", setting.probe_train_images)),
+        str(fashion_mnist_images("test", setting.probe_test_images)),
+        str(fashion_mnist_images("train", setting.probe_calibration_images)),
     )
 
 

@@ -1,0 +1,386 @@
+"""``python -m dymu_lightning.finetune.study``: how much of DyMU's accuracy loss light adaptation recovers.
+
+On Fashion-MNIST with the real DINOv2-S (the ``eval_encoder`` probe protocol's data: labels from the
+file names, train and test never mixed), for each DyMU variant (thresholds calibrated on training
+images, labels unused):
+
+- ``full + head``: a linear head trained on the full model's features (the reference);
+- ``DyMU, training-free``: that head applied to DyMU's merged features (and ``ToMe, training-free``: to
+  ToMe's at DyMU's mean count, matched on the calibration images);
+- ``DyMU + head`` / ``+ LoRA`` / ``+ BitFit``: trained with merging on, and the same for ToMe.
+
+Every run is an ordinary recipe run (``quickstart`` calibrations, ``finetune_encoder`` fits) whose
+command line the page lists. Accuracies are compared per image (paired 95% intervals) against the full
+model and against ToMe with the same adaptation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dymu_lightning.eval.metrics import paired_difference
+
+ADAPTATIONS = ("head", "lora", "bitfit")
+# DyMU low / mid / high targets (tokens left) per side: the results page's, about 15 / 34 / 68% of the full count
+TOKENS_LEFT = {112: {"low": 10, "mid": 22, "high": 44}, 224: {"low": 40, "mid": 87, "high": 176}}
+
+
+def run_study(
+    work: Path,
+    variants: Sequence[str],
+    train: int,
+    test: int,
+    calibration: int,
+    epochs: int,
+    adaptations: Sequence[str] = ADAPTATIONS,
+    extra: Sequence[str] = (),
+    size: int = 112,
+) -> dict[str, Any]:
+    """Calibrate, fit and evaluate; returns the collected study (also written to ``work/study.json``)."""
+    from dymu_lightning.config.recipes import load_recipe
+    from dymu_lightning.data.fashion_mnist import fashion_mnist_images
+    from dymu_lightning.eval.studies import ieee_float32
+    from dymu_lightning.finetune.run import finetune
+    from dymu_lightning.lit.run import calibrate
+
+    started = time.perf_counter()
+    commands: list[str] = []
+
+    def run(recipe: str, overrides: list[str]) -> Path:
+        commands.append(shlex.join(["python", "-m", "dymu_lightning", f"recipe={recipe}", *overrides]))
+        loaded = load_recipe(recipe, overrides)
+        calibration = loaded.config.task == "calibrate"
+        done = Path(loaded.config.out_dir) / ("thresholds.json" if calibration else "results.json")
+        if done.is_file():  # an interrupted study continues where it stopped
+            return done
+        return calibrate(loaded) if calibration else finetune(loaded)
+
+    folders = {
+        "train": fashion_mnist_images("train", train),
+        "test": fashion_mnist_images("test", test),
+        "calibration": fashion_mnist_images("train", calibration),
+    }
+    shards = {name: work / "shards" / folder.name for name, folder in folders.items()}
+    data = [
+        f"data.train_images={folders['train']}",
+        f"data.train_shards={shards['train']}",
+        f"data.val_images={folders['test']}",
+        f"data.val_shards={shards['test']}",
+        f"trainer.max_epochs={epochs}",
+        f"model.image_size={size}",
+        "trainer.progress_bar=false",
+        "resume=false",
+        *extra,
+    ]
+    with ieee_float32():
+        thresholds = {}
+        for variant in variants:
+            thresholds[variant] = run(
+                "quickstart",
+                [
+                    f"out_dir={work}/calibrate/{variant}",
+                    f"data.images={folders['calibration']}",
+                    f"data.shards={shards['calibration']}",
+                    "data.global_batch_size=16",
+                    "schedule.r=null",
+                    f"schedule.tokens_left={TOKENS_LEFT[size][variant]}",
+                    f"model.image_size={size}",
+                    "trainer.accelerator=cpu",
+                    "trainer.progress_bar=false",
+                    "resume=false",
+                ],
+            )
+        evaluate = []
+        for variant in variants:
+            evaluate += [
+                f"evaluate.dymu_{variant}.kind=dymu",
+                f"evaluate.dymu_{variant}.thresholds={thresholds[variant]}",
+                f"evaluate.tome_{variant}.kind=tome",
+                f"evaluate.tome_{variant}.thresholds={thresholds[variant]}",
+            ]
+        runs = {"full_head": run("finetune_encoder", [f"out_dir={work}/full_head", *data, *evaluate])}
+        for method in adaptations:
+            if method != "head":
+                runs[f"full_{method}"] = run(
+                    "finetune_encoder", [f"out_dir={work}/full_{method}", *data, f"adaptation.method={method}"]
+                )
+        for variant in variants:
+            for kind in ("dymu", "tome"):
+                for method in adaptations:
+                    name = f"{kind}_{variant}_{method}"
+                    runs[name] = run(
+                        "finetune_encoder",
+                        [
+                            f"out_dir={work}/{name}",
+                            *data,
+                            f"adaptation.method={method}",
+                            f"reduction.kind={kind}",
+                            f"reduction.thresholds={thresholds[variant]}",
+                        ],
+                    )
+    study = collect(work, runs, variants, adaptations)
+    study.update(
+        commands=commands,
+        seconds=time.perf_counter() - started,
+        train=train,
+        test=test,
+        calibration=calibration,
+        epochs=epochs,
+    )
+    (work / "study.json").write_text(json.dumps(study, indent=2) + "\n")
+    return study
+
+
+def partial_study(
+    work: Path,
+    variants: Sequence[str],
+    adaptations: Sequence[str],
+    train: int,
+    test: int,
+    calibration: int,
+    epochs: int,
+) -> dict[str, Any]:
+    """The study from the runs an interrupted invocation finished (their own recorded commands)."""
+    from dymu_lightning.backbones.thresholds import ThresholdsFile
+
+    names = ["full_head"] + [f"full_{m}" for m in adaptations if m != "head"]
+    names += [f"{k}_{v}_{m}" for v in variants for k in ("dymu", "tome") for m in adaptations]
+    runs = {name: work / name / "results.json" for name in names}
+    commands = []
+    for variant in variants:
+        extra = ThresholdsFile.load(work / "calibrate" / variant / "thresholds.json").extra
+        commands.append(
+            shlex.join(["python", "-m", "dymu_lightning", f"recipe={Path(extra['recipe']).stem}", *extra["overrides"]])
+        )
+    commands += [json.loads(path.read_text())["command"] for path in runs.values() if path.is_file()]
+    study = collect(work, runs, variants, adaptations)
+    seconds = sum(json.loads(path.read_text())["wall_seconds"] for path in runs.values() if path.is_file())
+    missing = [name for name, path in runs.items() if not path.is_file()]
+    study.update(commands=commands, seconds=seconds, train=train, test=test, calibration=calibration, epochs=epochs)
+    study["missing"] = missing
+    return study
+
+
+def _correct(out_dir: Path, evaluation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``[n]`` bool correct, ``[n]`` tokens) per test image in index order, for one evaluation of a run."""
+    with open(out_dir / "per_image.csv") as stream:
+        rows = sorted(csv.DictReader(stream), key=lambda row: int(row["index"]))
+    correct = torch.tensor([row["label"] == row[f"predicted:{evaluation}"] for row in rows])
+    tokens = torch.tensor([int(row[f"tokens:{evaluation}"]) for row in rows])
+    return correct, tokens
+
+
+def collect(work: Path, runs: dict[str, Path], variants: Sequence[str], adaptations: Sequence[str]) -> dict[str, Any]:
+    """Rows of the study table: accuracy, tokens, cost, and paired differences."""
+    runs = {name: Path(path) for name, path in runs.items() if Path(path).is_file()}  # a partial study: what ran
+    results = {name: json.loads(path.read_text()) for name, path in runs.items()}
+    full = results["full_head"]
+    rows: list[dict[str, Any]] = []
+
+    def add(label: str, variant: str, kind: str, method: str, run: str, evaluation: str) -> None:
+        if run not in results:
+            return
+        result = results[run]
+        correct, tokens = _correct(Path(runs[run]).parent, evaluation)
+        rows.append(
+            {
+                "label": label,
+                "variant": variant,
+                "kind": kind,
+                "method": method,
+                "run": run,
+                "evaluation": evaluation,
+                "accuracy": float(correct.double().mean()),
+                "tokens_mean": float(tokens.double().mean()),
+                "tokens_std": float(tokens.double().std(correction=0)),
+                "trainable_parameters": result["trainable_parameters"] if evaluation == "trained" else 0,
+                "training_images_per_second": result["training_images_per_second"] if evaluation == "trained" else None,
+                "wall_seconds": result["wall_seconds"] if evaluation == "trained" else None,
+                "command": result["command"],
+                "_correct": correct,
+            }
+        )
+
+    add("full + head", "-", "full", "head", "full_head", "trained")
+    for method in adaptations:
+        if method != "head":  # the reference for the same adaptation with merging
+            add(f"full + {method}", "-", "full", method, f"full_{method}", "trained")
+    for variant in variants:
+        add(f"DyMU-{variant}, training-free", variant, "dymu", "none", "full_head", f"dymu_{variant}")
+        add(f"ToMe@{variant}, training-free", variant, "tome", "none", "full_head", f"tome_{variant}")
+        for method in adaptations:
+            for kind, shown in (("dymu", f"DyMU-{variant}"), ("tome", f"ToMe@{variant}")):
+                add(f"{shown} + {method}", variant, kind, method, f"{kind}_{variant}_{method}", "trained")
+    reference = rows[0]["_correct"]
+    full_same = {row["method"]: row for row in rows if row["kind"] == "full"}
+    for row in rows:
+        if row is not rows[0]:
+            row["vs_full"] = paired_difference(row["_correct"], reference)
+        same = full_same.get(row["method"])
+        if row["kind"] != "full" and row["method"] != "head" and same is not None:
+            row["vs_full_same"] = paired_difference(row["_correct"], same["_correct"])
+        twins = [
+            r for r in rows if r["kind"] == "tome" and (r["variant"], r["method"]) == (row["variant"], row["method"])
+        ]
+        if row["kind"] == "dymu" and twins:
+            row["vs_tome"] = paired_difference(row["_correct"], twins[0]["_correct"])
+    for row in rows:
+        del row["_correct"]
+    return {
+        "rows": rows,
+        "machine": full["machine"],
+        "image_size": full["image_size"],
+        "full_tokens": full["full_tokens"],
+    }
+
+
+def render(study: dict[str, Any], page: Path, command: str) -> Path:
+    """The study as a markdown page, with a plot of accuracy against tokens next to it."""
+    plot = _plot(study, page.parent / page.stem / "accuracy_tokens.png")
+    rows = study["rows"]
+    lines = [
+        "# Fine-tuning with token reduction: results",
+        "",
+        f"Generated by `{command}` ({study['seconds'] / 60:.0f} min on {study['machine']}; the machine was shared "
+        "with other jobs, so the speeds are indicative only). Method and commands: [finetune.md](finetune.md).",
+        "",
+        f"Real DINOv2-S (frozen except what the adaptation trains) on Fashion-MNIST at {study['image_size']} px "
+        f"({study['full_tokens']} tokens unmerged): trained on the first {study['train']} training images for "
+        f"{study['epochs']} epoch(s), tested on the first {study['test']} test images. DyMU thresholds were "
+        f"calibrated on the first {study['calibration']} training images (labels unused); ToMe's fixed r matches "
+        "the mean count DyMU reached there. Every run has the same optimiser, steps and seed.",
+        "",
+        f"At {study['test']} test images one image is {100 / study['test']:.1f} points; the intervals are paired "
+        "95% intervals over the same test images (`dymu_lightning.eval.metrics.paired_difference`).",
+        "",
+        "| variant | tokens per image | accuracy | vs full + head | vs full, same adaptation "
+        "| vs ToMe, same adaptation | trainable params | training images/s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['label']} | {row['tokens_mean']:.1f} ± {row['tokens_std']:.1f} | {100 * row['accuracy']:.1f}% "
+            f"| {_pair(row.get('vs_full'))} | {_pair(row.get('vs_full_same'))} | {_pair(row.get('vs_tome'))} "
+            f"| {row['trainable_parameters']:,} "
+            f"| {_number(row['training_images_per_second'])} | {_number(row['wall_seconds'], 0)} |"
+        )
+    lines += [
+        "",
+        "Training-free rows reuse the full model's head (no training of their own: 0 parameters). Training "
+        "images/s counts forward, backward and optimiser step (data loading excluded); wall time is the whole "
+        "run, the final evaluation included (training-free runs also evaluate the other reductions).",
+        "",
+        f"![accuracy against tokens]({plot.relative_to(page.parent)})",
+        "",
+        *(
+            [f"Not run (the invocation was stopped to meet a deadline): {', '.join(study['missing'])}.", ""]
+            if study.get("missing")
+            else []
+        ),
+        "## Commands",
+        "",
+        "```bash",
+        *study["commands"],
+        "```",
+        "",
+    ]
+    page.write_text("\n".join(lines))
+    return page
+
+
+def _pair(pair: dict[str, float] | None) -> str:
+    if pair is None:
+        return "-"
+    return f"{100 * pair['difference']:+.1f} [{100 * pair['low']:+.1f}, {100 * pair['high']:+.1f}]"
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _plot(study: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    styles = {
+        "none": ("o", "training-free"),
+        "head": ("s", "+ head"),
+        "lora": ("^", "+ LoRA"),
+        "bitfit": ("D", "+ BitFit"),
+    }
+    colours = {"full": "black", "dymu": "tab:blue", "tome": "tab:orange"}
+    for row in study["rows"]:
+        marker, _ = styles[row["method"]]
+        axis.scatter(row["tokens_mean"], 100 * row["accuracy"], marker=marker, color=colours[row["kind"]], s=40)
+    for marker, label in styles.values():
+        axis.scatter([], [], marker=marker, color="grey", label=label)
+    for kind, colour in colours.items():
+        axis.scatter([], [], marker="o", color=colour, label={"full": "full", "dymu": "DyMU", "tome": "ToMe"}[kind])
+    axis.set_xlabel("tokens per image at the encoder output (mean)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title("DINOv2-S on Fashion-MNIST: training-free vs adapted vs ToMe", fontsize=9)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dymu_lightning.finetune.study", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--work", type=Path, default=Path("runs/finetune_study"))
+    parser.add_argument("--page", type=Path, default=Path("docs/finetune_results.md"))
+    parser.add_argument("--variants", nargs="+", default=["mid"], choices=["high", "low", "mid"])
+    parser.add_argument("--adaptations", nargs="+", default=list(ADAPTATIONS), choices=ADAPTATIONS)
+    parser.add_argument("--train", type=int, default=2000, help="first N Fashion-MNIST training images")
+    parser.add_argument("--test", type=int, default=1000, help="first N test images")
+    parser.add_argument("--calibration", type=int, default=500, help="first N training images for calibration")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--size", type=int, default=112, choices=sorted(TOKENS_LEFT), help="image side in pixels")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the page from WORK/study.json")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every finetune run")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "dymu_lightning.finetune.study", *(sys.argv[1:] if argv is None else argv)])
+    if args.render_only and (args.work / "study.json").is_file():
+        study = json.loads((args.work / "study.json").read_text())
+    elif args.render_only:
+        study = partial_study(
+            args.work, args.variants, args.adaptations, args.train, args.test, args.calibration, args.epochs
+        )
+    else:
+        study = run_study(
+            args.work,
+            args.variants,
+            args.train,
+            args.test,
+            args.calibration,
+            args.epochs,
+            args.adaptations,
+            args.overrides,
+            args.size,
+        )
+        study["command"] = command
+        (args.work / "study.json").write_text(json.dumps(study, indent=2) + "\n")
+    render(study, args.page, study.get("command", command))
+    print(f"wrote {args.page}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
