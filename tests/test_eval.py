@@ -21,6 +21,7 @@ from dymu_lightning.cli import main as cli_main
 from dymu_lightning.config import load_recipe
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
+from dymu_lightning.data.source import labels_from_keys
 from dymu_lightning.eval import metrics, studies
 from dymu_lightning.eval.page import (
     VARIANTS,
@@ -32,7 +33,7 @@ from dymu_lightning.eval.page import (
     verdict,
     within_series,
 )
-from dymu_lightning.eval.run import check, evaluate, labels_from_keys
+from dymu_lightning.eval.run import check, evaluate
 from dymu_lightning.eval.schema import (
     RECORD,
     EvalMetrics,
@@ -552,7 +553,7 @@ def test_a_live_probe_study_writes_what_the_page_reads(tmp_path):
         model=TINY_MODEL,
         probe_train=str(_images(tmp_path / "train", 12, 3, labelled=True)),
         probe_test=str(_images(tmp_path / "test", 8, 4, labelled=True)),
-        probe_sizes={32: {"low": 4, "mid": 7, "high": 11}},  # 16 patches + CLS = 17 tokens
+        probe_sizes={32: {"low": 6, "mid": 8, "high": 11}},  # 16 patches + CLS = 17 tokens
         batch_size=4,
         eval_batch_size=3,
         studies=("probe",),

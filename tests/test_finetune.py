@@ -360,7 +360,7 @@ def test_study_pairs_each_variant_with_full_and_tome(tmp_path):
     assert rows["DyMU-mid + head"]["vs_tome"]["difference"] == 0.5 and "vs_tome" not in rows["ToMe@mid + head"]
     assert rows["DyMU-mid, training-free"]["trainable_parameters"] == 0
     study.update(commands=["python -m x"], seconds=60, train=4, test=4, calibration=4, epochs=1)
-    page = render(study, tmp_path / "page.md", "python -m dymu_lightning.finetune.study")
+    page = render(study, tmp_path / "page.md", "python -m dymu_lightning finetune_study")
     text = page.read_text()
     assert "| DyMU-mid + head | 22.0 ± 0.0 | 100.0% | +0.0 [+0.0, +0.0] | - | +50.0 [" in text
     assert (tmp_path / "page" / "accuracy_tokens.png").is_file()

@@ -6,7 +6,11 @@ Calibration, evaluation and fine-tuning all name their data the same way (``data
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+import torch
+from torch import Tensor
 
 from dymu_lightning.assets.paths import PHOTO_SETS, photos_dir, require
 from dymu_lightning.data import fashion_mnist
@@ -59,3 +63,15 @@ def prepare_shards(shards: str | Path, images: str | None = None, shard_size: in
     if images is not None and not has_shards:
         write_shards(resolve_images(images), shards, shard_size=shard_size)
     return shards
+
+
+def labels_from_keys(keys: list[str], pattern: str, where: str) -> Tensor:
+    """``[n]`` long: the integer in the first group of ``pattern`` matched at the start of each key."""
+    compiled = re.compile(pattern)
+    labels = []
+    for key in keys:
+        match = compiled.match(key)
+        if match is None:
+            raise ValueError(f"{where}: sample key {key!r} does not match probe.label_pattern {pattern!r}")
+        labels.append(int(match.group(1)))
+    return torch.tensor(labels, dtype=torch.long)

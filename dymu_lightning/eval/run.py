@@ -40,7 +40,7 @@ from dymu_lightning.config.schema import EvalEncoderRecipe
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
 from dymu_lightning.data import GlobalBatchShards, read_index
-from dymu_lightning.data.source import prepare_shards
+from dymu_lightning.data.source import labels_from_keys, prepare_shards
 from dymu_lightning.eval import metrics, schema
 from dymu_lightning.loading import DTYPES, check_model_and_data, load_encoder
 from dymu_lightning.plots import draw_token_histogram, pyplot
@@ -281,18 +281,6 @@ def _within_scenes(lengths: Tensor, complexity: Tensor, scenes: list[str], names
             if lengths[rows].unique().numel() > 1:
                 out[name] = metrics.spearman(lengths[rows], complexity[rows])
     return out
-
-
-def labels_from_keys(keys: list[str], pattern: str, where: str) -> Tensor:
-    """``[n]`` long: the integer in the first group of ``pattern`` matched at the start of each key."""
-    compiled = re.compile(pattern)
-    labels = []
-    for key in keys:
-        match = compiled.match(key)
-        if match is None:
-            raise ValueError(f"{where}: sample key {key!r} does not match probe.label_pattern {pattern!r}")
-        labels.append(int(match.group(1)))
-    return torch.tensor(labels, dtype=torch.long)
 
 
 def _probe(

@@ -22,32 +22,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from dymu_lightning.data import GlobalBatchShards, read_index, write_shards
-from dymu_lightning.data.source import resolve_images
-from dymu_lightning.eval.run import labels_from_keys
-
-FASHION_MNIST = "fashion_mnist:"  # fashion_mnist:train:N or fashion_mnist:test:N, from dymu_lightning.assets
-
-
-def image_folder(images: str) -> Path:
-    """A folder of images: a path, ``assets:skimage`` / ``assets:mvtb``, or ``fashion_mnist:SPLIT:N``
-    (the first N images of that Fashion-MNIST split, written once into the asset cache)."""
-    if images.startswith(FASHION_MNIST):
-        parts = images.split(":")
-        if len(parts) != 3 or parts[1] not in ("train", "test") or not parts[2].isdigit():
-            raise ValueError(f"{images!r}: expected fashion_mnist:train:N or fashion_mnist:test:N")
-        from dymu_lightning.data.fashion_mnist import fashion_mnist_images
-
-        return fashion_mnist_images(parts[1], int(parts[2]))
-    return resolve_images(images)
-
-
-def prepare_shards(shards: str, images: str | None, shard_size: int) -> Path:
-    """Write ``shards`` from ``images`` unless they already exist; returns the shard folder."""
-    folder = Path(shards).expanduser()
-    if images is not None and not (folder / "index.json").is_file():
-        write_shards(image_folder(images), folder, shard_size=shard_size)
-    return folder
+from dymu_lightning.data import GlobalBatchShards, read_index
+from dymu_lightning.data.source import labels_from_keys, prepare_shards
 
 
 class LabelledImages(Dataset):

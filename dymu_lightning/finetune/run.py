@@ -44,7 +44,7 @@ from dymu_lightning.finetune.adapt import (
     lora_module_names,
     set_trainable,
 )
-from dymu_lightning.finetune.data import FinetuneDataModule, LabelledImages, prepare_shards
+from dymu_lightning.finetune.data import FinetuneDataModule, LabelledImages
 from dymu_lightning.finetune.module import FinetuneModule
 from dymu_lightning.loading import DTYPES, check_at_least, check_model, load_encoder
 
@@ -511,4 +511,4 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["FinetuneDataModule", "LabelledImages", "check", "finetune", "prepare_shards"]
+__all__ = ["FinetuneDataModule", "LabelledImages", "check", "finetune"]
