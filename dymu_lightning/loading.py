@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,3 +152,13 @@ def probe_shape(cfg: ModelConfig, path: Path | str = "model") -> EncoderShape | 
     if cfg.image_size is not None:
         transform = ResizedTransform(transform, cfg.image_size)
     return encoder_shape(backbone, model, transform)
+
+
+def check_pattern(path: Path, key: str, pattern: str) -> None:
+    """``pattern`` must be a regular expression with a group (a label, a scene name)."""
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as error:
+        raise ConfigError(f"{path}: {key} is not a regular expression: {error}") from None
+    if groups < 1:
+        raise ConfigError(f"{path}: {key} needs a group, e.g. '^(\\d+)_'")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from dymu_lightning.core.schedule import fixed_r_lengths, matched_fixed_r
 from dymu_lightning.data import GlobalBatchShards, read_index
 from dymu_lightning.data.source import labels_from_keys, prepare_shards
 from dymu_lightning.eval import metrics, schema
-from dymu_lightning.loading import DTYPES, check_model_and_data, load_encoder
+from dymu_lightning.loading import DTYPES, check_model_and_data, check_pattern, load_encoder
 from dymu_lightning.plots import draw_token_histogram, pyplot
 
 log = logging.getLogger(__name__)
@@ -88,14 +87,14 @@ def check(recipe: Recipe) -> EvalEncoderRecipe:
     import_plugins(cfg.plugins, f"{recipe.path}: plugins")
     get_backbone(cfg.model.backbone)
     if cfg.scene_pattern is not None:
-        _check_pattern(recipe, "scene_pattern", cfg.scene_pattern)
+        check_pattern(recipe.path, "scene_pattern", cfg.scene_pattern)
     _check_device(recipe, cfg.device)
     if cfg.probe.feature not in FEATURES:
         raise ConfigError(f"{recipe.path}: probe.feature={cfg.probe.feature!r}; expected one of {FEATURES}")
     check_model_and_data(
         recipe.path, cfg.model, cfg.data, [("probe.max_images", cfg.probe.max_images, 1), ("probe.k", cfg.probe.k, 1)]
     )
-    _check_pattern(recipe, "probe.label_pattern", cfg.probe.label_pattern)
+    check_pattern(recipe.path, "probe.label_pattern", cfg.probe.label_pattern)
     for name, path in cfg.variants.items():
         if name == "full" or name.startswith("tome@"):
             raise ConfigError(f"{recipe.path}: variants.{name}: 'full' and 'tome@...' are reserved names")
@@ -113,15 +112,6 @@ def _check_device(recipe: Recipe, device: str) -> None:
         raise ConfigError(f"{recipe.path}: device={device!r}; expected cpu, cuda or cuda:N")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{recipe.path}: device={device!r}, but torch sees no CUDA device here")
-
-
-def _check_pattern(recipe: Recipe, key: str, pattern: str) -> None:
-    try:
-        groups = re.compile(pattern).groups
-    except re.error as error:
-        raise ConfigError(f"{recipe.path}: {key} is not a regular expression: {error}") from None
-    if groups < 1:
-        raise ConfigError(f"{recipe.path}: {key} needs a group, e.g. '^(\\d+)_'")
 
 
 def evaluate(recipe: Recipe) -> Path:

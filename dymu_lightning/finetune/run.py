@@ -46,7 +46,7 @@ from dymu_lightning.finetune.adapt import (
 )
 from dymu_lightning.finetune.data import FinetuneDataModule, LabelledImages
 from dymu_lightning.finetune.module import FinetuneModule
-from dymu_lightning.loading import DTYPES, check_at_least, check_model, load_encoder
+from dymu_lightning.loading import DTYPES, check_at_least, check_model, check_pattern, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,7 @@ def check(recipe: Recipe) -> FinetuneRecipe:
         raise ConfigError(
             f"{where}: trainer.precision={cfg.trainer.precision!r}; expected one of {', '.join(PRECISIONS)}"
         )
-    try:
-        if re.compile(cfg.data.label_pattern).groups < 1:
-            raise ConfigError(f"{where}: data.label_pattern needs a group, e.g. '^(\\d+)_'")
-    except re.error as error:
-        raise ConfigError(f"{where}: data.label_pattern is not a regular expression: {error}") from None
+    check_pattern(where, "data.label_pattern", cfg.data.label_pattern)
     check_model(where, cfg.model)
     check_at_least(
         where,
