@@ -262,6 +262,27 @@ def test_thresholds_of_another_depth_fail_before_training(data, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_thresholds_of_another_size_or_depth_to_features_fail_before_training(data, tmp_path, capsys):
+    """The same encoder, but calibrated on another token grid (refused once the model is built) or on
+    features read at another depth (refused by `check`): either would merge a different share of the
+    tokens, so nothing runs."""
+    for name, change, message in (
+        ("larger", {"image_size": 96}, "calibrated at 96 px, but this run feeds 64 px images"),
+        ("shallower", {"num_blocks": 2}, "was calibrated with num_blocks=2, but model.num_blocks=None"),
+    ):
+        other = ThresholdsFile.load(data["thresholds"])
+        for key, value in change.items():
+            setattr(other, key, value)
+        other.save(tmp_path / f"{name}.json")
+        path = recipe_file(
+            data, tmp_path / name, reduction={"kind": "dymu", "thresholds": str(tmp_path / f"{name}.json")}
+        )
+        code, err = run_cli(capsys, f"recipe={path}")
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+        assert f"{tmp_path}/{name}.json" in err[0] and message in err[0]
+        assert not (tmp_path / name / "out").exists()
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one(data, tmp_path):

@@ -189,14 +189,9 @@ def merge_policy(
         path = Path(reduction.thresholds).expanduser()
         thresholds = ThresholdsFile.load(path)
         try:
-            thresholds.check_matches(backbone, model)
+            thresholds.check_fits(backbone, model, image_size, num_blocks)
         except ValueError as error:
             raise ValueError(f"{key}.thresholds: {error}") from None
-        if thresholds.image_size != image_size:
-            raise ValueError(
-                f"{key}.thresholds ({path}) was calibrated at {thresholds.image_size} px but this run feeds "
-                f"{image_size} px images; set model.image_size={thresholds.image_size}"
-            )
         if reduction.kind == "dymu":
             return thresholds.policy(), {"kind": "dymu", "thresholds": str(path)}
         target = float(thresholds.tokens["mean"])
