@@ -14,6 +14,11 @@ inside the model changes, so removing restores the stock model exactly. While ap
 ``input_ids`` still hold one placeholder per patch, as LLaVA's processor writes them: they are the
 virtual positions, which is why ``generate()``'s bookkeeping (attention mask, positions, cache length)
 needs no change.
+
+``LlavaNextForConditionalGeneration`` and ``LlavaOnevisionForConditionalGeneration`` (AnyRes crops)
+take the same path: each crop is merged on its own and the virtual sequence is the model's native
+layout (unpadding, ``image_newline`` rows, OneVision's downsampling), built by
+:mod:`~dymu_lightning.backbones.hf_llava_next`.
 """
 
 from __future__ import annotations
@@ -29,14 +34,23 @@ from pathlib import Path
 import torch
 import transformers
 from torch import Tensor, nn
+from transformers import LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from dymu_lightning.backbones.base import Backbone
+from dymu_lightning.backbones.hf_llava_next import (
+    ANYRES_MODELS,
+    anyres_cells,
+    crop_pixels,
+    crops_per_image,
+    image_lengths,
+    is_anyres,
+)
 from dymu_lightning.backbones.hf_llm import CACHE_KINDS, CacheKind, HFCompactCache, vtu_decode, vtu_prefill
 from dymu_lightning.backbones.registry import find_backbone, get_backbone
 from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.core import MergedTokens, MergePolicy
-from dymu_lightning.core.vtu import VirtualLayout
+from dymu_lightning.core.vtu import VirtualLayout, layout_from_keys
 
 STATE_ATTRIBUTE = "_dymu_llava"
 # generate()'s hook that copies each sample for beams and returned sequences (see its override below).
@@ -58,6 +72,7 @@ class LlavaPatch:
         drop_prefix: True for LLaVA's "default" strategy, which drops the CLS token.
         cache: ``"expanded"`` or ``"compact"``, the KV cache ``generate()`` decodes with.
         last: what the latest prefill produced (see :func:`last_prefill`).
+        memo: AnyRes cell supports by (crops, image size), computed once each.
     """
 
     backbone: Backbone
@@ -66,6 +81,7 @@ class LlavaPatch:
     drop_prefix: bool
     cache: CacheKind
     last: dict[str, Tensor] = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,7 +92,7 @@ class DymuInputs:
         rows: ``[B, N_un, C]`` embeddings of the unique rows, in sequence order (text tokens and
             merged visual tokens), padded with zeros to the longest sample.
         layout: rows -> the ``N`` virtual positions of ``input_ids``.
-        merged: the vision tower's output (all images of the batch, in order).
+        merged: the vision tower's output (all crops of the batch, in order; a LLaVA image is one crop).
         visual_rows: ``[num_images]`` long, visual rows per image.
     """
 
@@ -95,10 +111,12 @@ def apply_dymu(
     max_merges: int | None = None,
     min_tokens: int | None = None,
 ) -> nn.Module:
-    """Make a ``LlavaForConditionalGeneration`` run with DyMU; returns the same model.
+    """Make a LLaVA run with DyMU; returns the same model.
 
     Args:
-        model: the LLaVA model.
+        model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` or
+            ``LlavaOnevisionForConditionalGeneration`` (AnyRes crops, see
+            :mod:`~dymu_lightning.backbones.hf_llava_next`).
         thresholds: a ``thresholds.json`` path, a loaded :class:`ThresholdsFile`, or a ready policy.
         cache: the KV cache of ``generate()``: ``"expanded"`` (the stock cache of the full sequence;
             decoding is the stock model's) or ``"compact"`` (keys per position as stock, values once
@@ -108,6 +126,7 @@ def apply_dymu(
         max_merges, min_tokens: per-image caps on top of the thresholds.
 
     Raises:
+        TypeError: another model class.
         ValueError: thresholds calibrated for another tower or another depth, an unknown cache kind,
             or a feature layer LLaVA-DyMU cannot read (a list of layers).
         RuntimeError: a transformers whose private generate() hook differs from the one overridden
@@ -115,6 +134,9 @@ def apply_dymu(
     """
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown cache {cache!r}; expected one of {CACHE_KINDS}")
+    if not isinstance(model, (LlavaForConditionalGeneration, *ANYRES_MODELS)):
+        supported = ", ".join(c.__name__ for c in (LlavaForConditionalGeneration, *ANYRES_MODELS))
+        raise TypeError(f"apply_dymu takes {supported}; not {type(model).__name__}")
     check_expand_hook(type(model))
     tower = model.model.vision_tower
     if isinstance(thresholds, (str, os.PathLike)):
@@ -132,7 +154,11 @@ def apply_dymu(
     if isinstance(thresholds, ThresholdsFile):
         # Tower, depth and image size (image_seq_length patches a side, as the processor feeds them:
         # a DINOv2 tower's config keeps its pretraining size); warns on a partial calibration.
-        side = math.isqrt(model.config.image_seq_length) * tower.config.patch_size
+        side = (
+            tower.config.image_size  # AnyRes: every crop is fed at the tower's size
+            if is_anyres(model)
+            else math.isqrt(model.config.image_seq_length) * tower.config.patch_size
+        )
         thresholds.check_fits(backbone, tower, side, num_blocks)
         policy = thresholds.policy(max_merges=max_merges, min_tokens=min_tokens)
     else:
@@ -204,70 +230,84 @@ def dymu_inputs(
     pixel_values: Tensor,
     attention_mask: Tensor | None = None,
     position_ids: Tensor | None = None,
+    image_sizes: Tensor | None = None,
+    batch_num_images: Tensor | None = None,
 ) -> DymuInputs:
     """Run the vision side with DToMe and lay out the language model's rows.
 
     Args:
         model: a LLaVA model with DyMU applied.
-        input_ids: ``[B, N]`` with one ``image_token_id`` placeholder per patch of each image.
-        pixel_values: ``[num_images, 3, H, W]``, the images in placeholder order.
+        input_ids: ``[B, N]`` with one ``image_token_id`` placeholder per virtual position of each image
+            (LLaVA: per patch; LLaVA-NeXT / OneVision: per cell of the stock layout).
+        pixel_values: ``[num_images, 3, H, W]``, the images in placeholder order (AnyRes:
+            ``[num_images, max_crops, 3, H, W]`` or ``[total_crops, 3, H, W]``).
         attention_mask: ``[B, N]`` (0 for padding), or None.
         position_ids: ``[B, N]`` RoPE positions, or None for ``0..N-1``.
+        image_sizes: ``[num_images, 2]`` (AnyRes only), each image's (height, width).
+        batch_num_images: ``[B]`` (OneVision only), images per sample.
     """
     state: LlavaPatch = getattr(model, STATE_ATTRIBUTE)
+    anyres = is_anyres(model)
+    if anyres:
+        if image_sizes is None:
+            raise ValueError(f"{type(model).__name__} needs image_sizes with pixel_values")
+        crops = crops_per_image(model, image_sizes, batch_num_images)
+        pixel_values = crop_pixels(pixel_values, crops)
     tower = model.model.vision_tower
     merged = state.backbone.merged_forward(
         tower, pixel_values.to(tower.dtype), state.policy, num_blocks=state.num_blocks
     )
     prefix = merged.num_prefix if state.drop_prefix else 0
     keep = merged.layout.pos_index >= prefix
-    visual = model.model.multi_modal_projector(merged.packed[keep])  # [T', C], projected once per row
-    visual_rows = merged.lengths - prefix  # [num_images]
-    groups = merged.group - prefix  # [num_images, P]: the row of each patch (placeholder) within its image
+    visual = model.model.multi_modal_projector(merged.packed[keep])  # [T', C], projected once per token
+    tokens_per_crop = merged.lengths - prefix  # [crops]
+    # [crops, P]: each patch's merged token, as a row of `visual` (tokens are packed crop after crop)
+    token_of_patch = (tokens_per_crop.cumsum(0) - tokens_per_crop)[:, None] + merged.group - prefix
+
+    if anyres:
+        cells = anyres_cells(model, visual, token_of_patch, crops, image_sizes, state.memo)
+        cell_token, own, lengths = cells.token, cells.own, cells.lengths
+    else:  # LLaVA: the placeholders are the patches, image after image
+        cell_token, own = token_of_patch.flatten(), visual[:0]
+        lengths = torch.full_like(tokens_per_crop, token_of_patch.shape[1])
 
     placeholder = input_ids == model.config.image_token_id
-    num_images, per_image = groups.shape
     found = int(placeholder.sum())
-    if found != num_images * per_image:
-        raise ValueError(
-            f"input_ids hold {found} image placeholders; {num_images} images need {per_image} each "
-            f"({num_images * per_image})"
+    if found != cell_token.numel():
+        need = (
+            f"take {cell_token.numel()} in this model's layout"
+            if anyres
+            else (f"need {token_of_patch.shape[1]} each ({cell_token.numel()})")
         )
-    embeds = model.get_input_embeddings()(input_ids)  # the placeholders' embeddings go unused
+        raise ValueError(f"input_ids hold {found} image placeholders; {lengths.numel()} images {need}")
+    # Keys: a merged token's key is its row of `visual`; a cell with a row of its own follows them;
+    # a text position's key is its own, after all visual ones.
     batch, length = input_ids.shape
-
-    # Rows in sequence order: a text token adds one row, an image its visual rows at its first patch.
-    ordinal = placeholder.flatten().cumsum(0).view(batch, length) - 1
-    image = (ordinal // per_image).clamp(min=0)
-    patch = ordinal % per_image
-    first = placeholder & (patch == 0)
-    image_rows = visual_rows[image]
-    added = torch.where(placeholder, torch.where(first, image_rows, 0), 1)
-    start = added.cumsum(1) - added  # rows before each position
-    in_image = groups[image, patch] - torch.where(first, 0, image_rows)
-    expand = torch.where(placeholder, start + in_image, start)  # [B, N]
-    num_rows = int(added.sum(1).max())
-
-    rows = embeds.new_zeros(batch * num_rows, embeds.shape[-1])
-    sample = torch.arange(batch, device=input_ids.device)[:, None].expand(-1, length)
-    flat = sample * num_rows + expand
-    rows[flat[~placeholder]] = embeds[~placeholder]
-    image_base = flat[first]  # [num_images], in placeholder order = pixel order
-    # each kept token: its image, and its place among that image's visual rows
-    token_image, token_offset = merged.layout.batch_index[keep], merged.layout.pos_index[keep] - prefix
-    rows[image_base[token_image] + token_offset] = visual.to(rows.dtype)
-
+    own_key = visual.shape[0] + (cell_token < 0).long().cumsum(0) - 1
+    visual_key = torch.where(cell_token >= 0, cell_token, own_key)  # [L], placeholder order
+    text_key = visual.shape[0] + own.shape[0] + torch.arange(batch * length, device=input_ids.device)
+    keys = text_key.view(batch, length).clone()
+    keys[placeholder] = visual_key
     valid = torch.ones_like(placeholder) if attention_mask is None else attention_mask.bool()
     positions = position_ids if position_ids is not None else torch.arange(length, device=input_ids.device)
-    layout = VirtualLayout(expand, positions.expand(batch, -1), valid, num_rows)
+    layout, row_key = layout_from_keys(keys, positions.expand(batch, -1), valid)
+
+    embeds = model.get_input_embeddings()(input_ids)  # the placeholders' embeddings go unused
+    table = torch.cat([visual.to(embeds.dtype), own.to(embeds.dtype), embeds.flatten(0, 1)])
+    rows = torch.where(row_key[..., None] >= 0, table[row_key.clamp(min=0)], 0)  # [B, N_un, C]
+
+    # visual rows per image: the distinct keys among its cells
+    image_of_cell = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    pairs = torch.unique(torch.stack([image_of_cell, visual_key]), dim=1)
+    visual_rows = torch.bincount(pairs[0], minlength=lengths.numel())
     counts = layout.counts()
     state.last.update(
         visual_rows=visual_rows,
-        visual_positions=torch.full_like(visual_rows, per_image),
+        visual_positions=lengths,
         rows=(counts > 0).sum(1),
         positions=counts.sum(1).long(),
     )
-    return DymuInputs(rows.view(batch, num_rows, -1), layout, merged, visual_rows)
+    return DymuInputs(rows, layout, merged, visual_rows)
 
 
 def next_token_logits(
@@ -304,20 +344,40 @@ def _expand_inputs_for_generation(
     copies each sample's group of images whole (``[A, B, A, B]``), in the order of the copied
     samples; everything else is copied as generate() does.
     """
-    pixel_values = model_kwargs.pop("pixel_values", None)
+    # per-image tensors, copied below sample by sample; batch_num_images is per sample (stock copies it)
+    per_image = {
+        key: model_kwargs.pop(key) for key in ("pixel_values", "image_sizes") if model_kwargs.get(key) is not None
+    }
+    batch_num_images = model_kwargs.get("batch_num_images")
     input_ids, model_kwargs = type(self)._expand_inputs_for_generation(
         self, expand_size=expand_size, input_ids=input_ids, **model_kwargs
     )
-    if pixel_values is not None and expand_size > 1 and input_ids is not None:
+    if "pixel_values" in per_image and expand_size > 1 and input_ids is not None:
         placeholders = (input_ids[::expand_size] == self.config.image_token_id).sum(1)  # [B], one copy each
-        per_image = int(placeholders.sum()) // max(pixel_values.shape[0], 1)
-        images = (placeholders // max(per_image, 1)).tolist()  # images per sample
+        images = _images_per_sample(self, placeholders, per_image, batch_num_images)
         starts = accumulate(images, initial=0)  # each sample's first image
         order = [s + i for s, n in zip(starts, images, strict=False) for _ in range(expand_size) for i in range(n)]
-        pixel_values = pixel_values[torch.tensor(order, dtype=torch.long, device=pixel_values.device)]
-    if pixel_values is not None:
-        model_kwargs["pixel_values"] = pixel_values
+        index = torch.tensor(order, dtype=torch.long, device=per_image["pixel_values"].device)
+        per_image = {key: value[index.to(value.device)] for key, value in per_image.items()}
+    model_kwargs.update(per_image)
     return input_ids, model_kwargs
+
+
+def _images_per_sample(
+    model: nn.Module, placeholders: Tensor, per_image: dict[str, Tensor], batch_num_images: Tensor | None
+) -> list[int]:
+    """Images of each sample, from its placeholders (``[B]``) and each image's placeholder count."""
+    if batch_num_images is not None:
+        return batch_num_images.tolist()
+    pixel_values = per_image["pixel_values"]
+    if is_anyres(model):
+        sizes = per_image["image_sizes"]
+        lengths = image_lengths(model, crops_per_image(model, sizes), sizes, getattr(model, STATE_ATTRIBUTE).memo)
+    else:
+        lengths = [int(placeholders.sum()) // max(pixel_values.shape[0], 1)] * pixel_values.shape[0]
+    ends = torch.tensor(list(accumulate(lengths)))  # placeholders up to the end of each image
+    last = torch.searchsorted(ends, placeholders.cumsum(0).cpu(), right=True)  # images ending in each sample
+    return torch.diff(last, prepend=torch.zeros(1, dtype=last.dtype)).tolist()
 
 
 def _positions_kept(length: int, logits_to_keep: int | Tensor, device: torch.device) -> Tensor:
@@ -326,6 +386,22 @@ def _positions_kept(length: int, logits_to_keep: int | Tensor, device: torch.dev
         return logits_to_keep.to(device)
     start = length - logits_to_keep if logits_to_keep else 0
     return torch.arange(start, length, device=device)
+
+
+def _refuse_unsupported(model: nn.Module, kwargs: dict[str, object]) -> None:
+    """Inputs DyMU does not handle yet raise, rather than run the stock model or drop them silently."""
+    if kwargs.get("pixel_values_videos") is not None:
+        if not is_anyres(model) or "pixel_values_videos" not in inspect.signature(type(model).forward).parameters:
+            raise ValueError(f"{type(model).__name__} takes no video (pixel_values_videos)")
+        raise NotImplementedError(
+            f"DyMU in {type(model).__name__}: video (pixel_values_videos) is not supported yet; "
+            "pass images, or remove_dymu() for video"
+        )
+    for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"DyMU reads {name} from the model's config when applied; do not pass it to forward")
+    if kwargs.get("mm_encoder_outputs"):
+        raise ValueError("DyMU encodes pixel_values itself; precomputed mm_encoder_outputs are not supported")
 
 
 def _dymu_forward(
@@ -339,10 +415,17 @@ def _dymu_forward(
     labels: Tensor | None = None,
     logits_to_keep: int | Tensor = 0,
     use_cache: bool | None = None,
+    image_sizes: Tensor | None = None,
+    batch_num_images: Tensor | None = None,
     **kwargs: object,
 ) -> LlavaCausalLMOutputWithPast:
     state: LlavaPatch = getattr(self, STATE_ATTRIBUTE)
     language = self.model.language_model
+    _refuse_unsupported(self, kwargs)
+    if image_sizes is not None:  # the stock forwards of LLaVA-NeXT / OneVision take them
+        kwargs["image_sizes"] = image_sizes
+    if batch_num_images is not None:
+        kwargs["batch_num_images"] = batch_num_images
     if pixel_values is None and not isinstance(cache, HFCompactCache):
         # Text only, or decoding with the expanded cache: exactly the stock model.
         return type(self).forward(
@@ -377,7 +460,7 @@ def _dymu_forward(
 
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("DyMU prefills from an empty cache; continuing a cached prompt with images is not supported")
-    inputs = dymu_inputs(self, input_ids, pixel_values, attention_mask, position_ids)
+    inputs = dymu_inputs(self, input_ids, pixel_values, attention_mask, position_ids, image_sizes, batch_num_images)
     use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
     hidden, store = vtu_prefill(language, inputs.rows, inputs.layout, state.cache if use_cache else None)
     kept = _positions_kept(input_ids.shape[1], logits_to_keep, hidden.device)
