@@ -34,17 +34,19 @@ from pathlib import Path
 import torch
 import transformers
 from torch import Tensor, nn
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from dymu_lightning.backbones.base import Backbone
 from dymu_lightning.backbones.hf_llava_next import (
     ANYRES_MODELS,
+    Cells,
     anyres_cells,
     crop_pixels,
     crops_per_image,
     image_lengths,
     is_anyres,
+    video_cells,
 )
 from dymu_lightning.backbones.hf_llm import CACHE_KINDS, CacheKind, HFCompactCache, vtu_decode, vtu_prefill
 from dymu_lightning.backbones.registry import find_backbone, get_backbone
@@ -208,7 +210,8 @@ def last_prefill(model: nn.Module) -> dict[str, Tensor]:
 
     ``visual_rows`` (``[num_images]``): rows each image became; ``visual_positions``
     (``[num_images]``): the placeholders each image had; ``rows`` and ``positions`` (``[B]``): the
-    language model's rows and valid positions per sample."""
+    language model's rows and valid positions per sample; for OneVision's videos, ``video_rows`` and
+    ``video_positions`` (``[num_videos]``) too. AnyRes images count their cells as positions."""
     if not is_dymu(model):
         raise ValueError(f"DyMU is not applied to this {type(model).__name__}")
     return dict(getattr(model, STATE_ATTRIBUTE).last)
@@ -227,35 +230,46 @@ def _feature_blocks(feature_layer: int | list[int], num_layers: int) -> int:
 def dymu_inputs(
     model: nn.Module,
     input_ids: Tensor,
-    pixel_values: Tensor,
+    pixel_values: Tensor | None,
     attention_mask: Tensor | None = None,
     position_ids: Tensor | None = None,
     image_sizes: Tensor | None = None,
     batch_num_images: Tensor | None = None,
+    pixel_values_videos: Tensor | None = None,
 ) -> DymuInputs:
     """Run the vision side with DToMe and lay out the language model's rows.
 
     Args:
         model: a LLaVA model with DyMU applied.
         input_ids: ``[B, N]`` with one ``image_token_id`` placeholder per virtual position of each image
-            (LLaVA: per patch; LLaVA-NeXT / OneVision: per cell of the stock layout).
+            (LLaVA: per patch; LLaVA-NeXT / OneVision: per cell of the stock layout), and one
+            ``video_token_id`` placeholder per cell of each video (OneVision).
         pixel_values: ``[num_images, 3, H, W]``, the images in placeholder order (AnyRes:
-            ``[num_images, max_crops, 3, H, W]`` or ``[total_crops, 3, H, W]``).
+            ``[num_images, max_crops, 3, H, W]`` or ``[total_crops, 3, H, W]``), or None.
         attention_mask: ``[B, N]`` (0 for padding), or None.
         position_ids: ``[B, N]`` RoPE positions, or None for ``0..N-1``.
         image_sizes: ``[num_images, 2]`` (AnyRes only), each image's (height, width).
         batch_num_images: ``[B]`` (OneVision only), images per sample.
+        pixel_values_videos: ``[num_videos, frames, 3, H, W]`` (OneVision only), or None.
     """
     state: LlavaPatch = getattr(model, STATE_ATTRIBUTE)
     anyres = is_anyres(model)
-    if anyres:
-        if image_sizes is None:
-            raise ValueError(f"{type(model).__name__} needs image_sizes with pixel_values")
-        crops = crops_per_image(model, image_sizes, batch_num_images)
-        pixel_values = crop_pixels(pixel_values, crops)
+    crops: list[int] = []
+    pixels = []
+    if pixel_values is not None:
+        if anyres:
+            if image_sizes is None:
+                raise ValueError(f"{type(model).__name__} needs image_sizes with pixel_values")
+            crops = crops_per_image(model, image_sizes, batch_num_images)
+            pixel_values = crop_pixels(pixel_values, crops)
+        else:
+            crops = [1] * pixel_values.shape[0]
+        pixels.append(pixel_values)
+    if pixel_values_videos is not None:
+        pixels.append(pixel_values_videos.flatten(0, 1))  # every frame is merged on its own
     tower = model.model.vision_tower
     merged = state.backbone.merged_forward(
-        tower, pixel_values.to(tower.dtype), state.policy, num_blocks=state.num_blocks
+        tower, torch.cat(pixels).to(tower.dtype), state.policy, num_blocks=state.num_blocks
     )
     prefix = merged.num_prefix if state.drop_prefix else 0
     keep = merged.layout.pos_index >= prefix
@@ -263,50 +277,65 @@ def dymu_inputs(
     tokens_per_crop = merged.lengths - prefix  # [crops]
     # [crops, P]: each patch's merged token, as a row of `visual` (tokens are packed crop after crop)
     token_of_patch = (tokens_per_crop.cumsum(0) - tokens_per_crop)[:, None] + merged.group - prefix
+    image_tokens, video_tokens = token_of_patch[: sum(crops)], token_of_patch[sum(crops) :]
 
-    if anyres:
-        cells = anyres_cells(model, visual, token_of_patch, crops, image_sizes, state.memo)
-        cell_token, own, lengths = cells.token, cells.own, cells.lengths
-    else:  # LLaVA: the placeholders are the patches, image after image
-        cell_token, own = token_of_patch.flatten(), visual[:0]
-        lengths = torch.full_like(tokens_per_crop, token_of_patch.shape[1])
-
-    placeholder = input_ids == model.config.image_token_id
-    found = int(placeholder.sum())
-    if found != cell_token.numel():
-        need = (
-            f"take {cell_token.numel()} in this model's layout"
-            if anyres
-            else (f"need {token_of_patch.shape[1]} each ({cell_token.numel()})")
+    parts: dict[str, tuple[int, Cells]] = {}  # "image" / "video" -> (placeholder id, cells)
+    if pixel_values is not None and anyres:
+        parts["image"] = (
+            model.config.image_token_id,
+            anyres_cells(model, visual, image_tokens, crops, image_sizes, state.memo),
         )
-        raise ValueError(f"input_ids hold {found} image placeholders; {lengths.numel()} images {need}")
-    # Keys: a merged token's key is its row of `visual`; a cell with a row of its own follows them;
+    elif pixel_values is not None:  # LLaVA: the placeholders are the patches, image after image
+        lengths = torch.full((len(crops),), image_tokens.shape[1], device=visual.device)
+        parts["image"] = (model.config.image_token_id, Cells(image_tokens.flatten(), visual[:0], lengths))
+    if pixel_values_videos is not None:
+        frames = pixel_values_videos.shape[1]
+        parts["video"] = (model.config.video_token_id, video_cells(model, visual, video_tokens, frames, state.memo))
+
+    # Keys: a merged token's key is its row of `visual`; cells with a row of their own follow them;
     # a text position's key is its own, after all visual ones.
     batch, length = input_ids.shape
-    own_key = visual.shape[0] + (cell_token < 0).long().cumsum(0) - 1
-    visual_key = torch.where(cell_token >= 0, cell_token, own_key)  # [L], placeholder order
-    text_key = visual.shape[0] + own.shape[0] + torch.arange(batch * length, device=input_ids.device)
-    keys = text_key.view(batch, length).clone()
-    keys[placeholder] = visual_key
-    valid = torch.ones_like(placeholder) if attention_mask is None else attention_mask.bool()
+    keys = torch.empty_like(input_ids)
+    text = torch.ones_like(input_ids, dtype=torch.bool)
+    own_tables, next_key, visual_keys = [], visual.shape[0], {}
+    for kind, (token_id, cells) in parts.items():
+        placeholder = input_ids == token_id
+        found = int(placeholder.sum())
+        if found != cells.token.numel():
+            images = cells.lengths.numel()
+            need = (
+                f"need {image_tokens.shape[1]} each ({cells.token.numel()})"
+                if not anyres
+                else f"take {cells.token.numel()} in this model's layout"
+            )
+            raise ValueError(f"input_ids hold {found} {kind} placeholders; {images} {kind}s {need}")
+        own_key = next_key + (cells.token < 0).long().cumsum(0) - 1
+        visual_keys[kind] = torch.where(cells.token >= 0, cells.token, own_key)  # [L], placeholder order
+        keys[placeholder] = visual_keys[kind]
+        text &= ~placeholder
+        own_tables.append(cells.own)
+        next_key += cells.own.shape[0]
+    keys[text] = next_key + torch.arange(batch * length, device=input_ids.device).view(batch, length)[text]
+    valid = torch.ones_like(text) if attention_mask is None else attention_mask.bool()
     positions = position_ids if position_ids is not None else torch.arange(length, device=input_ids.device)
     layout, row_key = layout_from_keys(keys, positions.expand(batch, -1), valid)
 
     embeds = model.get_input_embeddings()(input_ids)  # the placeholders' embeddings go unused
-    table = torch.cat([visual.to(embeds.dtype), own.to(embeds.dtype), embeds.flatten(0, 1)])
+    table = torch.cat([t.to(embeds.dtype) for t in (visual, *own_tables)] + [embeds.flatten(0, 1)])
     rows = torch.where(row_key[..., None] >= 0, table[row_key.clamp(min=0)], 0)  # [B, N_un, C]
 
-    # visual rows per image: the distinct keys among its cells
-    image_of_cell = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
-    pairs = torch.unique(torch.stack([image_of_cell, visual_key]), dim=1)
-    visual_rows = torch.bincount(pairs[0], minlength=lengths.numel())
     counts = layout.counts()
-    state.last.update(
-        visual_rows=visual_rows,
-        visual_positions=lengths,
-        rows=(counts > 0).sum(1),
-        positions=counts.sum(1).long(),
-    )
+    state.last.clear()
+    state.last.update(rows=(counts > 0).sum(1), positions=counts.sum(1).long())
+    for kind, (_, cells) in parts.items():
+        # rows per image (video): the distinct keys among its cells
+        owner = torch.repeat_interleave(torch.arange(cells.lengths.numel(), device=visual.device), cells.lengths)
+        pairs = torch.unique(torch.stack([owner, visual_keys[kind]]), dim=1)
+        state.last["visual_rows" if kind == "image" else "video_rows"] = torch.bincount(
+            pairs[0], minlength=cells.lengths.numel()
+        )
+        state.last["visual_positions" if kind == "image" else "video_positions"] = cells.lengths
+    visual_rows = state.last.get("visual_rows", state.last.get("video_rows"))
     return DymuInputs(rows, layout, merged, visual_rows)
 
 
@@ -344,23 +373,38 @@ def _expand_inputs_for_generation(
     copies each sample's group of images whole (``[A, B, A, B]``), in the order of the copied
     samples; everything else is copied as generate() does.
     """
-    # per-image tensors, copied below sample by sample; batch_num_images is per sample (stock copies it)
+    # per-image (per-video) tensors, copied below sample by sample; batch_num_images is per sample
+    # (the stock hook copies it)
     per_image = {
         key: model_kwargs.pop(key) for key in ("pixel_values", "image_sizes") if model_kwargs.get(key) is not None
     }
+    videos = model_kwargs.pop("pixel_values_videos", None)
     batch_num_images = model_kwargs.get("batch_num_images")
     input_ids, model_kwargs = type(self)._expand_inputs_for_generation(
         self, expand_size=expand_size, input_ids=input_ids, **model_kwargs
     )
-    if "pixel_values" in per_image and expand_size > 1 and input_ids is not None:
-        placeholders = (input_ids[::expand_size] == self.config.image_token_id).sum(1)  # [B], one copy each
-        images = _images_per_sample(self, placeholders, per_image, batch_num_images)
-        starts = accumulate(images, initial=0)  # each sample's first image
-        order = [s + i for s, n in zip(starts, images, strict=False) for _ in range(expand_size) for i in range(n)]
-        index = torch.tensor(order, dtype=torch.long, device=per_image["pixel_values"].device)
-        per_image = {key: value[index.to(value.device)] for key, value in per_image.items()}
+    if expand_size > 1 and input_ids is not None:
+        first = input_ids[::expand_size]  # [B], one copy of each sample
+        if "pixel_values" in per_image:
+            placeholders = (first == self.config.image_token_id).sum(1)
+            images = _images_per_sample(self, placeholders, per_image, batch_num_images)
+            per_image = {key: _copy_per_sample(value, images, expand_size) for key, value in per_image.items()}
+        if videos is not None:  # every video of a batch has the same frames, so the same placeholders
+            placeholders = (first == self.config.video_token_id).sum(1)
+            each = int(placeholders.sum()) // max(videos.shape[0], 1)
+            videos = _copy_per_sample(videos, (placeholders // max(each, 1)).tolist(), expand_size)
     model_kwargs.update(per_image)
+    if videos is not None:
+        model_kwargs["pixel_values_videos"] = videos
     return input_ids, model_kwargs
+
+
+def _copy_per_sample(items: Tensor, per_sample: list[int], expand_size: int) -> Tensor:
+    """``[n, ...]`` items, ``per_sample[b]`` of them for sample b in order -> each sample's items copied
+    ``expand_size`` times as a group: ``[A, B]`` of one sample becomes ``[A, B, A, B]``."""
+    starts = accumulate(per_sample, initial=0)  # each sample's first item
+    order = [s + i for s, n in zip(starts, per_sample, strict=False) for _ in range(expand_size) for i in range(n)]
+    return items[torch.tensor(order, dtype=torch.long, device=items.device)]
 
 
 def _images_per_sample(
@@ -388,15 +432,10 @@ def _positions_kept(length: int, logits_to_keep: int | Tensor, device: torch.dev
     return torch.arange(start, length, device=device)
 
 
-def _refuse_unsupported(model: nn.Module, kwargs: dict[str, object]) -> None:
-    """Inputs DyMU does not handle yet raise, rather than run the stock model or drop them silently."""
-    if kwargs.get("pixel_values_videos") is not None:
-        if not is_anyres(model) or "pixel_values_videos" not in inspect.signature(type(model).forward).parameters:
-            raise ValueError(f"{type(model).__name__} takes no video (pixel_values_videos)")
-        raise NotImplementedError(
-            f"DyMU in {type(model).__name__}: video (pixel_values_videos) is not supported yet; "
-            "pass images, or remove_dymu() for video"
-        )
+def _refuse_unsupported(model: nn.Module, videos: Tensor | None, kwargs: dict[str, object]) -> None:
+    """Inputs DyMU does not handle raise, rather than run the stock model or be dropped silently."""
+    if videos is not None and not isinstance(model, LlavaOnevisionForConditionalGeneration):
+        raise ValueError(f"{type(model).__name__} takes no video (pixel_values_videos)")
     for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
         if kwargs.get(name) is not None:
             raise ValueError(f"DyMU reads {name} from the model's config when applied; do not pass it to forward")
@@ -417,16 +456,18 @@ def _dymu_forward(
     use_cache: bool | None = None,
     image_sizes: Tensor | None = None,
     batch_num_images: Tensor | None = None,
+    pixel_values_videos: Tensor | None = None,
     **kwargs: object,
 ) -> LlavaCausalLMOutputWithPast:
     state: LlavaPatch = getattr(self, STATE_ATTRIBUTE)
     language = self.model.language_model
-    _refuse_unsupported(self, kwargs)
+    _refuse_unsupported(self, pixel_values_videos, kwargs)
     if image_sizes is not None:  # the stock forwards of LLaVA-NeXT / OneVision take them
         kwargs["image_sizes"] = image_sizes
     if batch_num_images is not None:
         kwargs["batch_num_images"] = batch_num_images
-    if pixel_values is None and not isinstance(cache, HFCompactCache):
+    visual = pixel_values is not None or pixel_values_videos is not None
+    if not visual and not isinstance(cache, HFCompactCache):
         # Text only, or decoding with the expanded cache: exactly the stock model.
         return type(self).forward(
             self,
@@ -445,7 +486,7 @@ def _dymu_forward(
     if input_ids is None:
         raise ValueError("DyMU needs input_ids (with the image placeholders), not inputs_embeds")
 
-    if pixel_values is None:  # decoding with the compact cache
+    if not visual:  # decoding with the compact cache
         positions = position_ids
         if positions is None:
             positions = cache.seq_length + torch.arange(input_ids.shape[1], device=input_ids.device)[None]
@@ -460,7 +501,9 @@ def _dymu_forward(
 
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("DyMU prefills from an empty cache; continuing a cached prompt with images is not supported")
-    inputs = dymu_inputs(self, input_ids, pixel_values, attention_mask, position_ids, image_sizes, batch_num_images)
+    inputs = dymu_inputs(
+        self, input_ids, pixel_values, attention_mask, position_ids, image_sizes, batch_num_images, pixel_values_videos
+    )
     use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
     hidden, store = vtu_prefill(language, inputs.rows, inputs.layout, state.cache if use_cache else None)
     kept = _positions_kept(input_ids.shape[1], logits_to_keep, hidden.device)

@@ -21,6 +21,10 @@ probe (below). The rule for a cell is then:
 
 Unpadded patches have no cell, so a group loses them; a group left with no cell has no row.
 
+OneVision's video frames are crops too: each is merged on its own, pooled 2 x 2 by the model's own
+``apply_pooling`` (the same rules: a pooled cell is its group's row or a row of its own), and one
+``image_newline`` closes each video.
+
 **The probe.** Unpadding is a crop and downsampling a separable bilinear resize, so a cell's support
 is (rows it reads) x (columns it reads) of the stitched grid. Feeding ``pack_image_features`` a
 one-hot of each patch's grid row and one of its grid column as channels, and zeros as
@@ -115,7 +119,6 @@ def cell_support(model: nn.Module, crops: int, image_size: Tensor, memo: dict | 
     if memo is not None and key in memo:
         return memo[key]
     vision = model.config.vision_config
-    side = vision.image_size // vision.patch_size  # patches a side of one crop
     tiles_high, tiles_wide = 0, 0
     if crops > 1:
         tiles_high, tiles_wide = get_anyres_image_grid_shape(
@@ -125,36 +128,71 @@ def cell_support(model: nn.Module, crops: int, image_size: Tensor, memo: dict | 
             raise ValueError(
                 f"an image of size {key[1:]} has {crops} crops; its AnyRes grid needs {tiles_high * tiles_wide + 1}"
             )
-    device = model.model.image_newline.device
-    # Grid coordinates: rows [0, side) and columns [0, side) are the base crop's; the tiles' stitched
-    # grid follows, tile t (row-major, from 1) at tile row (t-1) // tiles_wide, tile column (t-1) % tiles_wide.
-    num_rows, num_cols = side * (1 + tiles_high), side * (1 + tiles_wide)
-    tile = torch.arange(crops, device=device)[:, None, None]
-    pr = torch.arange(side, device=device)[None, :, None]
-    pc = torch.arange(side, device=device)[None, None, :]
-    grid_row = torch.where(tile == 0, pr, side + (tile - 1).div(max(tiles_wide, 1), rounding_mode="floor") * side + pr)
-    grid_col = torch.where(tile == 0, pc, side + (tile - 1).remainder(max(tiles_wide, 1)) * side + pc)
-    grid_row, grid_col = grid_row.expand(crops, side, side), grid_col.expand(crops, side, side)
-    probe = torch.cat(
-        [nn.functional.one_hot(grid_row, num_rows), nn.functional.one_hot(grid_col, num_cols)], dim=-1
-    ).float()
-    out = pack(model, [probe.flatten(1, 2)], image_size[None], probe.new_zeros(num_rows + num_cols))[0]
-    active = out != 0  # [L, rows + cols]: a cell's non-zero channels are the rows and columns it reads
-    rows, cols = active[:, :num_rows], active[:, num_rows:]
-    read_rows, row_ok = _active_indices(rows)
-    read_cols, col_ok = _active_indices(cols)
-    r, c = read_rows[:, :, None], read_cols[:, None, :]  # every (row, column) pair of the cell
-    base = r < side
-    tr, tc = (r - side).clamp(min=0), (c - side).clamp(min=0)
-    crop = torch.where(
-        base, 0, 1 + tr.div(side, rounding_mode="floor") * max(tiles_wide, 1) + tc.div(side, rounding_mode="floor")
-    )
-    patch = torch.where(base, r * side + c, tr.remainder(side) * side + tc.remainder(side))
-    valid = row_ok[:, :, None] & col_ok[:, None, :]
-    support = torch.where(valid, crop * side * side + patch, -1).flatten(1)
+    grid = _Grid(vision.image_size // vision.patch_size, tiles_high, tiles_wide)
+    probe = grid.probe(crops, model.model.image_newline.device)
+    out = pack(model, [probe], image_size[None], probe.new_zeros(probe.shape[-1]))[0]
+    support = grid.support(out)
     if memo is not None:
         memo[key] = support
     return support
+
+
+def frame_support(model: nn.Module, memo: dict | None = None) -> Tensor:
+    """``[L, S]`` long: for each cell of one pooled video frame, the frame's patches it pools, -1 padded."""
+    if memo is not None and "frame" in memo:
+        return memo["frame"]
+    vision = model.config.vision_config
+    grid = _Grid(vision.image_size // vision.patch_size, 0, 0)
+    probe = grid.probe(1, model.model.image_newline.device)
+    support = grid.support(model.model.apply_pooling(probe)[0])
+    if memo is not None:
+        memo["frame"] = support
+    return support
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The grid coordinates of one image's patches: rows and columns ``[0, side)`` are the base
+    crop's; the tiles' stitched grid follows, tile t (row-major, from 1) at tile row
+    ``(t - 1) // tiles_wide`` and tile column ``(t - 1) % tiles_wide``."""
+
+    side: int
+    tiles_high: int
+    tiles_wide: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.side * (1 + self.tiles_high)
+
+    def probe(self, crops: int, device: torch.device) -> Tensor:
+        """``[crops, P, rows + cols]`` float: a one-hot of each patch's grid row, then of its grid column."""
+        side, wide = self.side, max(self.tiles_wide, 1)
+        tile = torch.arange(crops, device=device)[:, None, None]
+        pr = torch.arange(side, device=device)[None, :, None]
+        pc = torch.arange(side, device=device)[None, None, :]
+        row = torch.where(tile == 0, pr, side + (tile - 1).div(wide, rounding_mode="floor") * side + pr)
+        col = torch.where(tile == 0, pc, side + (tile - 1).remainder(wide) * side + pc)
+        row, col = row.expand(crops, side, side), col.expand(crops, side, side)
+        one_hot = nn.functional.one_hot
+        probe = torch.cat([one_hot(row, self.num_rows), one_hot(col, side * (1 + self.tiles_wide))], dim=-1)
+        return probe.flatten(1, 2).float()
+
+    def support(self, out: Tensor) -> Tensor:
+        """The probe after the layout, ``[L, rows + cols]`` -> ``[L, S]`` patches (``crop * P + patch``)
+        each cell reads: its non-zero channels are the rows and the columns it reads."""
+        side, wide = self.side, max(self.tiles_wide, 1)
+        active = out != 0
+        read_rows, row_ok = _active_indices(active[:, : self.num_rows])
+        read_cols, col_ok = _active_indices(active[:, self.num_rows :])
+        r, c = read_rows[:, :, None], read_cols[:, None, :]  # every (row, column) pair of the cell
+        base = r < side
+        tr, tc = (r - side).clamp(min=0), (c - side).clamp(min=0)
+        crop = torch.where(
+            base, 0, 1 + tr.div(side, rounding_mode="floor") * wide + tc.div(side, rounding_mode="floor")
+        )
+        patch = torch.where(base, r * side + c, tr.remainder(side) * side + tc.remainder(side))
+        valid = row_ok[:, :, None] & col_ok[:, None, :]
+        return torch.where(valid, crop * side * side + patch, -1).flatten(1)
 
 
 def image_lengths(model: nn.Module, crops: list[int], image_sizes: Tensor, memo: dict | None = None) -> list[int]:
@@ -168,6 +206,22 @@ def _active_indices(active: Tensor) -> tuple[Tensor, Tensor]:
     count = max(int(active.sum(1).max()), 1) if active.numel() else 1
     values, index = active.float().topk(count, dim=1)
     return index, values > 0
+
+
+def _classify(token_of_patch: Tensor, supports: list[Tensor], stock: Tensor) -> tuple[Tensor, Tensor]:
+    """Cells -> (``[L]`` the merged token of each cell whose support is one group, else -1; ``[O, C]``
+    the stock features of the other cells).
+
+    ``token_of_patch``: ``[n, P]``; ``supports``: ``[L_i, S_i]`` indices into its flattening, -1
+    padded; ``stock``: ``[L, C]`` the stock layout of the unmerged features.
+    """
+    width = max(s.shape[1] for s in supports)
+    support = torch.cat([nn.functional.pad(s, (0, width - s.shape[1]), value=-1) for s in supports])  # [L, S]
+    present = support >= 0
+    token = token_of_patch.flatten()[support.clamp(min=0)]
+    lead = token[:, 0]
+    pure = present[:, 0] & ((token == lead[:, None]) | ~present).all(1)
+    return torch.where(pure, lead, -1), stock[~pure]
 
 
 def anyres_cells(
@@ -201,12 +255,33 @@ def anyres_cells(
             )
         supports.append(torch.where(support >= 0, support + offset, -1))
         offset += tokens.numel()
-    width = max(s.shape[1] for s in supports)
-    support = torch.cat([nn.functional.pad(s, (0, width - s.shape[1]), value=-1) for s in supports])  # [L, S]
-    present = support >= 0
-    token = token_of_patch.flatten()[support.clamp(min=0)]
-    lead = token[:, 0]
-    pure = present[:, 0] & ((token == lead[:, None]) | ~present).all(1)
-    cell = torch.where(pure, lead, -1)
-    lengths = torch.tensor([s.shape[0] for s in stock], device=visual.device)
-    return Cells(cell, torch.cat(stock)[~pure], lengths)
+    cell, own = _classify(token_of_patch, supports, torch.cat(stock))
+    return Cells(cell, own, torch.tensor([s.shape[0] for s in stock], device=visual.device))
+
+
+def video_cells(
+    model: nn.Module, visual: Tensor, token_of_patch: Tensor, frames: int, memo: dict | None = None
+) -> Cells:
+    """Every video's cells in OneVision's layout: each frame pooled (2 x 2 bilinear), the frames one
+    after the other, one ``image_newline`` closing the video.
+
+    Args:
+        model: a LLaVA-OneVision model.
+        visual: ``[T, C]`` the projected merged tokens.
+        token_of_patch: ``[videos * frames, P]`` long, the merged token of each frame's patches
+            (each frame is merged on its own).
+        frames: frames per video.
+        memo: see :func:`cell_support`.
+    """
+    videos, patches = token_of_patch.shape[0] // frames, token_of_patch.shape[1]
+    pooled = model.model.apply_pooling(visual[token_of_patch])  # [videos * frames, P', C], of the unmerged frames
+    newline = model.model.image_newline.to(pooled)[None, None].expand(videos, 1, -1)
+    stock = torch.cat([pooled.reshape(videos, -1, pooled.shape[-1]), newline], dim=1)  # [videos, F * P' + 1, C]
+    support = frame_support(model, memo)  # [P', S], patches of one frame
+    offset = (torch.arange(videos * frames, device=support.device) * patches)[:, None, None]
+    per_frame = torch.where(support >= 0, support + offset, -1)  # [videos * frames, P', S]
+    per_video = per_frame.reshape(videos, -1, support.shape[1])
+    no_support = per_video.new_full((videos, 1, support.shape[1]), -1)  # the newline
+    supports = [torch.cat([per_video, no_support], dim=1).flatten(0, 1)]
+    cell, own = _classify(token_of_patch, supports, stock.flatten(0, 1))
+    return Cells(cell, own, torch.full((videos,), stock.shape[1], device=visual.device))

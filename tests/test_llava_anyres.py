@@ -276,8 +276,6 @@ def test_clear_errors():
     batch = batch_of(onevision, [[40, 70]], [1])
     video = torch.zeros(1, 2, 3, 32, 32, dtype=torch.float64)
     apply_dymu(onevision, INF)
-    with pytest.raises(NotImplementedError, match=r"video \(pixel_values_videos\) is not supported yet"):
-        onevision(**batch, pixel_values_videos=video)
     apply_dymu(next_model, INF)
     with pytest.raises(ValueError, match=r"LlavaNextForConditionalGeneration takes no video"):
         next_model(input_ids=batch["input_ids"], pixel_values_videos=video)
@@ -309,3 +307,97 @@ def test_crops_are_merged_one_by_one():
             assert torch.equal(alone.group[0], together.merged.group[c])
             length = int(alone.lengths[0])
             torch.testing.assert_close(alone.tokens[0, :length], together.merged.tokens[c, :length], rtol=0, atol=1e-12)
+
+
+def video_batch(model) -> dict:
+    """Sample 0: text, a video, text. Sample 1 (left-padded): text, an image (AnyRes), text, a video.
+    Two frames a video; OneVision pools each frame 2 x 2 and closes a video with one newline."""
+    image_sizes = torch.tensor([[40, 70]])
+    per_image = crops_per_image(model, image_sizes)
+    image = [IMAGE] * image_lengths(model, per_image, image_sizes)[0]
+    video = [IMAGE - 1] * (2 * 4 + 1)  # 2 frames of 2 x 2 pooled cells, and the newline
+    first, second = [1, *video, 2, 3], [4, *image, 5, *video, 6]
+    width = max(len(first), len(second))
+    input_ids = torch.tensor([[0] * (width - len(s)) + s for s in (first, second)])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in (first, second)])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "pixel_values": crops(per_image[0], seed=1)[None],
+        "image_sizes": image_sizes,
+        "pixel_values_videos": crops(4, seed=2).view(2, 2, 3, 32, 32),
+    }
+
+
+@pytest.mark.parametrize("cache", ["compact", "expanded"])
+def test_video_with_infinite_thresholds_equals_the_stock_model(cache):
+    model = tiny_model("onevision")
+    batch = video_batch(model)
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        stock = model(**batch, position_ids=positions_of(batch)).logits
+        stock_beams = generate(model, batch, 3, num_beams=2, num_return_sequences=2)
+        apply_dymu(model, INF, cache=cache)
+        ours = model(**batch, position_ids=positions_of(batch)).logits
+        counts = last_prefill(model)
+        beams = generate(model, batch, 3, num_beams=2, num_return_sequences=2)
+    torch.testing.assert_close(ours[valid], stock[valid], rtol=0, atol=1e-12)
+    assert torch.equal(beams, stock_beams)
+    assert counts["video_positions"].tolist() == [9, 9] and counts["video_rows"].tolist() == [9, 9]
+
+
+def test_video_frames_are_merged_alone_and_pooled_in_the_native_layout():
+    """With merging: every video position carries the stock pooling of the unmerged frames; a pooled
+    cell is its group's row exactly when its 2 x 2 window lies in one group; greedy decoding with
+    either cache equals the naive reference."""
+    model = tiny_model("onevision")
+    batch = video_batch(model)
+    apply_dymu(model, MergePolicy(mode="fixed_r", r=5), cache="compact")
+    with torch.no_grad():
+        inputs = dymu_inputs(
+            model,
+            batch["input_ids"],
+            batch["pixel_values"],
+            image_sizes=batch["image_sizes"],
+            pixel_values_videos=batch["pixel_values_videos"],
+        )
+        merged, projector = inputs.merged, model.model.multi_modal_projector
+        frames = merged.group[-4:]  # the 4 frames come after the image's crops
+        unmerged = torch.stack([projector(merged.tokens[-4 + f, frames[f]]) for f in range(4)])  # [4, P, C]
+        pooled = model.model.apply_pooling(unmerged).reshape(2, 8, -1)
+        newline = model.model.image_newline[None, None].expand(2, 1, -1)
+        expected = torch.cat([pooled, newline], dim=1).flatten(0, 1)
+        # which frame patches each pooled cell reads, the slow way (a one-hot channel per patch)
+        eye = torch.eye(16, dtype=torch.float64)[None]
+        reads = model.model.apply_pooling(eye)[0] != 0  # [4, 16]
+    video = batch["input_ids"] == IMAGE - 1
+    at_positions = inputs.layout.to_positions(inputs.rows)
+    torch.testing.assert_close(at_positions[video], expected, rtol=0, atol=1e-12)
+    expand = inputs.layout.expand[video].view(2, 9)  # [sample, video cell]: each sample has one video
+    straddling = 0
+    for sample in range(2):
+        rows = expand[sample].tolist()  # this sample's video: 2 frames x 4 cells, then the newline
+        for cell in range(8):
+            frame = 2 * sample + cell // 4
+            read = set(frames[frame][reads[cell % 4]].tolist())
+            mates = [j for j in range(9) if rows[j] == rows[cell]]
+            if len(read) > 1:
+                straddling += 1
+                assert mates == [cell]
+            else:
+                same = [
+                    j
+                    for j in range(8)
+                    if 2 * sample + j // 4 == frame and set(frames[frame][reads[j % 4]].tolist()) == read
+                ]
+                assert mates == same
+        assert [j for j in range(9) if rows[j] == rows[8]] == [8]  # the newline
+    assert straddling > 0
+    with torch.no_grad():
+        reference = greedy_reference(model, batch, steps=4)
+        for cache in ("compact", "expanded"):
+            apply_dymu(model, MergePolicy(mode="fixed_r", r=5), cache=cache)
+            out = generate(model, batch, 4)
+            assert torch.equal(out[:, batch["input_ids"].shape[1] :], reference), cache
+    # pooled cells straddling groups save nothing: here one video keeps all 9 rows, the other fewer
+    assert last_prefill(model)["video_rows"].lt(9).any()

@@ -216,11 +216,11 @@ def merging_policy(model: LlavaForConditionalGeneration) -> MergePolicy:
 def greedy_reference(model, batch: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
     """Greedy decoding with no cache at all: every step reruns the naive VTU reference (hidden states
     copied to positions, the stock attention module, per-row means) over the whole sequence.
-    ``batch`` may hold ``image_sizes`` and ``batch_num_images`` (LLaVA-NeXT / OneVision)."""
+    ``batch`` may hold ``image_sizes``, ``batch_num_images`` and ``pixel_values_videos`` (LLaVA-NeXT / OneVision)."""
     mask = batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {key: batch.get(key) for key in ("image_sizes", "batch_num_images")}
-    inputs = dymu_inputs(model, batch["input_ids"], batch["pixel_values"], mask, positions, **extra)
+    extra = {key: batch.get(key) for key in ("image_sizes", "batch_num_images", "pixel_values_videos")}
+    inputs = dymu_inputs(model, batch["input_ids"], batch.get("pixel_values"), mask, positions, **extra)
     rows, layout = inputs.rows, inputs.layout
     language = model.model.language_model
     tokens = []
