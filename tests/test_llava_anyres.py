@@ -401,3 +401,37 @@ def test_video_frames_are_merged_alone_and_pooled_in_the_native_layout():
             assert torch.equal(out[:, batch["input_ids"].shape[1] :], reference), cache
     # pooled cells straddling groups save nothing: here one video keeps all 9 rows, the other fewer
     assert last_prefill(model)["video_rows"].lt(9).any()
+
+
+@pytest.mark.slow
+def test_onevision_geometry_at_full_size_equals_the_stock_model():
+    """OneVision's real layout: 384 px crops of 27 x 27 patches, its 36 default grid shapes,
+    ``anyres_max_9`` and 27 -> 14 video pooling (narrow layers, so that it runs on a CPU). With
+    infinite thresholds: the stock logits bit for bit for a 4:3 photo (no downsampling), a 16:9 one
+    (2 x 3 tiles, downsampled: cells read 2 x 2 patches) and a two-frame video."""
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=384, patch_size=14
+    )
+    text = Qwen2Config(**{**TINY, "num_hidden_layers": 1, "max_position_embeddings": 16384})
+    config = LlavaOnevisionConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE, video_token_index=IMAGE - 1
+    )
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).double().eval()
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for size, cells in (([480, 640], 2929), ([1080, 1920], 7269)):
+        sizes = torch.tensor([size])
+        per_image = crops_per_image(model, sizes)
+        assert image_lengths(model, per_image, sizes) == [cells]
+        pixels = torch.randn(1, per_image[0], 3, 384, 384, generator=generator, dtype=torch.float64)
+        inputs.append(
+            {"input_ids": torch.tensor([[1, *[IMAGE] * cells, 2]]), "pixel_values": pixels, "image_sizes": sizes}
+        )
+    video = torch.randn(1, 2, 3, 384, 384, generator=generator, dtype=torch.float64)
+    inputs.append({"input_ids": torch.tensor([[1, *[IMAGE - 1] * (2 * 14 * 14 + 1), 2]]), "pixel_values_videos": video})
+    with torch.no_grad():
+        stock = [model(**batch, logits_to_keep=1).logits for batch in inputs]
+        apply_dymu(model, MergePolicy(thresholds=[math.inf] * 2))
+        for batch, expected in zip(inputs, stock, strict=True):
+            assert torch.equal(model(**batch, logits_to_keep=1).logits, expected)
