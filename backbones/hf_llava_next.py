@@ -91,6 +91,23 @@ def crop_pixels(pixel_values: Tensor, crops: list[int]) -> Tensor:
     return pixel_values
 
 
+def processor_crops(model: nn.Module, image_processor: object, images: list) -> Tensor:
+    """``[total_crops, 3, H, W]``: the crops the model's own image processor makes of ``images`` (each
+    image's base crop and AnyRes tiles), as the vision tower sees them at inference.
+
+    Calibrating on these, rather than on whole images resized to the crop size, ranks the edges of
+    the crops DyMU will merge (tiles are zoomed-in views, with other statistics than whole images).
+
+    Args:
+        model: a LLaVA-NeXT or OneVision model (its config gives the crops per image).
+        image_processor: the model's image processor (``processor.image_processor``).
+        images: PIL images (or what the processor accepts), each processed as an image of its own.
+    """
+    out = image_processor(images=images, return_tensors="pt")
+    crops = crops_per_image(model, out["image_sizes"], out.get("batch_num_images"))
+    return crop_pixels(out["pixel_values"], crops)
+
+
 def pack(model: nn.Module, features: list[Tensor], image_sizes: Tensor, newline: Tensor) -> list[Tensor]:
     """The model's own ``pack_image_features``: ``[crops_i, P, C]`` per image -> ``[L_i, C]`` per image."""
     inner, config = model.model, model.config

@@ -7,21 +7,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tests_support import TINY, VISION, generate, greedy_reference, naive_reference
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
     Qwen2Config,
     SiglipVisionConfig,
 )
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.hf_llava import apply_dymu, dymu_inputs, last_prefill, remove_dymu
-from dymu_lightning.backbones.hf_llava_next import crop_pixels, crops_per_image, image_lengths, pack
+from dymu_lightning.backbones.hf_llava_next import crop_pixels, crops_per_image, image_lengths, pack, processor_crops
 from dymu_lightning.backbones.hf_llm import vtu_forward
 from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
@@ -435,3 +438,36 @@ def test_onevision_geometry_at_full_size_equals_the_stock_model():
         apply_dymu(model, MergePolicy(thresholds=[math.inf] * 2))
         for batch, expected in zip(inputs, stock, strict=True):
             assert torch.equal(model(**batch, logits_to_keep=1).logits, expected)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_thresholds_calibrated_on_the_processors_crops_merge_their_target_on_them(kind):
+    """Calibrated on the crops the model's own processor makes (base crops and tiles, not whole
+    images), the thresholds merge exactly r tokens per crop and layer on average when DyMU then runs
+    on the processor's output for the same images (batch top-k at calibration = thresholds after)."""
+    model = tiny_model(kind)
+    processor_class = LlavaNextImageProcessor if kind == "next" else LlavaOnevisionImageProcessor
+    size = {"shortest_edge": 32} if kind == "next" else {"height": 32, "width": 32}
+    processor = processor_class(size=size, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
+    generator = torch.Generator().manual_seed(0)
+    images = [
+        Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy())
+        for h, w in ((40, 70), (90, 50), (64, 64))
+    ]
+    crops_seen = processor_crops(model, processor, images)
+    assert crops_seen.shape == (7 + 7 + 5, 3, 32, 32)  # base crop + 2 x 3, 3 x 2 and 2 x 2 tiles
+    backbone = get_backbone("hf_clip" if kind == "next" else "hf_siglip")
+    found = batch_thresholds(backbone, model.model.vision_tower, crops_seen.double(), r=2)
+    apply_dymu(model, MergePolicy(thresholds=found))
+    out = processor(images=images, return_tensors="pt")
+    per_image = crops_per_image(model, out["image_sizes"])
+    with torch.no_grad():
+        merged = dymu_inputs(
+            model,
+            torch.tensor([[IMAGE] * sum(image_lengths(model, per_image, out["image_sizes"]))]),
+            out["pixel_values"].double(),
+            image_sizes=out["image_sizes"],
+        ).merged
+    blocks = 2 if kind == "next" else 3  # the blocks before the features LLaVA reads
+    full = 16 + (1 if kind == "next" else 0)  # patches, and CLIP's CLS
+    assert int(merged.lengths.sum()) == crops_seen.shape[0] * (full - 2 * blocks)
