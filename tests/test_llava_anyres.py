@@ -24,7 +24,14 @@ from transformers import (
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.hf_llava import apply_dymu, dymu_inputs, last_prefill, remove_dymu
-from dymu_lightning.backbones.hf_llava_next import crop_pixels, crops_per_image, image_lengths, pack, processor_crops
+from dymu_lightning.backbones.hf_llava_next import (
+    cell_support,
+    crop_pixels,
+    crops_per_image,
+    image_lengths,
+    pack,
+    processor_crops,
+)
 from dymu_lightning.backbones.hf_llm import vtu_forward
 from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
@@ -471,3 +478,23 @@ def test_thresholds_calibrated_on_the_processors_crops_merge_their_target_on_the
     blocks = 2 if kind == "next" else 3  # the blocks before the features LLaVA reads
     full = 16 + (1 if kind == "next" else 0)  # patches, and CLIP's CLS
     assert int(merged.lengths.sum()) == crops_seen.shape[0] * (full - 2 * blocks)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_the_probe_finds_the_supports_the_slow_way_finds_for_many_sizes(kind):
+    """cell_support (a row and a column channel per grid line) against a one-hot channel per patch,
+    for every grid shape and a spread of aspect ratios, unpadded and downsampled alike."""
+    model = tiny_model(kind)
+    side = 16  # patches per crop
+    checked = 0
+    for height in (17, 32, 41, 64, 77, 96, 150):
+        for width in (13, 32, 50, 64, 90, 96, 200):
+            size = torch.tensor([height, width])
+            count = crops_per_image(model, size[None])[0]
+            support = cell_support(model, count, size)
+            reads = full_support(model, count, size)
+            assert support.shape[0] == reads.shape[0], (height, width)
+            for cell, row in enumerate(support.tolist()):
+                assert sorted(p for p in row if p >= 0) == reads[cell].nonzero().flatten().tolist(), (height, width)
+            checked += reads.shape[0]
+    assert checked > 49 * side
