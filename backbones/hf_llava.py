@@ -340,19 +340,25 @@ def dymu_inputs(
 
 
 def next_token_logits(
-    model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_mask: Tensor | None = None, vtu: bool = True
+    model: nn.Module,
+    input_ids: Tensor,
+    pixel_values: Tensor | None,
+    attention_mask: Tensor | None = None,
+    vtu: bool = True,
+    **visual: Tensor | None,
 ) -> Tensor:
     """``[B, V]`` logits of the token after the prompt, with DyMU applied.
 
     ``vtu=False`` is the ablation without virtual unmerging: the rows are fed to the stock language
     model as a shorter sequence, each row at one position of its own (a merged visual token takes the
     place of its whole group). This is what a VLM sees when merged tokens are passed on as they are.
+    ``visual``: LLaVA-NeXT / OneVision's ``image_sizes``, ``batch_num_images`` and ``pixel_values_videos``.
     """
     if vtu:
         return model(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, logits_to_keep=1
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, logits_to_keep=1, **visual
         ).logits[:, -1]
-    inputs = dymu_inputs(model, input_ids, pixel_values, attention_mask)
+    inputs = dymu_inputs(model, input_ids, pixel_values, attention_mask, **visual)
     used = inputs.layout.counts() > 0  # [B, N_un]: rows behind a valid position (padding rows are not)
     positions = (used.long().cumsum(1) - 1).clamp(min=0)
     hidden = model.model.language_model(

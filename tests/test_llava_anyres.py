@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from dymu_lightning.backbones import get_backbone
-from dymu_lightning.backbones.hf_llava import apply_dymu, dymu_inputs, last_prefill, remove_dymu
+from dymu_lightning.backbones.hf_llava import apply_dymu, dymu_inputs, last_prefill, next_token_logits, remove_dymu
 from dymu_lightning.backbones.hf_llava_next import (
     cell_support,
     crop_pixels,
@@ -262,10 +262,14 @@ def test_an_image_keeps_its_rows_and_answer_whatever_its_batch_mates(kind):
     torch.testing.assert_close(single, together, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("images", ["one each", "two and one"])
 @pytest.mark.parametrize("kind", MODELS)
-def test_both_caches_generate_what_the_naive_reference_decodes(kind):
+def test_both_caches_generate_what_the_naive_reference_decodes(kind, images):
     model = tiny_model(kind)
-    batch = batch_of(model, [[40, 70], [90, 50]], [1, 1])
+    if images == "one each":
+        batch = batch_of(model, [[40, 70], [90, 50]], [1, 1])
+    else:  # OneVision gives the pair of sample 0 their base crops only
+        batch = batch_of(model, [[40, 70], [90, 50], [64, 96]], [2, 1], onevision_counts=kind == "onevision")
     out = {}
     for cache in ("compact", "expanded"):
         apply_dymu(model, merging_policy(model), cache=cache)
@@ -275,7 +279,8 @@ def test_both_caches_generate_what_the_naive_reference_decodes(kind):
             out[cache + " beams"] = beams.sequences
     with torch.no_grad():
         reference = greedy_reference(model, batch, steps=5)
-    assert last_prefill(model)["visual_rows"].lt(last_prefill(model)["visual_positions"]).all()
+    counts = last_prefill(model)  # of the reference's dymu_inputs
+    assert counts["visual_rows"].lt(counts["visual_positions"]).all()
     assert torch.equal(out["compact"][:, batch["input_ids"].shape[1] :], reference)
     assert torch.equal(out["expanded"], out["compact"])
     assert torch.equal(out["expanded beams"], out["compact beams"])
@@ -498,3 +503,24 @@ def test_the_probe_finds_the_supports_the_slow_way_finds_for_many_sizes(kind):
                 assert sorted(p for p in row if p >= 0) == reads[cell].nonzero().flatten().tolist(), (height, width)
             checked += reads.shape[0]
     assert checked > 49 * side
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_next_token_logits_with_and_without_vtu(kind):
+    model = tiny_model(kind)
+    batch = batch_of(model, [[40, 70], [90, 50]], [1, 1])
+    args = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    with torch.no_grad():
+        # the forward (VTU) takes positions 0..N-1, as the stock forward does without position_ids; the
+        # ablation counts the valid rows
+        stock = {True: model(**batch).logits[:, -1], False: model(**batch, position_ids=positions_of(batch)).logits}
+        stock[False] = stock[False][:, -1]
+        apply_dymu(model, INF)
+        # with nothing merged, rows are positions: both ways are the stock model
+        for vtu in (True, False):
+            ours = next_token_logits(model, *args, vtu=vtu, image_sizes=batch["image_sizes"])
+            torch.testing.assert_close(ours, stock[vtu], rtol=0, atol=1e-10)
+        apply_dymu(model, merging_policy(model))
+        with_vtu = next_token_logits(model, *args, image_sizes=batch["image_sizes"])
+        without = next_token_logits(model, *args, vtu=False, image_sizes=batch["image_sizes"])
+    assert (with_vtu - without).abs().max() > 1e-3
