@@ -14,6 +14,11 @@ inside the model changes, so removing restores the stock model exactly. While ap
 ``input_ids`` still hold one placeholder per patch, as LLaVA's processor writes them: they are the
 virtual positions, which is why ``generate()``'s bookkeeping (attention mask, positions, cache length)
 needs no change.
+
+``LlavaNextForConditionalGeneration`` and ``LlavaOnevisionForConditionalGeneration`` (AnyRes crops)
+take the same path: each crop is merged on its own and the virtual sequence is the model's native
+layout (unpadding, ``image_newline`` rows, OneVision's downsampling), built by
+:mod:`~dymu_lightning.backbones.hf_llava_next`.
 """
 
 from __future__ import annotations
@@ -29,14 +34,25 @@ from pathlib import Path
 import torch
 import transformers
 from torch import Tensor, nn
+from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from dymu_lightning.backbones.base import Backbone
+from dymu_lightning.backbones.hf_llava_next import (
+    ANYRES_MODELS,
+    Cells,
+    anyres_cells,
+    crop_pixels,
+    crops_per_image,
+    image_lengths,
+    is_anyres,
+    video_cells,
+)
 from dymu_lightning.backbones.hf_llm import CACHE_KINDS, CacheKind, HFCompactCache, vtu_decode, vtu_prefill
 from dymu_lightning.backbones.registry import find_backbone, get_backbone
 from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.core import MergedTokens, MergePolicy
-from dymu_lightning.core.vtu import VirtualLayout
+from dymu_lightning.core.vtu import VirtualLayout, layout_from_keys
 
 STATE_ATTRIBUTE = "_dymu_llava"
 # generate()'s hook that copies each sample for beams and returned sequences (see its override below).
@@ -58,6 +74,7 @@ class LlavaPatch:
         drop_prefix: True for LLaVA's "default" strategy, which drops the CLS token.
         cache: ``"expanded"`` or ``"compact"``, the KV cache ``generate()`` decodes with.
         last: what the latest prefill produced (see :func:`last_prefill`).
+        memo: AnyRes cell supports by (crops, image size), computed once each.
     """
 
     backbone: Backbone
@@ -66,6 +83,7 @@ class LlavaPatch:
     drop_prefix: bool
     cache: CacheKind
     last: dict[str, Tensor] = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,7 +94,7 @@ class DymuInputs:
         rows: ``[B, N_un, C]`` embeddings of the unique rows, in sequence order (text tokens and
             merged visual tokens), padded with zeros to the longest sample.
         layout: rows -> the ``N`` virtual positions of ``input_ids``.
-        merged: the vision tower's output (all images of the batch, in order).
+        merged: the vision tower's output (all crops of the batch, in order; a LLaVA image is one crop).
         visual_rows: ``[num_images]`` long, visual rows per image.
     """
 
@@ -95,10 +113,12 @@ def apply_dymu(
     max_merges: int | None = None,
     min_tokens: int | None = None,
 ) -> nn.Module:
-    """Make a ``LlavaForConditionalGeneration`` run with DyMU; returns the same model.
+    """Make a LLaVA run with DyMU; returns the same model.
 
     Args:
-        model: the LLaVA model.
+        model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` or
+            ``LlavaOnevisionForConditionalGeneration`` (AnyRes crops, see
+            :mod:`~dymu_lightning.backbones.hf_llava_next`).
         thresholds: a ``thresholds.json`` path, a loaded :class:`ThresholdsFile`, or a ready policy.
         cache: the KV cache of ``generate()``: ``"expanded"`` (the stock cache of the full sequence;
             decoding is the stock model's) or ``"compact"`` (keys per position as stock, values once
@@ -108,6 +128,7 @@ def apply_dymu(
         max_merges, min_tokens: per-image caps on top of the thresholds.
 
     Raises:
+        TypeError: another model class.
         ValueError: thresholds calibrated for another tower or another depth, an unknown cache kind,
             or a feature layer LLaVA-DyMU cannot read (a list of layers).
         RuntimeError: a transformers whose private generate() hook differs from the one overridden
@@ -115,6 +136,9 @@ def apply_dymu(
     """
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown cache {cache!r}; expected one of {CACHE_KINDS}")
+    if not isinstance(model, (LlavaForConditionalGeneration, *ANYRES_MODELS)):
+        supported = ", ".join(c.__name__ for c in (LlavaForConditionalGeneration, *ANYRES_MODELS))
+        raise TypeError(f"apply_dymu takes {supported}; not {type(model).__name__}")
     check_expand_hook(type(model))
     tower = model.model.vision_tower
     if isinstance(thresholds, (str, os.PathLike)):
@@ -132,7 +156,11 @@ def apply_dymu(
     if isinstance(thresholds, ThresholdsFile):
         # Tower, depth and image size (image_seq_length patches a side, as the processor feeds them:
         # a DINOv2 tower's config keeps its pretraining size); warns on a partial calibration.
-        side = math.isqrt(model.config.image_seq_length) * tower.config.patch_size
+        side = (
+            tower.config.image_size  # AnyRes: every crop is fed at the tower's size
+            if is_anyres(model)
+            else math.isqrt(model.config.image_seq_length) * tower.config.patch_size
+        )
         thresholds.check_fits(backbone, tower, side, num_blocks)
         policy = thresholds.policy(max_merges=max_merges, min_tokens=min_tokens)
     else:
@@ -182,7 +210,8 @@ def last_prefill(model: nn.Module) -> dict[str, Tensor]:
 
     ``visual_rows`` (``[num_images]``): rows each image became; ``visual_positions``
     (``[num_images]``): the placeholders each image had; ``rows`` and ``positions`` (``[B]``): the
-    language model's rows and valid positions per sample."""
+    language model's rows and valid positions per sample; for OneVision's videos, ``video_rows`` and
+    ``video_positions`` (``[num_videos]``) too. AnyRes images count their cells as positions."""
     if not is_dymu(model):
         raise ValueError(f"DyMU is not applied to this {type(model).__name__}")
     return dict(getattr(model, STATE_ATTRIBUTE).last)
@@ -201,89 +230,135 @@ def _feature_blocks(feature_layer: int | list[int], num_layers: int) -> int:
 def dymu_inputs(
     model: nn.Module,
     input_ids: Tensor,
-    pixel_values: Tensor,
+    pixel_values: Tensor | None,
     attention_mask: Tensor | None = None,
     position_ids: Tensor | None = None,
+    image_sizes: Tensor | None = None,
+    batch_num_images: Tensor | None = None,
+    pixel_values_videos: Tensor | None = None,
 ) -> DymuInputs:
     """Run the vision side with DToMe and lay out the language model's rows.
 
     Args:
         model: a LLaVA model with DyMU applied.
-        input_ids: ``[B, N]`` with one ``image_token_id`` placeholder per patch of each image.
-        pixel_values: ``[num_images, 3, H, W]``, the images in placeholder order.
+        input_ids: ``[B, N]`` with one ``image_token_id`` placeholder per virtual position of each image
+            (LLaVA: per patch; LLaVA-NeXT / OneVision: per cell of the stock layout), and one
+            ``video_token_id`` placeholder per cell of each video (OneVision).
+        pixel_values: ``[num_images, 3, H, W]``, the images in placeholder order (AnyRes:
+            ``[num_images, max_crops, 3, H, W]`` or ``[total_crops, 3, H, W]``), or None.
         attention_mask: ``[B, N]`` (0 for padding), or None.
         position_ids: ``[B, N]`` RoPE positions, or None for ``0..N-1``.
+        image_sizes: ``[num_images, 2]`` (AnyRes only), each image's (height, width).
+        batch_num_images: ``[B]`` (OneVision only), images per sample.
+        pixel_values_videos: ``[num_videos, frames, 3, H, W]`` (OneVision only), or None.
     """
     state: LlavaPatch = getattr(model, STATE_ATTRIBUTE)
+    anyres = is_anyres(model)
+    crops: list[int] = []
+    pixels = []
+    if pixel_values is not None:
+        if anyres:
+            if image_sizes is None:
+                raise ValueError(f"{type(model).__name__} needs image_sizes with pixel_values")
+            crops = crops_per_image(model, image_sizes, batch_num_images)
+            pixel_values = crop_pixels(pixel_values, crops)
+        else:
+            crops = [1] * pixel_values.shape[0]
+        pixels.append(pixel_values)
+    if pixel_values_videos is not None:
+        pixels.append(pixel_values_videos.flatten(0, 1))  # every frame is merged on its own
     tower = model.model.vision_tower
     merged = state.backbone.merged_forward(
-        tower, pixel_values.to(tower.dtype), state.policy, num_blocks=state.num_blocks
+        tower, torch.cat(pixels).to(tower.dtype), state.policy, num_blocks=state.num_blocks
     )
     prefix = merged.num_prefix if state.drop_prefix else 0
     keep = merged.layout.pos_index >= prefix
-    visual = model.model.multi_modal_projector(merged.packed[keep])  # [T', C], projected once per row
-    visual_rows = merged.lengths - prefix  # [num_images]
-    groups = merged.group - prefix  # [num_images, P]: the row of each patch (placeholder) within its image
+    visual = model.model.multi_modal_projector(merged.packed[keep])  # [T', C], projected once per token
+    tokens_per_crop = merged.lengths - prefix  # [crops]
+    # [crops, P]: each patch's merged token, as a row of `visual` (tokens are packed crop after crop)
+    token_of_patch = (tokens_per_crop.cumsum(0) - tokens_per_crop)[:, None] + merged.group - prefix
+    image_tokens, video_tokens = token_of_patch[: sum(crops)], token_of_patch[sum(crops) :]
 
-    placeholder = input_ids == model.config.image_token_id
-    num_images, per_image = groups.shape
-    found = int(placeholder.sum())
-    if found != num_images * per_image:
-        raise ValueError(
-            f"input_ids hold {found} image placeholders; {num_images} images need {per_image} each "
-            f"({num_images * per_image})"
+    parts: dict[str, tuple[int, Cells]] = {}  # "image" / "video" -> (placeholder id, cells)
+    if pixel_values is not None and anyres:
+        parts["image"] = (
+            model.config.image_token_id,
+            anyres_cells(model, visual, image_tokens, crops, image_sizes, state.memo),
         )
-    embeds = model.get_input_embeddings()(input_ids)  # the placeholders' embeddings go unused
+    elif pixel_values is not None:  # LLaVA: the placeholders are the patches, image after image
+        lengths = torch.full((len(crops),), image_tokens.shape[1], device=visual.device)
+        parts["image"] = (model.config.image_token_id, Cells(image_tokens.flatten(), visual[:0], lengths))
+    if pixel_values_videos is not None:
+        frames = pixel_values_videos.shape[1]
+        parts["video"] = (model.config.video_token_id, video_cells(model, visual, video_tokens, frames, state.memo))
+
+    # Keys: a merged token's key is its row of `visual`; cells with a row of their own follow them;
+    # a text position's key is its own, after all visual ones.
     batch, length = input_ids.shape
-
-    # Rows in sequence order: a text token adds one row, an image its visual rows at its first patch.
-    ordinal = placeholder.flatten().cumsum(0).view(batch, length) - 1
-    image = (ordinal // per_image).clamp(min=0)
-    patch = ordinal % per_image
-    first = placeholder & (patch == 0)
-    image_rows = visual_rows[image]
-    added = torch.where(placeholder, torch.where(first, image_rows, 0), 1)
-    start = added.cumsum(1) - added  # rows before each position
-    in_image = groups[image, patch] - torch.where(first, 0, image_rows)
-    expand = torch.where(placeholder, start + in_image, start)  # [B, N]
-    num_rows = int(added.sum(1).max())
-
-    rows = embeds.new_zeros(batch * num_rows, embeds.shape[-1])
-    sample = torch.arange(batch, device=input_ids.device)[:, None].expand(-1, length)
-    flat = sample * num_rows + expand
-    rows[flat[~placeholder]] = embeds[~placeholder]
-    image_base = flat[first]  # [num_images], in placeholder order = pixel order
-    # each kept token: its image, and its place among that image's visual rows
-    token_image, token_offset = merged.layout.batch_index[keep], merged.layout.pos_index[keep] - prefix
-    rows[image_base[token_image] + token_offset] = visual.to(rows.dtype)
-
-    valid = torch.ones_like(placeholder) if attention_mask is None else attention_mask.bool()
+    keys = torch.empty_like(input_ids)
+    text = torch.ones_like(input_ids, dtype=torch.bool)
+    own_tables, next_key, visual_keys = [], visual.shape[0], {}
+    for kind, (token_id, cells) in parts.items():
+        placeholder = input_ids == token_id
+        found = int(placeholder.sum())
+        if found != cells.token.numel():
+            images = cells.lengths.numel()
+            need = (
+                f"need {image_tokens.shape[1]} each ({cells.token.numel()})"
+                if not anyres
+                else f"take {cells.token.numel()} in this model's layout"
+            )
+            raise ValueError(f"input_ids hold {found} {kind} placeholders; {images} {kind}s {need}")
+        own_key = next_key + (cells.token < 0).long().cumsum(0) - 1
+        visual_keys[kind] = torch.where(cells.token >= 0, cells.token, own_key)  # [L], placeholder order
+        keys[placeholder] = visual_keys[kind]
+        text &= ~placeholder
+        own_tables.append(cells.own)
+        next_key += cells.own.shape[0]
+    keys[text] = next_key + torch.arange(batch * length, device=input_ids.device).view(batch, length)[text]
+    valid = torch.ones_like(text) if attention_mask is None else attention_mask.bool()
     positions = position_ids if position_ids is not None else torch.arange(length, device=input_ids.device)
-    layout = VirtualLayout(expand, positions.expand(batch, -1), valid, num_rows)
+    layout, row_key = layout_from_keys(keys, positions.expand(batch, -1), valid)
+
+    embeds = model.get_input_embeddings()(input_ids)  # the placeholders' embeddings go unused
+    table = torch.cat([t.to(embeds.dtype) for t in (visual, *own_tables)] + [embeds.flatten(0, 1)])
+    rows = torch.where(row_key[..., None] >= 0, table[row_key.clamp(min=0)], 0)  # [B, N_un, C]
+
     counts = layout.counts()
-    state.last.update(
-        visual_rows=visual_rows,
-        visual_positions=torch.full_like(visual_rows, per_image),
-        rows=(counts > 0).sum(1),
-        positions=counts.sum(1).long(),
-    )
-    return DymuInputs(rows.view(batch, num_rows, -1), layout, merged, visual_rows)
+    state.last.clear()
+    state.last.update(rows=(counts > 0).sum(1), positions=counts.sum(1).long())
+    for kind, (_, cells) in parts.items():
+        # rows per image (video): the distinct keys among its cells
+        owner = torch.repeat_interleave(torch.arange(cells.lengths.numel(), device=visual.device), cells.lengths)
+        pairs = torch.unique(torch.stack([owner, visual_keys[kind]]), dim=1)
+        state.last["visual_rows" if kind == "image" else "video_rows"] = torch.bincount(
+            pairs[0], minlength=cells.lengths.numel()
+        )
+        state.last["visual_positions" if kind == "image" else "video_positions"] = cells.lengths
+    visual_rows = state.last.get("visual_rows", state.last.get("video_rows"))
+    return DymuInputs(rows, layout, merged, visual_rows)
 
 
 def next_token_logits(
-    model: nn.Module, input_ids: Tensor, pixel_values: Tensor, attention_mask: Tensor | None = None, vtu: bool = True
+    model: nn.Module,
+    input_ids: Tensor,
+    pixel_values: Tensor | None,
+    attention_mask: Tensor | None = None,
+    vtu: bool = True,
+    **visual: Tensor | None,
 ) -> Tensor:
     """``[B, V]`` logits of the token after the prompt, with DyMU applied.
 
     ``vtu=False`` is the ablation without virtual unmerging: the rows are fed to the stock language
     model as a shorter sequence, each row at one position of its own (a merged visual token takes the
     place of its whole group). This is what a VLM sees when merged tokens are passed on as they are.
+    ``visual``: LLaVA-NeXT / OneVision's ``image_sizes``, ``batch_num_images`` and ``pixel_values_videos``.
     """
     if vtu:
         return model(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, logits_to_keep=1
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, logits_to_keep=1, **visual
         ).logits[:, -1]
-    inputs = dymu_inputs(model, input_ids, pixel_values, attention_mask)
+    inputs = dymu_inputs(model, input_ids, pixel_values, attention_mask, **visual)
     used = inputs.layout.counts() > 0  # [B, N_un]: rows behind a valid position (padding rows are not)
     positions = (used.long().cumsum(1) - 1).clamp(min=0)
     hidden = model.model.language_model(
@@ -304,20 +379,55 @@ def _expand_inputs_for_generation(
     copies each sample's group of images whole (``[A, B, A, B]``), in the order of the copied
     samples; everything else is copied as generate() does.
     """
-    pixel_values = model_kwargs.pop("pixel_values", None)
+    # per-image (per-video) tensors, copied below sample by sample; batch_num_images is per sample
+    # (the stock hook copies it)
+    per_image = {
+        key: model_kwargs.pop(key) for key in ("pixel_values", "image_sizes") if model_kwargs.get(key) is not None
+    }
+    videos = model_kwargs.pop("pixel_values_videos", None)
+    batch_num_images = model_kwargs.get("batch_num_images")
     input_ids, model_kwargs = type(self)._expand_inputs_for_generation(
         self, expand_size=expand_size, input_ids=input_ids, **model_kwargs
     )
-    if pixel_values is not None and expand_size > 1 and input_ids is not None:
-        placeholders = (input_ids[::expand_size] == self.config.image_token_id).sum(1)  # [B], one copy each
-        per_image = int(placeholders.sum()) // max(pixel_values.shape[0], 1)
-        images = (placeholders // max(per_image, 1)).tolist()  # images per sample
-        starts = accumulate(images, initial=0)  # each sample's first image
-        order = [s + i for s, n in zip(starts, images, strict=False) for _ in range(expand_size) for i in range(n)]
-        pixel_values = pixel_values[torch.tensor(order, dtype=torch.long, device=pixel_values.device)]
-    if pixel_values is not None:
-        model_kwargs["pixel_values"] = pixel_values
+    if expand_size > 1 and input_ids is not None:
+        first = input_ids[::expand_size]  # [B], one copy of each sample
+        if "pixel_values" in per_image:
+            placeholders = (first == self.config.image_token_id).sum(1)
+            images = _images_per_sample(self, placeholders, per_image, batch_num_images)
+            per_image = {key: _copy_per_sample(value, images, expand_size) for key, value in per_image.items()}
+        if videos is not None:  # every video of a batch has the same frames, so the same placeholders
+            placeholders = (first == self.config.video_token_id).sum(1)
+            each = int(placeholders.sum()) // max(videos.shape[0], 1)
+            videos = _copy_per_sample(videos, (placeholders // max(each, 1)).tolist(), expand_size)
+    model_kwargs.update(per_image)
+    if videos is not None:
+        model_kwargs["pixel_values_videos"] = videos
     return input_ids, model_kwargs
+
+
+def _copy_per_sample(items: Tensor, per_sample: list[int], expand_size: int) -> Tensor:
+    """``[n, ...]`` items, ``per_sample[b]`` of them for sample b in order -> each sample's items copied
+    ``expand_size`` times as a group: ``[A, B]`` of one sample becomes ``[A, B, A, B]``."""
+    starts = accumulate(per_sample, initial=0)  # each sample's first item
+    order = [s + i for s, n in zip(starts, per_sample, strict=False) for _ in range(expand_size) for i in range(n)]
+    return items[torch.tensor(order, dtype=torch.long, device=items.device)]
+
+
+def _images_per_sample(
+    model: nn.Module, placeholders: Tensor, per_image: dict[str, Tensor], batch_num_images: Tensor | None
+) -> list[int]:
+    """Images of each sample, from its placeholders (``[B]``) and each image's placeholder count."""
+    if batch_num_images is not None:
+        return batch_num_images.tolist()
+    pixel_values = per_image["pixel_values"]
+    if is_anyres(model):
+        sizes = per_image["image_sizes"]
+        lengths = image_lengths(model, crops_per_image(model, sizes), sizes, getattr(model, STATE_ATTRIBUTE).memo)
+    else:
+        lengths = [int(placeholders.sum()) // max(pixel_values.shape[0], 1)] * pixel_values.shape[0]
+    ends = torch.tensor(list(accumulate(lengths)))  # placeholders up to the end of each image
+    last = torch.searchsorted(ends, placeholders.cumsum(0).cpu(), right=True)  # images ending in each sample
+    return torch.diff(last, prepend=torch.zeros(1, dtype=last.dtype)).tolist()
 
 
 def _positions_kept(length: int, logits_to_keep: int | Tensor, device: torch.device) -> Tensor:
@@ -326,6 +436,17 @@ def _positions_kept(length: int, logits_to_keep: int | Tensor, device: torch.dev
         return logits_to_keep.to(device)
     start = length - logits_to_keep if logits_to_keep else 0
     return torch.arange(start, length, device=device)
+
+
+def _refuse_unsupported(model: nn.Module, videos: Tensor | None, kwargs: dict[str, object]) -> None:
+    """Inputs DyMU does not handle raise, rather than run the stock model or be dropped silently."""
+    if videos is not None and not isinstance(model, LlavaOnevisionForConditionalGeneration):
+        raise ValueError(f"{type(model).__name__} takes no video (pixel_values_videos)")
+    for name in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"DyMU reads {name} from the model's config when applied; do not pass it to forward")
+    if kwargs.get("mm_encoder_outputs"):
+        raise ValueError("DyMU encodes pixel_values itself; precomputed mm_encoder_outputs are not supported")
 
 
 def _dymu_forward(
@@ -339,11 +460,20 @@ def _dymu_forward(
     labels: Tensor | None = None,
     logits_to_keep: int | Tensor = 0,
     use_cache: bool | None = None,
+    image_sizes: Tensor | None = None,
+    batch_num_images: Tensor | None = None,
+    pixel_values_videos: Tensor | None = None,
     **kwargs: object,
 ) -> LlavaCausalLMOutputWithPast:
     state: LlavaPatch = getattr(self, STATE_ATTRIBUTE)
     language = self.model.language_model
-    if pixel_values is None and not isinstance(cache, HFCompactCache):
+    _refuse_unsupported(self, pixel_values_videos, kwargs)
+    if image_sizes is not None:  # the stock forwards of LLaVA-NeXT / OneVision take them
+        kwargs["image_sizes"] = image_sizes
+    if batch_num_images is not None:
+        kwargs["batch_num_images"] = batch_num_images
+    visual = pixel_values is not None or pixel_values_videos is not None
+    if not visual and not isinstance(cache, HFCompactCache):
         # Text only, or decoding with the expanded cache: exactly the stock model.
         return type(self).forward(
             self,
@@ -362,7 +492,7 @@ def _dymu_forward(
     if input_ids is None:
         raise ValueError("DyMU needs input_ids (with the image placeholders), not inputs_embeds")
 
-    if pixel_values is None:  # decoding with the compact cache
+    if not visual:  # decoding with the compact cache
         positions = position_ids
         if positions is None:
             positions = cache.seq_length + torch.arange(input_ids.shape[1], device=input_ids.device)[None]
@@ -377,7 +507,9 @@ def _dymu_forward(
 
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("DyMU prefills from an empty cache; continuing a cached prompt with images is not supported")
-    inputs = dymu_inputs(self, input_ids, pixel_values, attention_mask, position_ids)
+    inputs = dymu_inputs(
+        self, input_ids, pixel_values, attention_mask, position_ids, image_sizes, batch_num_images, pixel_values_videos
+    )
     use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
     hidden, store = vtu_prefill(language, inputs.rows, inputs.layout, state.cache if use_cache else None)
     kept = _positions_kept(input_ids.shape[1], logits_to_keep, hidden.device)

@@ -12,8 +12,8 @@ from tests_support import (
     PATCHES,
     TINY,
     generate,
+    greedy_reference,
     merging_policy,
-    naive_reference,
     prompt_batch,
     tiny_llava,
 )
@@ -32,25 +32,6 @@ from dymu_lightning.backbones.hf_llava import (
 from dymu_lightning.backbones.hf_llm import HFCompactCache
 from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.core import MergePolicy
-
-
-def greedy_reference(model, batch: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
-    """Greedy decoding with no cache at all: every step reruns the naive VTU reference (hidden states
-    copied to positions, the stock attention module, per-row means) over the whole sequence."""
-    mask = batch["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    inputs = dymu_inputs(model, batch["input_ids"], batch["pixel_values"], mask, positions)
-    rows, layout = inputs.rows, inputs.layout
-    language = model.model.language_model
-    tokens = []
-    for _ in range(steps):
-        hidden = naive_reference(language, rows, layout)
-        last = hidden.gather(1, layout.expand[:, -1:, None].expand(-1, -1, hidden.shape[-1]))
-        token = model.lm_head(last).argmax(-1)  # [B, 1]
-        tokens.append(token)
-        rows = torch.cat([rows, model.get_input_embeddings()(token)], dim=1)
-        layout = layout.extend(layout.positions[:, -1:] + 1)
-    return torch.cat(tokens, dim=1)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

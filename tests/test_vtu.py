@@ -9,7 +9,7 @@ from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from dymu_lightning.backbones.hf_llm import vtu_decode, vtu_forward, vtu_prefill
-from dymu_lightning.core.vtu import VirtualLayout, causal_attention, causal_mask, vtu_attention
+from dymu_lightning.core.vtu import VirtualLayout, causal_attention, causal_mask, layout_from_keys, vtu_attention
 
 
 def build(family: str, attn: str = "sdpa") -> torch.nn.Module:
@@ -183,3 +183,16 @@ def test_the_compact_cache_copies_and_selects_samples_with_its_layout():
         assert torch.equal(cache.layout.expand, expand[index])
         for layer, (keys, values) in zip(cache.layers, before, strict=True):
             assert torch.equal(layer.keys, keys[index]) and torch.equal(layer.values, values[index])
+
+
+def test_layout_from_keys_numbers_rows_by_first_position_in_each_sample():
+    keys = torch.tensor([[5, 3, 5, 9], [7, 7, 8, 2]])
+    positions = torch.arange(4).expand(2, -1)
+    valid = torch.tensor([[True] * 4, [False, True, True, True]])
+    layout, row_key = layout_from_keys(keys, positions, valid)
+    assert layout.expand.tolist() == [[0, 1, 0, 2], [0, 0, 1, 2]]
+    assert row_key.tolist() == [[5, 3, 9], [7, 8, 2]] and layout.num_rows == 3
+    assert layout.counts().tolist() == [[2, 1, 1], [1, 1, 1]]  # padding counts for no row
+    # a sample with fewer rows gets -1 keys for its padding rows
+    _, short = layout_from_keys(torch.tensor([[1, 1, 1], [4, 5, 6]]), positions[:, :3], valid[:, :3])
+    assert short.tolist() == [[1, -1, -1], [4, 5, 6]]

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.hf_llava import dymu_inputs
 from dymu_lightning.backbones.thresholds import ThresholdsFile, batch_thresholds
 from dymu_lightning.config import load_recipe
 from dymu_lightning.core import MergePolicy
@@ -210,6 +211,27 @@ def merging_policy(model: LlavaForConditionalGeneration) -> MergePolicy:
     backbone = get_backbone("hf_clip")
     found = batch_thresholds(backbone, model.model.vision_tower, llava_images(4), r=6)
     return MergePolicy(thresholds=[t + 1e-6 for t in found])
+
+
+def greedy_reference(model, batch: dict[str, torch.Tensor], steps: int) -> torch.Tensor:
+    """Greedy decoding with no cache at all: every step reruns the naive VTU reference (hidden states
+    copied to positions, the stock attention module, per-row means) over the whole sequence.
+    ``batch`` may hold ``image_sizes``, ``batch_num_images`` and ``pixel_values_videos`` (LLaVA-NeXT / OneVision)."""
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {key: batch.get(key) for key in ("image_sizes", "batch_num_images", "pixel_values_videos")}
+    inputs = dymu_inputs(model, batch["input_ids"], batch.get("pixel_values"), mask, positions, **extra)
+    rows, layout = inputs.rows, inputs.layout
+    language = model.model.language_model
+    tokens = []
+    for _ in range(steps):
+        hidden = naive_reference(language, rows, layout)
+        last = hidden.gather(1, layout.expand[:, -1:, None].expand(-1, -1, hidden.shape[-1]))
+        token = model.lm_head(last).argmax(-1)  # [B, 1]
+        tokens.append(token)
+        rows = torch.cat([rows, model.get_input_embeddings()(token)], dim=1)
+        layout = layout.extend(layout.positions[:, -1:] + 1)
+    return torch.cat(tokens, dim=1)
 
 
 def generate(model, batch: dict[str, torch.Tensor], steps: int, **kwargs):

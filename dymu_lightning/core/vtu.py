@@ -148,6 +148,39 @@ class VirtualLayout:
         )
 
 
+def layout_from_keys(keys: Tensor, positions: Tensor, valid: Tensor) -> tuple[VirtualLayout, Tensor]:
+    """Rows from one key per virtual position: the positions that share a key share a row.
+
+    A multimodal model's sequence is built this way: a text token's key is its own, every position
+    of a merged visual token's group carries that token's key. Rows are numbered, in each sample, in
+    the order of their key's first position, so the numbering does not depend on the batch-mates.
+
+    Args:
+        keys: ``[B, N]`` long, ``>= 0``; a key never occurs in two samples.
+        positions: ``[B, N]`` long RoPE positions.
+        valid: ``[B, N]`` bool, False for padding.
+
+    Returns:
+        The layout, and ``[B, N_un]`` long: the key behind each row (-1 for the padding rows of
+        samples with fewer rows).
+    """
+    batch, length = keys.shape
+    flat = keys.flatten()
+    order = torch.arange(batch * length, device=keys.device)
+    # the first position of every key (keys that occur nowhere keep a value past the end)
+    first = torch.full((int(flat.max()) + 1,), batch * length, dtype=torch.long, device=keys.device)
+    first.scatter_reduce_(0, flat, order, reduce="amin")
+    opens = (first[flat] == order).view(batch, length)  # [B, N]: the position that opens a row
+    rank = opens.long().cumsum(1) - 1  # a row's number within its sample, read at its first position
+    row_of_key = torch.zeros_like(first)
+    row_of_key[keys[opens]] = rank[opens]
+    num_rows = int(opens.sum(1).max())
+    row_key = torch.full((batch, num_rows), -1, dtype=torch.long, device=keys.device)
+    sample = torch.arange(batch, device=keys.device)[:, None].expand(-1, length)
+    row_key[sample[opens], rank[opens]] = keys[opens]
+    return VirtualLayout(row_of_key[keys], positions, valid, num_rows), row_key
+
+
 @dataclass(frozen=True)
 class PackedLayout:
     """A :class:`VirtualLayout` whose rows are packed: only the rows some valid position uses, all
