@@ -115,8 +115,8 @@ def apply_dymu(
     """
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown cache {cache!r}; expected one of {CACHE_KINDS}")
+    tower = _llava_tower(model)
     check_expand_hook(type(model))
-    tower = model.model.vision_tower
     if isinstance(thresholds, (str, os.PathLike)):
         thresholds = ThresholdsFile.load(Path(thresholds))
     if isinstance(backbone, str):
@@ -148,6 +148,21 @@ def apply_dymu(
     object.__setattr__(model, "forward", types.MethodType(_dymu_forward, model))
     object.__setattr__(model, EXPAND_ATTRIBUTE, types.MethodType(_expand_inputs_for_generation, model))
     return model
+
+
+def _llava_tower(model: nn.Module) -> nn.Module:
+    """The vision tower of a LLaVA; a TypeError naming the model otherwise (a Qwen2-VL has its tower
+    at ``model.visual`` and M-RoPE in its language model, which VTU does not cover yet)."""
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    if tower is not None:
+        return tower
+    hint = ""
+    if getattr(getattr(model, "model", None), "visual", None) is not None:
+        hint = (
+            " DyMU in a Qwen2-VL / Qwen2.5-VL (VTU over M-RoPE in its language model) is not implemented yet;"
+            " its vision tower alone merges with the backbones 'hf_qwen2_vl' and 'hf_qwen2_5_vl'."
+        )
+    raise TypeError(f"apply_dymu takes a LlavaForConditionalGeneration, not a {type(model).__name__}.{hint}")
 
 
 def check_expand_hook(model_class: type) -> None:
