@@ -367,3 +367,35 @@ def test_a_saved_tower_loads_and_gives_the_same_features(name, tmp_path):
         ):
             assert torch.equal(ours, theirs)
     assert backbone.image_size(loaded) == 448  # no img_size saved: Qwen's usual 448 px square
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("split", [[[0, 2], [1, 3]], [[3], [2, 0, 1]], [[1], [0], [3, 2]]])
+def test_native_calibration_does_not_depend_on_the_split_over_processes(name, split):
+    """Images of different cell counts dealt to 2 or 3 emulated ranks (threads with a blocking
+    all-gather) rank their edges globally: thresholds and every image's counts equal one process."""
+    from test_properties_calibration import ThreadGroup
+
+    from dymu_lightning.core.calibration import GlobalBatchCut
+
+    backbone, model = _tower(name)
+    images = _images(SIZES)
+    r = [3] * backbone.num_layers(model)
+
+    def calibrate(batch, cut=None):
+        found = {}
+        record = lambda merges: found.__setitem__(merges.layer, float(merges.batch_threshold))  # noqa: E731
+        policy = MergePolicy(mode="batch_topk", r=r, batch_cut=cut, on_layer=record)
+        with torch.no_grad():
+            return found, backbone.merged_forward_images(model, batch, policy).tokens_per_layer
+
+    whole_thresholds, whole_counts = calibrate(images)
+
+    def rank_work(rank: int, gather):
+        local = [images[i] for i in split[rank]]
+        return calibrate(local, GlobalBatchCut(r, torch.ones(len(local), dtype=torch.bool), len(images), gather))
+
+    results = ThreadGroup(len(split)).run(rank_work)
+    for rank, (thresholds, counts) in enumerate(results):
+        assert thresholds == pytest.approx(whole_thresholds, abs=1e-12)
+        assert torch.equal(counts, whole_counts[split[rank]])
