@@ -152,15 +152,16 @@ def apply_dymu(
 
 def _llava_tower(model: nn.Module) -> nn.Module:
     """The vision tower of a LLaVA; a TypeError naming the model otherwise (a Qwen2-VL has its tower
-    at ``model.visual`` and M-RoPE in its language model, which VTU does not cover yet)."""
+    at ``model.visual``, and the end-to-end path for it is not written yet)."""
     tower = getattr(getattr(model, "model", None), "vision_tower", None)
     if tower is not None:
         return tower
     hint = ""
     if getattr(getattr(model, "model", None), "visual", None) is not None:
         hint = (
-            " DyMU in a Qwen2-VL / Qwen2.5-VL (VTU over M-RoPE in its language model) is not implemented yet;"
-            " its vision tower alone merges with the backbones 'hf_qwen2_vl' and 'hf_qwen2_5_vl'."
+            " DyMU end to end in a Qwen2-VL / Qwen2.5-VL (placing the merged tower's tokens in its M-RoPE"
+            " language model) is not implemented yet; its vision tower merges with the backbones 'hf_qwen2_vl'"
+            " and 'hf_qwen2_5_vl', and its language model runs VTU with [3, B, N] positions (docs/vtu.md)."
         )
     raise TypeError(f"apply_dymu takes a LlavaForConditionalGeneration, not a {type(model).__name__}.{hint}")
 

@@ -48,7 +48,9 @@ class VirtualLayout:
 
     Attributes:
         expand: ``[B, N]`` long, the row behind each virtual position.
-        positions: ``[B, N]`` long, the RoPE position of each virtual position.
+        positions: ``[B, N]`` long, the RoPE position of each virtual position; or ``[A, B, N]`` for a
+            rotary embedding with ``A`` position axes (Qwen2-VL's M-RoPE: temporal, height, width).
+            Only the host's rotary embedding reads them: a merged row's positions are its members'.
         valid: ``[B, N]`` bool, False for padding positions.
         num_rows: ``N_un``, rows per sample (samples with fewer rows are padded).
     """
@@ -79,17 +81,17 @@ class VirtualLayout:
         """This layout with ``t`` new tokens appended, each its own new row.
 
         Args:
-            positions: ``[B, t]`` RoPE positions of the new tokens.
+            positions: ``[B, t]`` (or ``[A, B, t]``, as the layout's) RoPE positions of the new tokens.
             valid: ``[B, N + t]`` validity of every position afterwards (a generation attention
                 mask); None keeps the old validity and marks the new tokens valid.
         """
-        batch, new = positions.shape
+        batch, new = positions.shape[-2:]
         rows = self.num_rows + torch.arange(new, device=positions.device).expand(batch, -1)
         if valid is None:
             valid = torch.cat([self.valid, torch.ones_like(positions, dtype=torch.bool)], dim=1)
         return VirtualLayout(
             torch.cat([self.expand, rows], dim=1),
-            torch.cat([self.positions, positions], dim=1),
+            torch.cat([self.positions, positions], dim=-1),
             valid.bool(),
             self.num_rows + new,
         )
@@ -98,7 +100,7 @@ class VirtualLayout:
         """The samples ``index`` (``[B']`` long), in that order (beam search reorders the batch)."""
         return VirtualLayout(
             self.expand.index_select(0, index),
-            self.positions.index_select(0, index),
+            self.positions.index_select(-2, index),
             self.valid.index_select(0, index),
             self.num_rows,
         )
