@@ -159,9 +159,9 @@ def _llava_tower(model: nn.Module) -> nn.Module:
     hint = ""
     if getattr(getattr(model, "model", None), "visual", None) is not None:
         hint = (
-            " DyMU end to end in a Qwen2-VL / Qwen2.5-VL (placing the merged tower's tokens in its M-RoPE"
+            " DyMU end to end in a Qwen2-VL / Qwen2.5-VL (generation with the merged tower's tokens in its M-RoPE"
             " language model) is not implemented yet; its vision tower merges with the backbones 'hf_qwen2_vl'"
-            " and 'hf_qwen2_5_vl', and its language model runs VTU with [3, B, N] positions (docs/vtu.md)."
+            " and 'hf_qwen2_5_vl', and a prefill runs with hf_qwen_vl_lm.qwen_vl_prefill (docs/vtu.md)."
         )
     raise TypeError(f"apply_dymu takes a LlavaForConditionalGeneration, not a {type(model).__name__}.{hint}")
 
@@ -268,7 +268,10 @@ def dymu_inputs(
     sample = torch.arange(batch, device=input_ids.device)[:, None].expand(-1, length)
     flat = sample * num_rows + expand
     rows[flat[~placeholder]] = embeds[~placeholder]
-    image_base = flat[first]  # [num_images], in placeholder order = pixel order
+    # [num_images], in placeholder order = pixel order: the row where each image's first placeholder
+    # opens its rows, not that placeholder's own row (without a prefix token, an image's first patch
+    # is an A token and may merge into a later one)
+    image_base = (sample * num_rows + start)[first]
     # each kept token: its image, and its place among that image's visual rows
     token_image, token_offset = merged.layout.batch_index[keep], merged.layout.pos_index[keep] - prefix
     rows[image_base[token_image] + token_offset] = visual.to(rows.dtype)

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "dymu_lightning.data": 1,
     "dymu_lightning.backbones": 2,
     "dymu_lightning.backbones.hf_qwen_vl": 2,
+    "dymu_lightning.backbones.hf_qwen_vl_lm": 2,
     "dymu_lightning.loading": 3,
     "dymu_lightning.testing": 3,
     "dymu_lightning.demo": 3,
