@@ -161,7 +161,8 @@ def _llava_tower(model: nn.Module) -> nn.Module:
         hint = (
             " DyMU end to end in a Qwen2-VL / Qwen2.5-VL (generation with the merged tower's tokens in its M-RoPE"
             " language model) is not implemented yet; its vision tower merges with the backbones 'hf_qwen2_vl'"
-            " and 'hf_qwen2_5_vl', and a prefill runs with hf_qwen_vl_lm.qwen_vl_prefill (docs/vtu.md)."
+            " and 'hf_qwen2_5_vl', and hf_qwen_vl_lm.qwen_vl_prefill / qwen_vl_decode run the model step by"
+            " step (docs/vtu.md)."
         )
     raise TypeError(f"apply_dymu takes a LlavaForConditionalGeneration, not a {type(model).__name__}.{hint}")
 

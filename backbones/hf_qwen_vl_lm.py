@@ -7,9 +7,13 @@ tower merges cells (:mod:`dymu_lightning.backbones.hf_qwen_vl`); each image then
 cell's group. Positions are the host's own M-RoPE positions of the full prompt (``get_rope_index``),
 so every cell keeps its (t, h, w) position and the text keeps its own.
 
-Not done yet: ``generate()`` (the first decoding step needs the host's rope deltas, which
-:class:`QwenDymuPrefill` returns, but nothing drives the loop), videos, and an ``apply_dymu`` that patches
-the model's forward.
+Decoding (:func:`qwen_vl_decode`) continues from a prefill's cache, one or more new text tokens at a
+time: the compact cache through VTU's decoding, the expanded one through the stock language model.
+New text continues after the prompt's largest M-RoPE position, on all three axes, as the host's rope
+deltas say.
+
+Not done yet: ``generate()`` (a greedy loop over :func:`qwen_vl_decode` is in the tests), videos, and
+an ``apply_dymu`` that patches the model's forward.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dymu_lightning.backbones.hf_llm import CacheKind, vtu_prefill
+from dymu_lightning.backbones.hf_llm import CacheKind, HFCompactCache, vtu_decode, vtu_prefill
 from dymu_lightning.backbones.registry import find_backbone
 from dymu_lightning.core import MergedTokens, MergePolicy
 from dymu_lightning.core.vtu import VirtualLayout, rows_for_groups
@@ -95,3 +99,37 @@ def qwen_vl_prefill(
     layout = VirtualLayout(expand, positions, valid, num_rows)
     hidden, store = vtu_prefill(model.model.language_model, rows.view(batch, num_rows, -1), layout, cache)
     return QwenDymuPrefill(model.lm_head(hidden), layout, merged, deltas, store)
+
+
+def next_positions(positions: Tensor, valid: Tensor, new: int) -> Tensor:
+    """``[3, B, new]``: M-RoPE positions of ``new`` text tokens after a sequence whose positions are
+    ``positions`` (``[3, B, N]``) and validity ``valid`` (``[B, N]``): one past its largest valid
+    position, on every axis (what the host's rope deltas give)."""
+    last = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))  # [B]
+    steps = torch.arange(1, new + 1, device=positions.device)
+    return (last[:, None] + steps).expand(3, -1, -1)
+
+
+def qwen_vl_decode(model: nn.Module, cache: object, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+    """New text tokens after :func:`qwen_vl_prefill` (the cache is updated in place).
+
+    Args:
+        model: the whole model.
+        cache: the prefill's cache (``"compact"``: VTU decoding; ``"expanded"``: the stock language
+            model on its own cache, which holds every virtual position).
+        input_ids: ``[B, t]`` new tokens.
+        positions: ``[3, B, t]`` their M-RoPE positions (:func:`next_positions`).
+        valid: ``[B, N + t]`` validity of every position so far.
+
+    Returns:
+        ``[B, t, V]`` logits.
+    """
+    embeds = model.get_input_embeddings()(input_ids)
+    language = model.model.language_model
+    if isinstance(cache, HFCompactCache):
+        hidden = vtu_decode(language, embeds, cache, positions, valid)
+    else:
+        hidden = language(
+            inputs_embeds=embeds, position_ids=positions, attention_mask=valid.long(), cache=cache
+        ).last_hidden_state
+    return model.lm_head(hidden)

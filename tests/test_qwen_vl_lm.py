@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from dymu_lightning.backbones import get_backbone
-from dymu_lightning.backbones.hf_qwen_vl_lm import qwen_vl_prefill
+from dymu_lightning.backbones.hf_qwen_vl_lm import next_positions, qwen_vl_decode, qwen_vl_prefill
 from dymu_lightning.core import MergePolicy
 from dymu_lightning.core.vtu import VirtualLayout, rows_for_groups
 
@@ -162,3 +162,46 @@ def test_a_wrong_placeholder_count_is_a_clear_error():
     input_ids, attention_mask, images = prompts()
     with pytest.raises(ValueError, match=r"input_ids hold 31 image placeholders; the images have 23 cells"):
         qwen_vl_prefill(model, input_ids, images[:2] + [images[1]], MergePolicy.off(), attention_mask)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("cache", ["compact", "expanded"])
+def test_greedy_decoding_at_infinite_thresholds_is_the_stock_model(family, cache):
+    """Three greedy steps after the prefill: each step's logits equal the stock model's on the whole
+    sequence so far (recomputed, M-RoPE positions from the host), for both caches."""
+    model = build(family)
+    input_ids, attention_mask, images = prompts()
+    policy = MergePolicy(thresholds=[math.inf] * len(model.model.visual.blocks))
+    with torch.no_grad():
+        prefill = qwen_vl_prefill(model, input_ids, images, policy, attention_mask, cache=cache)
+        logits = prefill.position_logits()[:, -1]
+        positions, valid, ids, mask = prefill.layout.positions, prefill.layout.valid, input_ids, attention_mask
+        for _ in range(3):
+            token = logits.argmax(-1, keepdim=True)  # [B, 1]
+            new_positions = next_positions(positions, valid, 1)
+            positions, valid = torch.cat([positions, new_positions], -1), torch.cat([valid, valid[:, -1:]], 1)
+            logits = qwen_vl_decode(model, prefill.cache, token, new_positions, valid)[:, -1]
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, mask[:, -1:]], 1)
+            stock = stock_logits(model, ids, mask, images)[:, -1]
+            torch.testing.assert_close(logits, stock, rtol=0, atol=1e-8)
+
+
+def test_merged_decoding_compact_equals_expanded_and_the_naive_reference():
+    model = build()
+    input_ids, attention_mask, images = prompts()
+    policy = MergePolicy(mode="fixed_r", r=2)
+    with torch.no_grad():
+        compact = qwen_vl_prefill(model, input_ids, images, policy, attention_mask, cache="compact")
+        expanded = qwen_vl_prefill(model, input_ids, images, policy, attention_mask, cache="expanded")
+        rows, layout = _rows(model, input_ids, images, compact), compact.layout
+        for new in (2, 1):
+            ids = torch.randint(1, 50, (2, new), generator=torch.Generator().manual_seed(new))
+            positions = next_positions(layout.positions, layout.valid, new)
+            valid = torch.cat([layout.valid, torch.ones(2, new, dtype=torch.bool)], 1)
+            ours = qwen_vl_decode(model, compact.cache, ids, positions, valid)
+            theirs = qwen_vl_decode(model, expanded.cache, ids, positions, valid)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+            rows = torch.cat([rows, model.get_input_embeddings()(ids)], 1)
+            layout = layout.extend(positions, valid)
+            reference = model.lm_head(naive_reference(model.model.language_model, rows, layout))[:, -new:]
+            torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)

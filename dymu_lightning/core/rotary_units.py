@@ -260,6 +260,9 @@ def _grid_attention(
         ``[T, H, d]``.
     """
     q_g, k_g, v_g = layout.pad_stack([q, k, v]).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, d]
+    if windows is None and key_bias is None and layout.is_dense:
+        # no padding, no windows, no sizes: plain attention, as the stock tower runs it
+        return layout.pack(attention(q_g, k_g, v_g, scale, None, backend).transpose(1, 2))
     valid = layout.valid_mask()  # [B, L]
     allowed = valid[:, None, :].expand(-1, layout.max_len, -1)
     if windows is not None:
