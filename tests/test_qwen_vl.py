@@ -399,3 +399,26 @@ def test_native_calibration_does_not_depend_on_the_split_over_processes(name, sp
     for rank, (thresholds, counts) in enumerate(results):
         assert thresholds == pytest.approx(whole_thresholds, abs=1e-12)
         assert torch.equal(counts, whole_counts[split[rank]])
+
+
+def test_the_calibrate_task_runs_on_a_qwen_tower(tmp_path, shards):
+    """`dymu recipe=...` with model.backbone=hf_qwen2_vl: square images at model.image_size, tokens
+    counted in cells (64 at 64 px), one threshold per block."""
+    import yaml
+    from tests_support import run
+
+    arch = dict(get_backbone("hf_qwen2_vl").tiny_configs()[0].config)
+    arch.pop("img_size")  # ours, not the host config's: a recipe sets model.image_size
+    recipe = {
+        "task": "calibrate",
+        "out_dir": str(tmp_path / "out"),
+        "model": {"backbone": "hf_qwen2_vl", "random_init": True, "arch": arch, "image_size": 64},
+        "data": {"shards": str(shards), "global_batch_size": 4},
+        "schedule": {"r": 3},
+        "trainer": {"accelerator": "cpu", "progress_bar": False},
+    }
+    path = tmp_path / "qwen.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run(path)
+    assert result.backbone == "hf_qwen2_vl" and len(result.thresholds) == 3
+    assert result.tokens["full"] == 64 and result.tokens["images"] == 10 and result.tokens["mean"] < 64
