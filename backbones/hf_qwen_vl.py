@@ -16,8 +16,12 @@ Two entry points:
 * :meth:`HFQwen2VLVision.merged_forward_images` takes images of different sizes (native resolution),
   packed as the tower packs them.
 
-Not done yet: videos (``t > 1`` frames), VTU over M-RoPE in the language model, loading from a full
-``Qwen2VLForConditionalGeneration`` checkpoint, the static engine path.
+The whole model (tower, then VTU over M-RoPE in the language model) is in
+:mod:`dymu_lightning.backbones.hf_qwen_vl_lm`.
+
+Not done yet: videos (``t > 1`` frames), loading the tower out of a whole
+``Qwen2VLForConditionalGeneration`` checkpoint (``load`` takes a saved tower), the static engine path
+and the CUDA varlen kernels (attention runs on a padded grid per image).
 """
 
 from __future__ import annotations
