@@ -19,20 +19,23 @@ Two entry points:
 The whole model (tower, then VTU over M-RoPE in the language model) is in
 :mod:`dymu_lightning.backbones.hf_qwen_vl_lm`.
 
-Not done yet: videos (``t > 1`` frames), loading the tower out of a whole
-``Qwen2VLForConditionalGeneration`` checkpoint (``load`` takes a saved tower), the static engine path
-and the CUDA varlen kernels (attention runs on a padded grid per image).
+Not done yet: videos (``t > 1`` frames), loading the tower out of a whole model by hub id (a local
+directory of a whole model works), the static engine path and the CUDA varlen kernels (attention runs
+on a padded grid per image).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import Qwen2_5_VLVisionConfig, Qwen2VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
@@ -65,12 +68,34 @@ class HFQwen2VLVision(Backbone):
 
     # ----- building and loading ---------------------------------------------------------------------
     def load(self, source: str | os.PathLike[str] | None = None) -> nn.Module:
-        """A saved vision tower (``save_pretrained`` of the tower itself, not of the whole VLM)."""
+        """A vision tower from a hub id or a local directory: a saved tower (``save_pretrained`` of the
+        tower itself), or a whole Qwen2-VL / Qwen2.5-VL directory, of which only the tower's config
+        and weights are read (the language model's weights are never loaded)."""
         source = source if source is not None else self.default_source
         if source is None:
             raise ValueError(f"backbone '{self.name}' needs a hub id or a local directory to load from")
-        source = local_dir(source) or source
-        return self.model_class.from_pretrained(str(source), attn_implementation="sdpa").eval()
+        directory = local_dir(source)
+        if directory is not None and "vision_config" in json.loads((directory / "config.json").read_text()):
+            return self._tower_of_whole_model(directory)
+        return self.model_class.from_pretrained(str(directory or source), attn_implementation="sdpa").eval()
+
+    def _tower_of_whole_model(self, directory: Path) -> nn.Module:
+        """The tower of a whole saved model: its ``vision_config``, and the weights under ``model.visual.``
+        (transformers 5.x) or ``visual.`` (checkpoints written by 4.x), from the safetensors files."""
+        config = self.config_class.from_dict(json.loads((directory / "config.json").read_text())["vision_config"])
+        config._attn_implementation = "sdpa"
+        model = self.model_class(config)
+        state = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            for key, value in load_file(str(file)).items():
+                for prefix in ("model.visual.", "visual."):
+                    if key.startswith(prefix):
+                        state[key[len(prefix) :]] = value
+        if not state:
+            raise FileNotFoundError(f"backbone '{self.name}': no vision tower weights in {directory}/*.safetensors")
+        model.load_state_dict(state, strict=True)
+        dtype = next(iter(state.values())).dtype
+        return model.to(dtype).eval()
 
     def build(self, config: Mapping[str, Any]) -> nn.Module:
         """A random tower; ``img_size`` (the square side :meth:`preprocess` and the tests use) is ours,

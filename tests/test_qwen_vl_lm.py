@@ -205,3 +205,22 @@ def test_merged_decoding_compact_equals_expanded_and_the_naive_reference():
             layout = layout.extend(positions, valid)
             reference = model.lm_head(naive_reference(model.model.language_model, rows, layout))[:, -new:]
             torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_tower_loads_out_of_a_whole_saved_model(family, tmp_path):
+    """`load` on a whole model's directory reads only the tower: its config and the weights under
+    model.visual., and gives the whole model's tower's features exactly."""
+    model = build(family)
+    model.save_pretrained(tmp_path / "whole")
+    backbone = get_backbone(FAMILIES[family][0])
+    tower = backbone.load(tmp_path / "whole")
+    assert type(tower) is type(model.model.visual) and next(tower.parameters()).dtype == torch.float64
+    _, _, images = prompts()
+    with torch.no_grad():
+        for ours, theirs in zip(
+            backbone.stock_features_images(tower, images),
+            backbone.stock_features_images(model.model.visual, images),
+            strict=True,
+        ):
+            assert torch.equal(ours, theirs)
