@@ -55,6 +55,10 @@ class Backbone(ABC):
 
     #: Registry name; set by :func:`~dymu_lightning.backbones.registry.register_backbone`.
     name: str = ""
+    #: True when :meth:`blocks` describes every host block completely as :class:`BlockParts` (no
+    #: positional term inside attention), so the generic engine and the naive ViT reference of the
+    #: tests apply. Rotary towers (Qwen-VL) set False and bring their own forward and reference.
+    plain_blocks: bool = True
 
     # ----- building and loading ---------------------------------------------------------------------
     @abstractmethod

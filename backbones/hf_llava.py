@@ -137,10 +137,9 @@ def apply_dymu(
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown cache {cache!r}; expected one of {CACHE_KINDS}")
     if not isinstance(model, (LlavaForConditionalGeneration, *ANYRES_MODELS)):
-        supported = ", ".join(c.__name__ for c in (LlavaForConditionalGeneration, *ANYRES_MODELS))
-        raise TypeError(f"apply_dymu takes {supported}; not {type(model).__name__}")
-    check_expand_hook(type(model))
+        raise TypeError(_unsupported_model(model))
     tower = model.model.vision_tower
+    check_expand_hook(type(model))
     if isinstance(thresholds, (str, os.PathLike)):
         thresholds = ThresholdsFile.load(Path(thresholds))
     if isinstance(backbone, str):
@@ -176,6 +175,20 @@ def apply_dymu(
     object.__setattr__(model, "forward", types.MethodType(_dymu_forward, model))
     object.__setattr__(model, EXPAND_ATTRIBUTE, types.MethodType(_expand_inputs_for_generation, model))
     return model
+
+
+def _unsupported_model(model: nn.Module) -> str:
+    """Why :func:`apply_dymu` refuses this model (a Qwen2-VL gets a pointer to what exists for it)."""
+    supported = ", ".join(c.__name__ for c in (LlavaForConditionalGeneration, *ANYRES_MODELS))
+    message = f"apply_dymu takes {supported}; not {type(model).__name__}."
+    if getattr(getattr(model, "model", None), "visual", None) is not None:
+        message += (
+            " DyMU end to end in a Qwen2-VL / Qwen2.5-VL (generation with the merged tower's tokens in its M-RoPE"
+            " language model) is not implemented yet; its vision tower merges with the backbones 'hf_qwen2_vl'"
+            " and 'hf_qwen2_5_vl', and hf_qwen_vl_lm.qwen_vl_prefill / qwen_vl_decode run the model step by"
+            " step (docs/vtu.md)."
+        )
+    return message
 
 
 def check_expand_hook(model_class: type) -> None:

@@ -1,4 +1,6 @@
-"""VTU in HF Llama-family language models (Llama, Qwen2, Mistral in transformers 5.x).
+"""VTU in HF Llama-family language models (Llama, Qwen2, Mistral in transformers 5.x), and in the
+language model of Qwen2-VL (``Qwen2VLTextModel``), whose M-RoPE takes ``[3, B, N]`` (t, h, w)
+positions: a layout holding such positions gives every member of a merged visual row its own.
 
 Their decoder layers share one shape: ``input_layernorm -> self_attn (q/k/v/o_proj, RoPE) ->
 residual -> post_attention_layernorm -> mlp -> residual``, with ``model.rotary_emb`` giving the RoPE
@@ -157,7 +159,7 @@ def vtu_decode(
         model: the host base model.
         embeds: ``[B, t, C]`` input embeddings of the new tokens.
         cache: from :func:`vtu_prefill` with ``cache="compact"``.
-        positions: ``[B, t]`` RoPE positions of the new tokens.
+        positions: ``[B, t]`` RoPE positions of the new tokens (``[3, B, t]`` for M-RoPE, as the layout's).
         valid: ``[B, N + t]`` attention mask over every position so far (None: all valid).
 
     Returns:
@@ -166,7 +168,7 @@ def vtu_decode(
     layout = cache.layout.extend(positions, valid)
     _check_window(model, layout.expand.shape[1])
     cos, sin = model.rotary_emb(embeds, positions)  # [B, t, d]: only the new tokens are rotated
-    mask = causal_mask(layout.valid, positions.shape[1])  # [B, 1, t, N], the same for every layer
+    mask = causal_mask(layout.valid, positions.shape[-1])  # [B, 1, t, N], the same for every layer
     rows = embeds
     for index, layer in enumerate(model.layers):
         q, k, v = _project(layer, rows)

@@ -35,6 +35,8 @@ _BUILTIN: dict[str, str] = {
     "hf_siglip": "dymu_lightning.backbones.hf_vit:HFSiglipVision",
     "hf_dinov2": "dymu_lightning.backbones.hf_vit:HFDinov2",
     "dinov2_vits14_offline": "dymu_lightning.backbones.hf_vit:OfflineDinov2Small",
+    "hf_qwen2_vl": "dymu_lightning.backbones.hf_qwen_vl:HFQwen2VLVision",
+    "hf_qwen2_5_vl": "dymu_lightning.backbones.hf_qwen_vl:HFQwen25VLVision",
 }
 
 

@@ -18,6 +18,7 @@ FOLDERS = {"dymu_lightning": ROOT / "dymu_lightning", "dymu_lightning.backbones"
 # module prefix -> layer; the longest matching prefix decides. Lower layers never import higher ones.
 LAYERS: dict[str, int] = {
     "dymu_lightning.core": 0,
+    "dymu_lightning.core.rotary_units": 0,  # DToMe in rotary towers that fold cells (Qwen-VL)
     "dymu_lightning.files": 0,
     "dymu_lightning.plots": 0,
     "dymu_lightning.assets.paths": 0,
@@ -25,6 +26,8 @@ LAYERS: dict[str, int] = {
     "dymu_lightning.config": 1,
     "dymu_lightning.data": 1,
     "dymu_lightning.backbones": 2,
+    "dymu_lightning.backbones.hf_qwen_vl": 2,
+    "dymu_lightning.backbones.hf_qwen_vl_lm": 2,
     "dymu_lightning.loading": 3,
     "dymu_lightning.testing": 3,
     "dymu_lightning.demo": 3,

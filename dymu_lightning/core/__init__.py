@@ -11,11 +11,13 @@ from dymu_lightning.core.layout import TokenLayout
 from dymu_lightning.core.matching import Edges, bipartite_edges
 from dymu_lightning.core.merge import TokenState, merge_tokens
 from dymu_lightning.core.policy import MODES, LayerMerges, MergePolicy, local_batch_cut, rank_within_image
+from dymu_lightning.core.rotary_units import ROTARY_MODES, Rotary, RotaryBlockParts, UnitBatch, run_unit_blocks
 
 __all__ = [
     "BACKENDS",
     "MODES",
     "PATHS",
+    "ROTARY_MODES",
     "STATIC_BATCH_CUTOFF",
     "BlockParts",
     "CapacityState",
@@ -24,8 +26,11 @@ __all__ = [
     "LayerMerges",
     "MergePolicy",
     "MergedTokens",
+    "Rotary",
+    "RotaryBlockParts",
     "TokenLayout",
     "TokenState",
+    "UnitBatch",
     "attention",
     "bipartite_edges",
     "local_batch_cut",
@@ -33,4 +38,5 @@ __all__ = [
     "merge_tokens",
     "rank_within_image",
     "run_blocks",
+    "run_unit_blocks",
 ]

@@ -34,13 +34,16 @@ class Edges:
         return torch.isfinite(self.scores)
 
 
-def bipartite_edges(keys: Tensor, valid: Tensor, num_protected: int) -> Edges:
+def bipartite_edges(keys: Tensor, valid: Tensor, num_protected: int, segments: Tensor | None = None) -> Edges:
     """Best B partner for every A token.
 
     Args:
         keys: ``[B, L, d]`` attention keys averaged over heads, in the padded grid.
         valid: ``[B, L]`` bool, real tokens (a prefix of each row).
         num_protected: leading tokens of every image that never merge (CLS, registers).
+        segments: optional ``[B, L]`` long, a segment id per token (e.g. the attention window it
+            sits in); an A token may only pair with a B token of its own segment, so no merged
+            token ever spans two segments.
 
     Returns:
         :class:`Edges` with ``Na = ceil(L / 2)`` entries per image.
@@ -59,6 +62,8 @@ def bipartite_edges(keys: Tensor, valid: Tensor, num_protected: int) -> Edges:
 
     similarity = unit[:, 0::2] @ unit[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
     similarity.masked_fill_(~b_eligible[:, None, :], float("-inf"))
+    if segments is not None:
+        similarity.masked_fill_(segments[:, 0::2, None] != segments[:, None, 1::2], float("-inf"))
     scores, partner = similarity.max(dim=-1)
     scores = scores.masked_fill(~a_eligible, float("-inf"))
     return Edges(scores, partner)

@@ -48,7 +48,9 @@ class VirtualLayout:
 
     Attributes:
         expand: ``[B, N]`` long, the row behind each virtual position.
-        positions: ``[B, N]`` long, the RoPE position of each virtual position.
+        positions: ``[B, N]`` long, the RoPE position of each virtual position; or ``[A, B, N]`` for a
+            rotary embedding with ``A`` position axes (Qwen2-VL's M-RoPE: temporal, height, width).
+            Only the host's rotary embedding reads them: a merged row's positions are its members'.
         valid: ``[B, N]`` bool, False for padding positions.
         num_rows: ``N_un``, rows per sample (samples with fewer rows are padded).
     """
@@ -79,17 +81,17 @@ class VirtualLayout:
         """This layout with ``t`` new tokens appended, each its own new row.
 
         Args:
-            positions: ``[B, t]`` RoPE positions of the new tokens.
+            positions: ``[B, t]`` (or ``[A, B, t]``, as the layout's) RoPE positions of the new tokens.
             valid: ``[B, N + t]`` validity of every position afterwards (a generation attention
                 mask); None keeps the old validity and marks the new tokens valid.
         """
-        batch, new = positions.shape
+        batch, new = positions.shape[-2:]
         rows = self.num_rows + torch.arange(new, device=positions.device).expand(batch, -1)
         if valid is None:
             valid = torch.cat([self.valid, torch.ones_like(positions, dtype=torch.bool)], dim=1)
         return VirtualLayout(
             torch.cat([self.expand, rows], dim=1),
-            torch.cat([self.positions, positions], dim=1),
+            torch.cat([self.positions, positions], dim=-1),
             valid.bool(),
             self.num_rows + new,
         )
@@ -98,7 +100,7 @@ class VirtualLayout:
         """The samples ``index`` (``[B']`` long), in that order (beam search reorders the batch)."""
         return VirtualLayout(
             self.expand.index_select(0, index),
-            self.positions.index_select(0, index),
+            self.positions.index_select(-2, index),
             self.valid.index_select(0, index),
             self.num_rows,
         )
@@ -232,6 +234,45 @@ class PackedLayout:
         sums = values.new_zeros(self.total + 1, *values.shape[2:])
         sums.index_add_(0, self.scatter_index.flatten(), values.flatten(0, 1))
         return sums[: self.total] / self.counts.to(values.dtype).reshape(-1, *([1] * (values.dim() - 2)))
+
+
+def rows_for_groups(placeholder: Tensor, groups: Tensor, rows_per_image: Tensor) -> tuple[Tensor, int, Tensor]:
+    """The rows of a prompt whose images were merged: each text token one row, each image one row per
+    merged token, placed at the image's first placeholder.
+
+    Args:
+        placeholder: ``[B, N]`` bool, the image placeholders (one per original token of an image),
+            images in order, sample after sample.
+        groups: ``[I, P]`` long, each image's placeholder -> its merged token (position within the
+            image); ``-1`` past an image's own placeholders (images of different sizes).
+        rows_per_image: ``[I]`` long, merged tokens per image.
+
+    Returns:
+        ``expand`` ``[B, N]`` (the row of each position), ``num_rows`` (the most rows of a sample, a
+        host int: one sync), and ``[I]`` each image's first row as ``b * num_rows + r``.
+    """
+    batch = placeholder.shape[0]
+    device = placeholder.device
+    if groups.shape[0] == 0:
+        expand = torch.arange(placeholder.shape[1], device=device).expand(batch, -1)
+        return expand, placeholder.shape[1], torch.zeros(0, dtype=torch.long, device=device)
+    counts = (groups >= 0).sum(1)  # [I] placeholders per image
+    ends = counts.cumsum(0)
+    ordinal = (placeholder.flatten().cumsum(0) - 1).clamp(min=0).view_as(placeholder)  # among all placeholders
+    image = torch.bucketize(ordinal, ends, right=True).clamp(max=groups.shape[0] - 1)
+    patch = (ordinal - (ends - counts)[image]).clamp(0, groups.shape[1] - 1)
+    first = placeholder & (patch == 0)
+    image_rows = rows_per_image[image]
+    added = torch.where(placeholder, torch.where(first, image_rows, 0), 1)  # rows each position opens
+    start = added.cumsum(1) - added  # rows before each position
+    # a later placeholder's start already counts its image's rows: step back to the image's first row
+    in_image = groups[image, patch] - torch.where(first, 0, image_rows)
+    expand = torch.where(placeholder, start + in_image, start)
+    num_rows = int(added.sum(1).max())
+    # an image's first row is where its first placeholder opens rows (that placeholder's own group need
+    # not be the first: an image's first token may merge into a later one)
+    opened = torch.arange(batch, device=device)[:, None] * num_rows + start
+    return expand, num_rows, opened[first]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -1,0 +1,378 @@
+"""The vision towers of Qwen2-VL and Qwen2.5-VL: 2D-rotary ViTs at native resolution.
+
+The tower takes flattened patches of any number of images (``[N, 3 * t * p * p]``, with a
+``grid_thw`` row per image), runs its blocks over them with each image its own attention sequence
+(Qwen2.5: most blocks only within windows of ``w x w`` cells), and its patch merger folds every 2x2
+window of patches (4 consecutive tokens, one *cell*) into one language-model token.
+
+DToMe here merges whole cells (:mod:`dymu_lightning.core.rotary_units`): a token of this adapter is
+one cell, so sizes, group maps and token counts are in the language model's own grid, and the patch
+merger stays exact. See docs/concepts.md ("Rotary towers that fold cells").
+
+Two entry points:
+
+* :meth:`HFQwen2VLVision.merged_forward` takes ``[B, 3, H, W]`` square batches like every adapter
+  (the registry-wide tests), patchified here with the processor's layout;
+* :meth:`HFQwen2VLVision.merged_forward_images` takes images of different sizes (native resolution),
+  packed as the tower packs them.
+
+The whole model (tower, then VTU over M-RoPE in the language model) is in
+:mod:`dymu_lightning.backbones.hf_qwen_vl_lm`.
+
+Not done yet: videos (``t > 1`` frames), loading the tower out of a whole model by hub id (a local
+directory of a whole model works), the static engine path and the CUDA varlen kernels (attention runs
+on a padded grid per image).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import Qwen2_5_VLVisionConfig, Qwen2VLVisionConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VisionTransformerPretrainedModel,
+    apply_rotary_pos_emb_vision,
+)
+from transformers.vision_utils import get_vision_position_ids
+
+from dymu_lightning.backbones.base import Backbone, TinyConfig, local_dir
+from dymu_lightning.core import BlockParts, MergedTokens, MergePolicy
+from dymu_lightning.core.rotary_units import ROTARY_MODES, Rotary, RotaryBlockParts, UnitBatch, run_unit_blocks
+
+#: Qwen-VL's preprocessing statistics (those of OpenAI CLIP).
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class HFQwen2VLVision(Backbone):
+    """``Qwen2VisionTransformerPretrainedModel``: every block attends over the whole image."""
+
+    model_class: type[nn.Module] = Qwen2VisionTransformerPretrainedModel
+    config_class: type = Qwen2VLVisionConfig
+    #: blocks() cannot describe a rotary block as plain :class:`BlockParts`: the generic naive ViT
+    #: reference does not apply (tests/test_qwen_vl.py has this family's own).
+    plain_blocks = False
+
+    def __init__(self, default_source: str | os.PathLike[str] | None = None) -> None:
+        self.default_source = default_source
+
+    # ----- building and loading ---------------------------------------------------------------------
+    def load(self, source: str | os.PathLike[str] | None = None) -> nn.Module:
+        """A vision tower from a hub id or a local directory: a saved tower (``save_pretrained`` of the
+        tower itself), or a whole Qwen2-VL / Qwen2.5-VL directory, of which only the tower's config
+        and weights are read (the language model's weights are never loaded)."""
+        source = source if source is not None else self.default_source
+        if source is None:
+            raise ValueError(f"backbone '{self.name}' needs a hub id or a local directory to load from")
+        directory = local_dir(source)
+        if directory is not None and "vision_config" in json.loads((directory / "config.json").read_text()):
+            return self._tower_of_whole_model(directory)
+        return self.model_class.from_pretrained(str(directory or source), attn_implementation="sdpa").eval()
+
+    def _tower_of_whole_model(self, directory: Path) -> nn.Module:
+        """The tower of a whole saved model: its ``vision_config``, and the weights under ``model.visual.``
+        (transformers 5.x) or ``visual.`` (checkpoints written by 4.x), from the safetensors files."""
+        config = self.config_class.from_dict(json.loads((directory / "config.json").read_text())["vision_config"])
+        config._attn_implementation = "sdpa"
+        model = self.model_class(config)
+        state = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            for key, value in load_file(str(file)).items():
+                for prefix in ("model.visual.", "visual."):
+                    if key.startswith(prefix):
+                        state[key[len(prefix) :]] = value
+        if not state:
+            raise FileNotFoundError(f"backbone '{self.name}': no vision tower weights in {directory}/*.safetensors")
+        model.load_state_dict(state, strict=True)
+        dtype = next(iter(state.values())).dtype
+        return model.to(dtype).eval()
+
+    def build(self, config: Mapping[str, Any]) -> nn.Module:
+        """A random tower; ``img_size`` (the square side :meth:`preprocess` and the tests use) is ours,
+        not the host config's, and is kept on the model as ``dymu_image_size``."""
+        config = dict(config)
+        image_size = config.pop("img_size", None)
+        model_config = self.config_class(**config)
+        model_config._attn_implementation = "sdpa"
+        model = self.model_class(model_config).eval()
+        if image_size is not None:
+            model.dymu_image_size = int(image_size)
+        return model
+
+    def tiny_configs(self) -> Sequence[TinyConfig]:
+        # 16 x 16 patches of 4 px = 64 cells per 64 px image. Without absolute position embeddings,
+        # the keys of a smooth image are nearly equal at the default init (0.02): a wider init
+        # spreads the similarities, so float32 rounding decides no test's merges.
+        return [
+            TinyConfig(
+                "tiny",
+                {
+                    "depth": 3,
+                    "embed_dim": 32,
+                    "hidden_size": 24,
+                    "num_heads": 2,
+                    "mlp_ratio": 2,
+                    "patch_size": 4,
+                    "initializer_range": 0.1,
+                    "img_size": 64,
+                },
+            )
+        ]
+
+    def handles(self, model: nn.Module) -> bool:
+        return type(model) is self.model_class
+
+    # ----- preprocessing ------------------------------------------------------------------------------
+    def image_size(self, model: nn.Module) -> int:
+        """The square side of :meth:`preprocess` (a multiple of ``patch * merge``)."""
+        unit = self.cell_pixels(model)
+        size = getattr(model, "dymu_image_size", None) or 448
+        return -(-size // unit) * unit
+
+    def cell_pixels(self, model: nn.Module) -> int:
+        """Pixels on a side of one cell (one language-model token): ``patch * merge`` (28 for Qwen)."""
+        return model.config.patch_size * model.config.spatial_merge_size
+
+    def preprocess(self, model: nn.Module, images: Sequence[Image.Image]) -> Tensor:
+        """Square resize to :meth:`image_size` (bicubic) and Qwen's normalisation: ``[B, 3, S, S]``.
+        (Qwen's own processor keeps the aspect ratio; for that, use :meth:`merged_forward_images`.)"""
+        size = self.image_size(model)
+        out = []
+        for image in images:
+            array = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+            pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
+            out.append((pixels - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None])
+        return torch.stack(out)
+
+    def patchify(self, model: nn.Module, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Images as the tower takes them: each ``[3, H, W]`` (sides multiples of :meth:`cell_pixels`)
+        becomes ``t = temporal_patch_size`` identical frames cut into patches, listed cell by cell
+        (the 4 patches of a 2x2 cell consecutive), each patch flattened as ``(channel, frame, y, x)``.
+
+        Returns:
+            ``[N, 3 * t * p * p]`` patches of all images, and ``grid_thw`` ``[B, 3]`` long
+            (``(1, H / p, W / p)`` per image).
+        """
+        config = model.config
+        p, m, t = config.patch_size, config.spatial_merge_size, config.temporal_patch_size
+        rows, grids = [], []
+        for image in images:
+            channels, height, width = image.shape
+            if height % (p * m) or width % (p * m):
+                raise ValueError(
+                    f"backbone '{self.name}': image sides must be multiples of {p * m} px (patch {p} x merge {m}), "
+                    f"got {height} x {width}"
+                )
+            gh, gw = height // p, width // p
+            frames = image[:, None].expand(channels, t, height, width)
+            cut = frames.reshape(channels, t, gh // m, m, p, gw // m, m, p)
+            # -> (cell row, cell column, row in cell, column in cell, channel, frame, y, x)
+            rows.append(cut.permute(2, 5, 3, 6, 0, 1, 4, 7).reshape(gh * gw, channels * t * p * p))
+            grids.append((1, gh, gw))
+        return torch.cat(rows), torch.tensor(grids, dtype=torch.long, device=images[0].device)
+
+    # ----- the host's anatomy -------------------------------------------------------------------------
+    def width(self, model: nn.Module) -> int:
+        """Channels inside the tower."""
+        return model.config.embed_dim
+
+    def unit(self, model: nn.Module) -> int:
+        """Tokens per cell (4 for a 2x2 merger)."""
+        return model.config.spatial_merge_size**2
+
+    def embed(self, model: nn.Module, pixels: Tensor) -> Tensor:
+        """``[B, 3, S, S]`` -> ``[B, cells, 4 * C]``: each cell's 4 patch embeddings side by side."""
+        patches, _ = self.patchify(model, list(pixels))
+        x = model.patch_embed(patches)
+        return x.reshape(pixels.shape[0], -1, self.unit(model) * x.shape[-1])
+
+    def blocks(self, model: nn.Module) -> list[BlockParts]:
+        raise NotImplementedError(
+            f"backbone '{self.name}': its blocks rotate q and k by 2D positions, which BlockParts cannot "
+            "express; use rotary_blocks() and merged_forward()"
+        )
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(model.blocks)
+
+    def windowed_layers(self, model: nn.Module) -> set[int]:
+        """Blocks that attend within windows only (none in Qwen2-VL)."""
+        return set()
+
+    def rotary_blocks(self, model: nn.Module) -> list[RotaryBlockParts]:
+        windowed = self.windowed_layers(model)
+        return [self._parts(block, index in windowed) for index, block in enumerate(model.blocks)]
+
+    def _parts(self, block: nn.Module, windowed: bool) -> RotaryBlockParts:
+        attn = block.attn
+
+        def attn_in(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            q, k, v = attn.qkv(block.norm1(x)).view(x.shape[0], 3, attn.num_heads, -1).unbind(1)
+            return q, k, v
+
+        return RotaryBlockParts(
+            attn_in=attn_in,
+            attn_out=attn.proj,
+            mlp=lambda x: block.mlp(block.norm2(x)),
+            scale=attn.scaling,
+            windowed=windowed,
+        )
+
+    def final_norm(self, model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+        """The patch merger, as a map ``[T, 4 * C] -> [T, C_out]`` on cells."""
+        width = self.width(model)
+        return lambda cells: model.merger(cells.reshape(-1, width))
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return 0
+
+    def windows(self, model: nn.Module, grid_thw: Tensor) -> Tensor | None:
+        """``[cells]`` each cell's attention window within its image, or None (no windowed block)."""
+        return None
+
+    def stock_features(self, model: nn.Module, pixels: Tensor) -> Tensor:
+        """``[B, cells, C_out]``: the host's own forward (merger output), image by image."""
+        patches, grid = self.patchify(model, list(pixels))
+        out = model(hidden_states=patches, grid_thw=grid).pooler_output
+        return out.reshape(pixels.shape[0], -1, out.shape[-1])
+
+    def stock_features_images(self, model: nn.Module, images: Sequence[Tensor]) -> list[Tensor]:
+        """Images of any sizes through the host's own forward, packed: one ``[cells_b, C_out]`` each."""
+        patches, grid = self.patchify(model, images)
+        out = model(hidden_states=patches, grid_thw=grid).pooler_output
+        cells = (grid[:, 1] * grid[:, 2] // self.unit(model)).tolist()
+        return list(out.split(cells))
+
+    # ----- the merged forward ---------------------------------------------------------------------------
+    def merged_forward(
+        self,
+        model: nn.Module,
+        pixels: Tensor,
+        policy: MergePolicy,
+        backend: str = "sdpa",
+        num_blocks: int | None = None,
+        path: str = "auto",
+        rotary: str = "exact",
+    ) -> MergedTokens:
+        """DToMe over ``[B, 3, S, S]`` pixels; tokens are cells (see :meth:`merged_forward_images`).
+        ``path`` must be ``"auto"`` or ``"dynamic"``: this family has no static path yet."""
+        if path not in ("auto", "dynamic"):
+            raise ValueError(f"backbone '{self.name}' has only the dynamic engine path, got path={path!r}")
+        return self.merged_forward_images(model, list(pixels), policy, backend, num_blocks, rotary)
+
+    def merged_forward_images(
+        self,
+        model: nn.Module,
+        images: Sequence[Tensor],
+        policy: MergePolicy,
+        backend: str = "sdpa",
+        num_blocks: int | None = None,
+        rotary: str = "exact",
+    ) -> MergedTokens:
+        """DToMe over images of different sizes, packed as the tower packs them.
+
+        Args:
+            images: each ``[3, H, W]``, sides multiples of :meth:`cell_pixels`.
+            policy: per-layer merging; edges are between cells of one image (and one window).
+            backend: ``"sdpa"`` or ``"eager"``.
+            num_blocks: run only the first blocks and skip the patch merger (tokens ``[B, L, 4 * C]``).
+            rotary: ``"exact"`` (virtual full grid) or ``"mean"`` (merged rows at mean positions).
+
+        Returns:
+            :class:`MergedTokens` over cells: ``tokens`` ``[B, L, C_out]``, ``group`` ``[B, U0]`` (each
+            cell's output token, ``-1`` past an image's cells), sizes in cells.
+        """
+        if rotary not in ROTARY_MODES:
+            raise ValueError(
+                f"unknown rotary mode {rotary!r} for backbone '{self.name}'; expected one of {ROTARY_MODES}"
+            )
+        num_layers = self.num_layers(model)
+        self._check(policy, backend, num_layers)
+        blocks = self.rotary_blocks(model)
+        final = self.final_norm(model)
+        if num_blocks is not None:
+            if not 1 <= num_blocks <= num_layers:
+                raise ValueError(
+                    f"num_blocks={num_blocks} is out of range for backbone '{self.name}' ({num_layers} layers)"
+                )
+            blocks, final = blocks[:num_blocks], None
+        patches, grid = self.patchify(model, images)
+        batch = self.unit_batch(model, patches, grid)
+        return run_unit_blocks(batch, blocks, policy, self.rotary(model), rotary, final, backend)
+
+    def unit_batch(self, model: nn.Module, patches: Tensor, grid_thw: Tensor) -> UnitBatch:
+        """The embedded tokens, rotary positions and windows of packed patches."""
+        if (grid_thw[:, 0] != 1).any():
+            raise NotImplementedError(f"backbone '{self.name}': videos (grid t > 1) are not supported yet")
+        merge = model.config.spatial_merge_size
+        x = model.patch_embed(patches)
+        positions = get_vision_position_ids(grid_thw, merge)
+        cells = grid_thw[:, 1] * grid_thw[:, 2] // self.unit(model)
+        return UnitBatch(x, cells, self.unit(model), positions, self.windows(model, grid_thw))
+
+    def rotary(self, model: nn.Module) -> Rotary:
+        """The host's 2D rotary: its embedding module (which takes fractional positions as well) and
+        its rotation function."""
+        embedding = model.rotary_pos_emb
+        anchor = next(model.parameters())
+        return Rotary(
+            angles=lambda positions: embedding(anchor, positions),
+            rotate=apply_rotary_pos_emb_vision,
+        )
+
+
+class HFQwen25VLVision(HFQwen2VLVision):
+    """``Qwen2_5_VisionTransformerPretrainedModel``: RMSNorm, gated MLP, and window attention in
+    every block not listed in ``fullatt_block_indexes``. Cells of different windows never merge."""
+
+    model_class = Qwen2_5_VisionTransformerPretrainedModel
+    config_class = Qwen2_5_VLVisionConfig
+
+    def tiny_configs(self) -> Sequence[TinyConfig]:
+        # Windows of 32 px = 4 x 4 cells: a 64 px image has 4 windows of 16 cells.
+        return [
+            TinyConfig(
+                "tiny",
+                {
+                    "depth": 4,
+                    "hidden_size": 32,
+                    "intermediate_size": 48,
+                    "out_hidden_size": 24,
+                    "num_heads": 2,
+                    "patch_size": 4,
+                    "window_size": 32,
+                    "fullatt_block_indexes": [1, 3],
+                    "initializer_range": 0.1,
+                    "img_size": 64,
+                },
+            )
+        ]
+
+    def width(self, model: nn.Module) -> int:
+        return model.config.hidden_size
+
+    def windowed_layers(self, model: nn.Module) -> set[int]:
+        return set(range(len(model.blocks))) - set(model.config.fullatt_block_indexes)
+
+    def windows(self, model: nn.Module, grid_thw: Tensor) -> Tensor | None:
+        """Window of each cell, in raster order: ``(row // w) * windows_per_row + column // w`` with
+        ``w = window_size // merge // patch`` cells (partial windows at the right and bottom edges)."""
+        config = model.config
+        side = config.window_size // config.spatial_merge_size // config.patch_size
+        out = []
+        for _, gh, gw in grid_thw.tolist():
+            ch, cw = gh // config.spatial_merge_size, gw // config.spatial_merge_size
+            row = torch.arange(ch, device=grid_thw.device)[:, None] // side
+            column = torch.arange(cw, device=grid_thw.device)[None, :] // side
+            out.append((row * -(-cw // side) + column).flatten())
+        return torch.cat(out)

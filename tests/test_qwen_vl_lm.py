@@ -1,0 +1,226 @@
+"""DyMU through a whole tiny Qwen2-VL, prefill only (backbones/hf_qwen_vl_lm.py): the merged tower's
+tokens in the M-RoPE language model with VTU. Float64, a batch of two prompts (one left-padded) with
+three images of different sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tests_support import naive_reference
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones.hf_qwen_vl_lm import next_positions, qwen_vl_decode, qwen_vl_prefill
+from dymu_lightning.core import MergePolicy
+from dymu_lightning.core.vtu import VirtualLayout, rows_for_groups
+
+IMAGE = 60
+HIDDEN = 32
+
+
+FAMILIES = {
+    "qwen2_vl": ("hf_qwen2_vl", Qwen2VLConfig, Qwen2VLForConditionalGeneration, "hidden_size"),
+    "qwen2_5_vl": ("hf_qwen2_5_vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, "out_hidden_size"),
+}
+
+
+def build(family: str = "qwen2_vl") -> Qwen2VLForConditionalGeneration:
+    """A tiny random Qwen2-VL (or 2.5-VL): the adapter's tiny tower and a 2-layer M-RoPE language model."""
+    name, config_class, model_class, output_width = FAMILIES[family]
+    tower = dict(get_backbone(name).tiny_configs()[0].config)
+    tower.pop("img_size")
+    text = {
+        "vocab_size": 64,
+        "hidden_size": HIDDEN,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+    }
+    config = config_class(
+        text_config=text,
+        vision_config={**tower, output_width: HIDDEN},
+        image_token_id=IMAGE,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return model_class(config).double().eval()
+
+
+def prompts():
+    """Sample 0: 2 text, image A (24 x 40 px: 15 cells), 2 text, image B (16 x 16: 4 cells), 1 text;
+    sample 1, left-padded: 1 text, image C (32 x 24: 12 cells), 2 text. Images in placeholder order."""
+    generator = torch.Generator().manual_seed(1)
+
+    def smooth(size):
+        coarse = torch.randn(1, 3, 2, 2, generator=generator, dtype=torch.float64)
+        return torch.nn.functional.interpolate(coarse, size, mode="bilinear")[0]
+
+    images = [smooth((24, 40)), torch.randn(3, 16, 16, generator=generator, dtype=torch.float64), smooth((32, 24))]
+    first = [1, 2, *[IMAGE] * 15, 3, 4, *[IMAGE] * 4, 5]
+    second = [6, *[IMAGE] * 12, 7, 8]
+    pad = len(first) - len(second)
+    input_ids = torch.tensor([first, [0] * pad + second])
+    attention_mask = torch.tensor([[1] * len(first), [0] * pad + [1] * len(second)])
+    return input_ids, attention_mask, images
+
+
+def stock_logits(model, input_ids, attention_mask, images):
+    backbone = get_backbone("hf_qwen2_vl")
+    patches, grid = backbone.patchify(model.model.visual, images)
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=patches,
+        image_grid_thw=grid,
+        mm_token_type_ids=(input_ids == IMAGE).int(),
+    ).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("rotary", ["exact", "mean"])
+def test_infinite_thresholds_equal_the_stock_model(family, rotary):
+    model = build(family)
+    input_ids, attention_mask, images = prompts()
+    policy = MergePolicy(thresholds=[math.inf] * len(model.model.visual.blocks))
+    with torch.no_grad():
+        stock = stock_logits(model, input_ids, attention_mask, images)
+        ours = qwen_vl_prefill(model, input_ids, images, policy, attention_mask, rotary=rotary)
+    valid = attention_mask.bool()
+    torch.testing.assert_close(ours.position_logits()[valid], stock[valid], rtol=0, atol=1e-8)
+    assert ours.layout.positions.shape == (3, 2, input_ids.shape[1])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_merged_rows_are_the_merged_tokens_and_attend_as_the_naive_reference(family):
+    model = build(family)
+    input_ids, attention_mask, images = prompts()
+    policy = MergePolicy(mode="fixed_r", r=2)
+    with torch.no_grad():
+        ours = qwen_vl_prefill(model, input_ids, images, policy, attention_mask)
+    lengths = ours.merged.lengths.tolist()
+    layers = len(model.model.visual.blocks)
+    assert lengths == [15 - 2 * layers, 1, 12 - 2 * layers]  # r = 2 a block; 4 cells go 4, 2, 1, 1...
+    used = (ours.layout.counts() > 0).sum(1).tolist()
+    assert used == [5 + lengths[0] + lengths[1], 3 + lengths[2]]  # text singletons + merged tokens
+    # each placeholder reads its cell's group: positions of one image map to its rows in group order
+    first_image = ours.layout.expand[0, 2:17]
+    assert torch.equal(first_image - first_image.min(), ours.merged.group[0, :15])
+
+    # the same rows, expanded and run through the host's own attention at the full prompt's positions
+    hidden_rows = _rows(model, input_ids, images, ours)
+    with torch.no_grad():
+        reference = model.lm_head(naive_reference(model.model.language_model, hidden_rows, ours.layout))
+    valid_rows = ours.layout.counts() > 0
+    torch.testing.assert_close(ours.logits[valid_rows], reference[valid_rows], rtol=0, atol=1e-6)
+
+
+def _rows(model, input_ids, images, prefill) -> torch.Tensor:
+    """The prefill's input rows, rebuilt with Python loops: text embeddings, then each image's merged
+    tokens in order at its first placeholder."""
+    embeds = model.get_input_embeddings()(input_ids)
+    rows = torch.zeros(input_ids.shape[0], prefill.layout.num_rows, HIDDEN, dtype=embeds.dtype)
+    image = 0
+    for b in range(input_ids.shape[0]):
+        n = 0
+        while n < input_ids.shape[1]:
+            if input_ids[b, n] == IMAGE:
+                count = int((prefill.merged.group[image] >= 0).sum())
+                row = int(prefill.layout.expand[b, n : n + count].min())
+                tokens = prefill.merged.tokens[image, : int(prefill.merged.lengths[image])]
+                rows[b, row : row + tokens.shape[0]] = tokens
+                image, n = image + 1, n + count
+            else:
+                rows[b, prefill.layout.expand[b, n]] = embeds[b, n]
+                n += 1
+    return rows
+
+
+def test_rows_for_groups_places_images_of_different_sizes():
+    placeholder = torch.tensor(
+        [[False, True, True, True, False, True, True], [True, True, False, False, False, False, False]]
+    )
+    groups = torch.tensor([[0, 1, 0], [0, 0, -1], [1, 0, -1]])  # 3, 2 and 2 placeholders
+    expand, num_rows, base = rows_for_groups(placeholder, groups, torch.tensor([2, 1, 2]))
+    assert expand.tolist() == [[0, 1, 2, 1, 3, 4, 4], [1, 0, 2, 3, 4, 5, 6]]
+    assert num_rows == 7 and base.tolist() == [1, 4, 7 + 0]  # sample 1's image opens at its row 0
+    layout = VirtualLayout(expand, torch.arange(7).expand(2, -1), torch.ones(2, 7, dtype=torch.bool), num_rows)
+    assert layout.counts()[0].tolist() == [1, 2, 1, 1, 2, 0, 0]
+
+
+def test_a_wrong_placeholder_count_is_a_clear_error():
+    model = build()
+    input_ids, attention_mask, images = prompts()
+    with pytest.raises(ValueError, match=r"input_ids hold 31 image placeholders; the images have 23 cells"):
+        qwen_vl_prefill(model, input_ids, images[:2] + [images[1]], MergePolicy.off(), attention_mask)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("cache", ["compact", "expanded"])
+def test_greedy_decoding_at_infinite_thresholds_is_the_stock_model(family, cache):
+    """Three greedy steps after the prefill: each step's logits equal the stock model's on the whole
+    sequence so far (recomputed, M-RoPE positions from the host), for both caches."""
+    model = build(family)
+    input_ids, attention_mask, images = prompts()
+    policy = MergePolicy(thresholds=[math.inf] * len(model.model.visual.blocks))
+    with torch.no_grad():
+        prefill = qwen_vl_prefill(model, input_ids, images, policy, attention_mask, cache=cache)
+        logits = prefill.position_logits()[:, -1]
+        positions, valid, ids, mask = prefill.layout.positions, prefill.layout.valid, input_ids, attention_mask
+        for _ in range(3):
+            token = logits.argmax(-1, keepdim=True)  # [B, 1]
+            new_positions = next_positions(positions, valid, 1)
+            positions, valid = torch.cat([positions, new_positions], -1), torch.cat([valid, valid[:, -1:]], 1)
+            logits = qwen_vl_decode(model, prefill.cache, token, new_positions, valid)[:, -1]
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, mask[:, -1:]], 1)
+            stock = stock_logits(model, ids, mask, images)[:, -1]
+            torch.testing.assert_close(logits, stock, rtol=0, atol=1e-8)
+
+
+def test_merged_decoding_compact_equals_expanded_and_the_naive_reference():
+    model = build()
+    input_ids, attention_mask, images = prompts()
+    policy = MergePolicy(mode="fixed_r", r=2)
+    with torch.no_grad():
+        compact = qwen_vl_prefill(model, input_ids, images, policy, attention_mask, cache="compact")
+        expanded = qwen_vl_prefill(model, input_ids, images, policy, attention_mask, cache="expanded")
+        rows, layout = _rows(model, input_ids, images, compact), compact.layout
+        for new in (2, 1):
+            ids = torch.randint(1, 50, (2, new), generator=torch.Generator().manual_seed(new))
+            positions = next_positions(layout.positions, layout.valid, new)
+            valid = torch.cat([layout.valid, torch.ones(2, new, dtype=torch.bool)], 1)
+            ours = qwen_vl_decode(model, compact.cache, ids, positions, valid)
+            theirs = qwen_vl_decode(model, expanded.cache, ids, positions, valid)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+            rows = torch.cat([rows, model.get_input_embeddings()(ids)], 1)
+            layout = layout.extend(positions, valid)
+            reference = model.lm_head(naive_reference(model.model.language_model, rows, layout))[:, -new:]
+            torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_tower_loads_out_of_a_whole_saved_model(family, tmp_path):
+    """`load` on a whole model's directory reads only the tower: its config and the weights under
+    model.visual., and gives the whole model's tower's features exactly."""
+    model = build(family)
+    model.save_pretrained(tmp_path / "whole")
+    backbone = get_backbone(FAMILIES[family][0])
+    tower = backbone.load(tmp_path / "whole")
+    assert type(tower) is type(model.model.visual) and next(tower.parameters()).dtype == torch.float64
+    _, _, images = prompts()
+    with torch.no_grad():
+        for ours, theirs in zip(
+            backbone.stock_features_images(tower, images),
+            backbone.stock_features_images(model.model.visual, images),
+            strict=True,
+        ):
+            assert torch.equal(ours, theirs)
