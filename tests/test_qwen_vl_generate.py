@@ -12,6 +12,7 @@ from test_qwen_vl_lm import FAMILIES, IMAGE, build, prompts
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.hf_llava import apply_dymu, is_dymu, last_prefill, remove_dymu
+from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.core import MergePolicy
 
 NEW_TOKENS = 4
@@ -140,3 +141,36 @@ def test_compact_decoding_without_position_ids_continues_at_the_stock_positions(
     apply_dymu(model, infinite(model), cache="compact")
     for ours, theirs in zip(run(positions=False), stock, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-8)
+
+
+def test_apply_from_a_thresholds_file_checks_the_tower(tmp_path):
+    """A thresholds file drives a Qwen tower of its backbone and depth; another backbone's is refused
+    with both sides named. (No image size to check: Qwen's images keep their own sizes.)"""
+    model = build()
+    layers = len(model.model.visual.blocks)
+    fields = {
+        "backbone": "hf_qwen2_vl",
+        "num_layers": layers,
+        "image_size": 448,
+        "thresholds": [0.5] * layers,
+        "r": [2] * layers,
+        "schedule": {"kind": "constant"},
+        "images_seen": 4,
+        "global_batch_size": 4,
+        "world_size": 1,
+        "tokens": {},
+    }
+    apply_dymu(model, ThresholdsFile(**fields).save(tmp_path / "thresholds.json"), cache="compact", max_merges=3)
+    state = model._dymu_llava
+    assert state.backbone.name == "hf_qwen2_vl" and state.cache == "compact"
+    assert state.policy.thresholds == [0.5] * layers and state.policy.max_merges == 3
+    remove_dymu(model)
+    other = ThresholdsFile(**{**fields, "backbone": "hf_qwen2_5_vl"})
+    with pytest.raises(ValueError, match=r"calibrated for backbone 'hf_qwen2_5_vl' .* cannot drive backbone"):
+        apply_dymu(model, other, backbone="hf_qwen2_vl")
+    with pytest.raises(
+        ValueError,
+        match=r"backbone 'hf_qwen2_5_vl' does not adapt this Qwen2VLForConditionalGeneration's vision tower",
+    ):
+        apply_dymu(model, other)
+    assert not is_dymu(model)
