@@ -48,7 +48,15 @@ from dymu_lightning.backbones.hf_llava_next import (
     is_anyres,
     video_cells,
 )
-from dymu_lightning.backbones.hf_llm import CACHE_KINDS, CacheKind, HFCompactCache, vtu_decode, vtu_prefill
+from dymu_lightning.backbones.hf_llm import (
+    CACHE_KINDS,
+    CacheKind,
+    HFCompactCache,
+    positions_kept,
+    vtu_decode,
+    vtu_prefill,
+)
+from dymu_lightning.backbones.hf_qwen_vl_generate import QWEN_MODELS, QwenPatch, qwen_methods
 from dymu_lightning.backbones.registry import find_backbone, get_backbone
 from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.core import MergedTokens, MergePolicy
@@ -113,12 +121,14 @@ def apply_dymu(
     max_merges: int | None = None,
     min_tokens: int | None = None,
 ) -> nn.Module:
-    """Make a LLaVA run with DyMU; returns the same model.
+    """Make a LLaVA (or a Qwen2-VL) run with DyMU; returns the same model.
 
     Args:
         model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` or
             ``LlavaOnevisionForConditionalGeneration`` (AnyRes crops, see
-            :mod:`~dymu_lightning.backbones.hf_llava_next`).
+            :mod:`~dymu_lightning.backbones.hf_llava_next`), or a ``Qwen2VLForConditionalGeneration`` /
+            ``Qwen2_5_VLForConditionalGeneration`` (images only; see
+            :mod:`~dymu_lightning.backbones.hf_qwen_vl_generate`).
         thresholds: a ``thresholds.json`` path, a loaded :class:`ThresholdsFile`, or a ready policy.
         cache: the KV cache of ``generate()``: ``"expanded"`` (the stock cache of the full sequence;
             decoding is the stock model's) or ``"compact"`` (keys per position as stock, values once
@@ -136,9 +146,10 @@ def apply_dymu(
     """
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown cache {cache!r}; expected one of {CACHE_KINDS}")
-    if not isinstance(model, (LlavaForConditionalGeneration, *ANYRES_MODELS)):
+    qwen = isinstance(model, QWEN_MODELS)
+    if not qwen and not isinstance(model, (LlavaForConditionalGeneration, *ANYRES_MODELS)):
         raise TypeError(_unsupported_model(model))
-    tower = model.model.vision_tower
+    tower = model.model.visual if qwen else model.model.vision_tower
     check_expand_hook(type(model))
     if isinstance(thresholds, (str, os.PathLike)):
         thresholds = ThresholdsFile.load(Path(thresholds))
@@ -149,8 +160,11 @@ def apply_dymu(
     backbone = backbone if backbone is not None else find_backbone(tower)
     if not backbone.handles(tower):
         raise ValueError(
-            f"backbone '{backbone.name}' does not adapt this LLaVA's vision tower ({type(tower).__name__})"
+            f"backbone '{backbone.name}' does not adapt this {type(model).__name__ if qwen else 'LLaVA'}'s vision "
+            f"tower ({type(tower).__name__})"
         )
+    if qwen:
+        return _apply_qwen(model, tower, thresholds, backbone, cache, max_merges, min_tokens)
     num_blocks = _feature_blocks(model.config.vision_feature_layer, backbone.num_layers(tower))
     if isinstance(thresholds, ThresholdsFile):
         # Tower, depth and image size (image_seq_length patches a side, as the processor feeds them:
@@ -178,17 +192,36 @@ def apply_dymu(
 
 
 def _unsupported_model(model: nn.Module) -> str:
-    """Why :func:`apply_dymu` refuses this model (a Qwen2-VL gets a pointer to what exists for it)."""
-    supported = ", ".join(c.__name__ for c in (LlavaForConditionalGeneration, *ANYRES_MODELS))
-    message = f"apply_dymu takes {supported}; not {type(model).__name__}."
-    if getattr(getattr(model, "model", None), "visual", None) is not None:
-        message += (
-            " DyMU end to end in a Qwen2-VL / Qwen2.5-VL (generation with the merged tower's tokens in its M-RoPE"
-            " language model) is not implemented yet; its vision tower merges with the backbones 'hf_qwen2_vl'"
-            " and 'hf_qwen2_5_vl', and hf_qwen_vl_lm.qwen_vl_prefill / qwen_vl_decode run the model step by"
-            " step (docs/vtu.md)."
-        )
-    return message
+    """Why :func:`apply_dymu` refuses this model."""
+    supported = ", ".join(c.__name__ for c in (LlavaForConditionalGeneration, *ANYRES_MODELS, *QWEN_MODELS))
+    return f"apply_dymu takes {supported}; not {type(model).__name__}."
+
+
+def _apply_qwen(
+    model: nn.Module,
+    tower: nn.Module,
+    thresholds: ThresholdsFile | MergePolicy,
+    backbone: Backbone,
+    cache: CacheKind,
+    max_merges: int | None,
+    min_tokens: int | None,
+) -> nn.Module:
+    """:func:`apply_dymu` for a Qwen2-VL / Qwen2.5-VL: the whole tower merges (no feature layer to
+    read), at native resolution (no single image size to check the thresholds against)."""
+    if isinstance(thresholds, ThresholdsFile):
+        thresholds.check_matches(backbone, tower)
+        policy = thresholds.policy(max_merges=max_merges, min_tokens=min_tokens)
+    else:
+        policy = thresholds
+        if max_merges is not None or min_tokens is not None:
+            raise ValueError("pass caps inside the MergePolicy when giving a policy")
+    policy.validate(backbone.num_layers(tower), backbone.name)
+    state = QwenPatch(backbone, policy, cache)
+    forward, expand = qwen_methods(state)
+    object.__setattr__(model, STATE_ATTRIBUTE, state)
+    object.__setattr__(model, "forward", types.MethodType(forward, model))
+    object.__setattr__(model, EXPAND_ATTRIBUTE, types.MethodType(expand, model))
+    return model
 
 
 def check_expand_hook(model_class: type) -> None:
@@ -443,14 +476,6 @@ def _images_per_sample(
     return torch.diff(last, prepend=torch.zeros(1, dtype=last.dtype)).tolist()
 
 
-def _positions_kept(length: int, logits_to_keep: int | Tensor, device: torch.device) -> Tensor:
-    """The positions whose logits are returned, as HF's ``logits_to_keep`` selects them."""
-    if isinstance(logits_to_keep, Tensor):
-        return logits_to_keep.to(device)
-    start = length - logits_to_keep if logits_to_keep else 0
-    return torch.arange(start, length, device=device)
-
-
 def _refuse_unsupported(model: nn.Module, videos: Tensor | None, kwargs: dict[str, object]) -> None:
     """Inputs DyMU does not handle raise, rather than run the stock model or be dropped silently."""
     if videos is not None and not isinstance(model, LlavaOnevisionForConditionalGeneration):
@@ -515,7 +540,7 @@ def _dymu_forward(
                 f"attention_mask covers {attention_mask.shape[1]} positions; the cache and the new tokens {total}"
             )
         hidden = vtu_decode(language, self.get_input_embeddings()(input_ids), cache, positions, attention_mask)
-        kept = _positions_kept(hidden.shape[1], logits_to_keep, hidden.device)
+        kept = positions_kept(hidden.shape[1], logits_to_keep, hidden.device)
         return LlavaCausalLMOutputWithPast(logits=self.lm_head(hidden[:, kept]), cache=cache)
 
     if cache is not None and cache.get_seq_length() > 0:
@@ -525,7 +550,7 @@ def _dymu_forward(
     )
     use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
     hidden, store = vtu_prefill(language, inputs.rows, inputs.layout, state.cache if use_cache else None)
-    kept = _positions_kept(input_ids.shape[1], logits_to_keep, hidden.device)
+    kept = positions_kept(input_ids.shape[1], logits_to_keep, hidden.device)
     rows = inputs.layout.expand[:, kept]  # [B, K]: the row behind each kept position
     hidden = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
     return LlavaCausalLMOutputWithPast(logits=self.lm_head(hidden), cache=store)

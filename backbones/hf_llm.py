@@ -95,6 +95,14 @@ def _finish(layer: nn.Module, rows: Tensor, attended: Tensor) -> Tensor:
     return rows + layer.mlp(layer.post_attention_layernorm(rows))
 
 
+def positions_kept(length: int, logits_to_keep: int | Tensor, device: torch.device) -> Tensor:
+    """The positions whose logits are returned, as HF's ``logits_to_keep`` selects them."""
+    if isinstance(logits_to_keep, Tensor):
+        return logits_to_keep.to(device)
+    start = length - logits_to_keep if logits_to_keep else 0
+    return torch.arange(start, length, device=device)
+
+
 def _check_window(model: nn.Module, length: int) -> None:
     window = getattr(model.config, "sliding_window", None)
     if getattr(model.config, "use_sliding_window", True) and window is not None and length > window:

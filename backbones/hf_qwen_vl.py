@@ -292,6 +292,26 @@ class HFQwen2VLVision(Backbone):
             :class:`MergedTokens` over cells: ``tokens`` ``[B, L, C_out]``, ``group`` ``[B, U0]`` (each
             cell's output token, ``-1`` past an image's cells), sizes in cells.
         """
+        patches, grid = self.patchify(model, images)
+        return self.merged_forward_patches(model, patches, grid, policy, backend, num_blocks, rotary)
+
+    def merged_forward_patches(
+        self,
+        model: nn.Module,
+        patches: Tensor,
+        grid_thw: Tensor,
+        policy: MergePolicy,
+        backend: str = "sdpa",
+        num_blocks: int | None = None,
+        rotary: str = "exact",
+    ) -> MergedTokens:
+        """:meth:`merged_forward_images` on patches already cut as the tower takes them (what Qwen's
+        processor returns as ``pixel_values`` and ``image_grid_thw``, and what ``generate()`` passes).
+
+        Args:
+            patches: ``[N, 3 * t * p * p]`` of all images, image after image, cell by cell.
+            grid_thw: ``[I, 3]`` long, ``(1, H / p, W / p)`` per image.
+        """
         if rotary not in ROTARY_MODES:
             raise ValueError(
                 f"unknown rotary mode {rotary!r} for backbone '{self.name}'; expected one of {ROTARY_MODES}"
@@ -306,8 +326,7 @@ class HFQwen2VLVision(Backbone):
                     f"num_blocks={num_blocks} is out of range for backbone '{self.name}' ({num_layers} layers)"
                 )
             blocks, final = blocks[:num_blocks], None
-        patches, grid = self.patchify(model, images)
-        batch = self.unit_batch(model, patches, grid)
+        batch = self.unit_batch(model, patches, grid_thw)
         return run_unit_blocks(batch, blocks, policy, self.rotary(model), rotary, final, backend)
 
     def unit_batch(self, model: nn.Module, patches: Tensor, grid_thw: Tensor) -> UnitBatch:

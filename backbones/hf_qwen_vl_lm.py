@@ -12,8 +12,9 @@ time: the compact cache through VTU's decoding, the expanded one through the sto
 New text continues after the prompt's largest M-RoPE position, on all three axes, as the host's rope
 deltas say.
 
-Not done yet: ``generate()`` (a greedy loop over :func:`qwen_vl_decode` is in the tests), videos, and
-an ``apply_dymu`` that patches the model's forward.
+:func:`qwen_dymu_inputs` is the shared first half (tower, rows, layout), on the processor's patches:
+``generate()`` with DyMU (:mod:`~dymu_lightning.backbones.hf_qwen_vl_generate`, through ``apply_dymu``)
+calls it from the patched forward. Not done yet: videos.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from dymu_lightning.backbones.hf_llm import CacheKind, HFCompactCache, vtu_decode, vtu_prefill
 from dymu_lightning.backbones.registry import find_backbone
 from dymu_lightning.core import MergedTokens, MergePolicy
-from dymu_lightning.core.vtu import VirtualLayout, rows_for_groups
+from dymu_lightning.core.vtu import VirtualLayout, layout_from_keys
 
 
 @dataclass(frozen=True)
@@ -74,31 +75,70 @@ def qwen_vl_prefill(
         rotary: the tower's rotary mode (``"exact"`` or ``"mean"``).
         cache: None, ``"expanded"`` or ``"compact"`` (see :mod:`dymu_lightning.backbones.hf_llm`).
     """
+    backbone = find_backbone(model.model.visual)
+    patches, grid = backbone.patchify(model.model.visual, images)
+    inputs = qwen_dymu_inputs(model, input_ids, patches, grid, policy, attention_mask, rotary)
+    hidden, store = vtu_prefill(model.model.language_model, inputs.rows, inputs.layout, cache)
+    return QwenDymuPrefill(model.lm_head(hidden), inputs.layout, inputs.merged, inputs.rope_deltas, store)
+
+
+@dataclass(frozen=True)
+class QwenDymuInputs:
+    """The language model's input after DToMe.
+
+    Attributes:
+        rows: ``[B, N_un, C]`` embeddings of the rows (text tokens and merged visual tokens), numbered
+            per sample by first position, zeros past a sample's own rows.
+        layout: rows -> the N positions of the full prompt, with ``[3, B, N]`` M-RoPE positions.
+        merged: the tower's output (cells as tokens).
+        rope_deltas: ``[B, 1]`` the host's M-RoPE offset of the next text position.
+    """
+
+    rows: Tensor
+    layout: VirtualLayout
+    merged: MergedTokens
+    rope_deltas: Tensor
+
+
+def qwen_dymu_inputs(
+    model: nn.Module,
+    input_ids: Tensor,
+    patches: Tensor,
+    grid_thw: Tensor,
+    policy: MergePolicy,
+    attention_mask: Tensor | None = None,
+    rotary: str = "exact",
+) -> QwenDymuInputs:
+    """The tower with DToMe on ``patches`` (``[P, D]``, ``grid_thw`` ``[I, 3]``, as Qwen's processor cuts
+    them), and the rows and layout of the prompt ``input_ids`` (``[B, N]``, one placeholder per cell)."""
     tower = model.model.visual
     backbone = find_backbone(tower)
-    merged = backbone.merged_forward_images(tower, images, policy, rotary=rotary)
-    _, grid = backbone.patchify(tower, images)
+    merged = backbone.merged_forward_patches(tower, patches, grid_thw, policy, rotary=rotary)
     placeholder = input_ids == model.config.image_token_id
-    cells = grid[:, 1] * grid[:, 2] // backbone.unit(tower)
+    cells = grid_thw[:, 1] * grid_thw[:, 2] // backbone.unit(tower)
     found, expected = int(placeholder.sum()), int(cells.sum())
     if found != expected:
         raise ValueError(f"input_ids hold {found} image placeholders; the images have {expected} cells")
     positions, deltas = model.model.get_rope_index(
-        input_ids, placeholder.int(), image_grid_thw=grid, attention_mask=attention_mask
+        input_ids, placeholder.int(), image_grid_thw=grid_thw, attention_mask=attention_mask
     )
-    expand, num_rows, image_base = rows_for_groups(placeholder, merged.group, merged.lengths)
+    # Keys: a cell's key is its merged token's index among the packed tokens (images in order, as the
+    # tower packs them), so a group's placeholders share a row; a text position's key is its own,
+    # after all visual ones. layout_from_keys numbers the rows per sample by first position.
+    first_token = merged.lengths.cumsum(0) - merged.lengths  # [I]
+    token_of_cell = first_token[:, None] + merged.group  # [I, U0]; columns past an image's cells unused
+    keys = torch.empty_like(input_ids)
+    keys[placeholder] = token_of_cell[merged.group >= 0]  # row-major: image after image, cell order
+    batch, length = input_ids.shape
+    text_keys = merged.packed.shape[0] + torch.arange(batch * length, device=input_ids.device)
+    keys[~placeholder] = text_keys.view(batch, length)[~placeholder]
+    valid = torch.ones_like(placeholder) if attention_mask is None else attention_mask.bool()
+    layout, row_key = layout_from_keys(keys, positions, valid)
 
     embeds = model.get_input_embeddings()(input_ids)  # the placeholders' embeddings go unused
-    batch, length = input_ids.shape
-    rows = embeds.new_zeros(batch * num_rows, embeds.shape[-1])
-    flat = torch.arange(batch, device=input_ids.device)[:, None] * num_rows + expand
-    rows[flat[~placeholder]] = embeds[~placeholder]
-    rows[image_base[merged.layout.batch_index] + merged.layout.pos_index] = merged.packed.to(rows.dtype)
-
-    valid = torch.ones_like(placeholder) if attention_mask is None else attention_mask.bool()
-    layout = VirtualLayout(expand, positions, valid, num_rows)
-    hidden, store = vtu_prefill(model.model.language_model, rows.view(batch, num_rows, -1), layout, cache)
-    return QwenDymuPrefill(model.lm_head(hidden), layout, merged, deltas, store)
+    table = torch.cat([merged.packed.to(embeds.dtype), embeds.flatten(0, 1)])  # indexed by key
+    rows = torch.where(row_key[..., None] >= 0, table[row_key.clamp(min=0)], 0)  # [B, N_un, C]
+    return QwenDymuInputs(rows, layout, merged, deltas)
 
 
 def next_positions(positions: Tensor, valid: Tensor, new: int) -> Tensor:

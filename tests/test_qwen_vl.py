@@ -333,10 +333,10 @@ def test_rotary_is_the_hosts_own():
     assert torch.equal(cos[1], cos_int[0]) and not torch.equal(cos[0], cos[1])
 
 
-def test_apply_dymu_refuses_a_whole_qwen2_vl_and_says_why():
+def test_apply_dymu_takes_a_whole_qwen2_vl_and_remove_dymu_restores_it():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from dymu_lightning.backbones.hf_llava import apply_dymu
+    from dymu_lightning.backbones.hf_llava import apply_dymu, is_dymu, remove_dymu
 
     text = {
         "vocab_size": 64,
@@ -351,8 +351,12 @@ def test_apply_dymu_refuses_a_whole_qwen2_vl_and_says_why():
     config = Qwen2VLConfig(text_config=text, vision_config=vision, eos_token_id=0, pad_token_id=0)
     model = Qwen2VLForConditionalGeneration(config)
     assert get_backbone("hf_qwen2_vl").handles(model.model.visual)  # the tower alone is supported
-    with pytest.raises(TypeError, match=r"DyMU end to end in a Qwen2-VL / Qwen2.5-VL .* is not implemented yet"):
-        apply_dymu(model, MergePolicy.off())
+    stock_forward = model.forward
+    assert apply_dymu(model, MergePolicy.off()) is model and is_dymu(model)
+    assert set(vars(model)) >= {"forward", "_expand_inputs_for_generation", "_dymu_llava"}
+    remove_dymu(model)
+    assert not {"forward", "_expand_inputs_for_generation", "_dymu_llava"} & set(vars(model))
+    assert model.forward == stock_forward  # the class's own method again
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -19,7 +19,6 @@ from transformers import (
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.hf_qwen_vl_lm import next_positions, qwen_vl_decode, qwen_vl_prefill
 from dymu_lightning.core import MergePolicy
-from dymu_lightning.core.vtu import VirtualLayout, rows_for_groups
 
 IMAGE = 60
 HIDDEN = 32
@@ -112,9 +111,15 @@ def test_merged_rows_are_the_merged_tokens_and_attend_as_the_naive_reference(fam
     assert lengths == [15 - 2 * layers, 1, 12 - 2 * layers]  # r = 2 a block; 4 cells go 4, 2, 1, 1...
     used = (ours.layout.counts() > 0).sum(1).tolist()
     assert used == [5 + lengths[0] + lengths[1], 3 + lengths[2]]  # text singletons + merged tokens
-    # each placeholder reads its cell's group: positions of one image map to its rows in group order
-    first_image = ours.layout.expand[0, 2:17]
-    assert torch.equal(first_image - first_image.min(), ours.merged.group[0, :15])
+    # each placeholder reads its cell's group: two cells of an image share a row exactly when they
+    # share a merged token, and rows are numbered per sample in the order of their first position
+    image_positions = [(0, slice(2, 17), 0), (0, slice(19, 23), 1), (1, slice(10, 22), 2)]  # 9 pads in sample 1
+    for sample, span, image in image_positions:
+        rows, group = ours.layout.expand[sample, span], ours.merged.group[image, : span.stop - span.start]
+        assert torch.equal(rows[:, None] == rows[None], group[:, None] == group[None])
+    for sample in range(2):
+        firsts = list(dict.fromkeys(ours.layout.expand[sample].tolist()))  # rows by first position
+        assert firsts == list(range(len(firsts)))
 
     # the same rows, expanded and run through the host's own attention at the full prompt's positions
     hidden_rows = _rows(model, input_ids, images, ours)
@@ -125,36 +130,22 @@ def test_merged_rows_are_the_merged_tokens_and_attend_as_the_naive_reference(fam
 
 
 def _rows(model, input_ids, images, prefill) -> torch.Tensor:
-    """The prefill's input rows, rebuilt with Python loops: text embeddings, then each image's merged
-    tokens in order at its first placeholder."""
+    """The prefill's input rows, rebuilt with Python loops: a text position's row is its embedding, an
+    image placeholder's row is its cell's merged token."""
     embeds = model.get_input_embeddings()(input_ids)
     rows = torch.zeros(input_ids.shape[0], prefill.layout.num_rows, HIDDEN, dtype=embeds.dtype)
-    image = 0
+    image, cell = 0, 0
     for b in range(input_ids.shape[0]):
-        n = 0
-        while n < input_ids.shape[1]:
+        for n in range(input_ids.shape[1]):
             if input_ids[b, n] == IMAGE:
-                count = int((prefill.merged.group[image] >= 0).sum())
-                row = int(prefill.layout.expand[b, n : n + count].min())
-                tokens = prefill.merged.tokens[image, : int(prefill.merged.lengths[image])]
-                rows[b, row : row + tokens.shape[0]] = tokens
-                image, n = image + 1, n + count
+                token = int(prefill.merged.group[image, cell])
+                rows[b, prefill.layout.expand[b, n]] = prefill.merged.tokens[image, token]
+                cell += 1
+                if cell == int((prefill.merged.group[image] >= 0).sum()):
+                    image, cell = image + 1, 0
             else:
                 rows[b, prefill.layout.expand[b, n]] = embeds[b, n]
-                n += 1
     return rows
-
-
-def test_rows_for_groups_places_images_of_different_sizes():
-    placeholder = torch.tensor(
-        [[False, True, True, True, False, True, True], [True, True, False, False, False, False, False]]
-    )
-    groups = torch.tensor([[0, 1, 0], [0, 0, -1], [1, 0, -1]])  # 3, 2 and 2 placeholders
-    expand, num_rows, base = rows_for_groups(placeholder, groups, torch.tensor([2, 1, 2]))
-    assert expand.tolist() == [[0, 1, 2, 1, 3, 4, 4], [1, 0, 2, 3, 4, 5, 6]]
-    assert num_rows == 7 and base.tolist() == [1, 4, 7 + 0]  # sample 1's image opens at its row 0
-    layout = VirtualLayout(expand, torch.arange(7).expand(2, -1), torch.ones(2, 7, dtype=torch.bool), num_rows)
-    assert layout.counts()[0].tolist() == [1, 2, 1, 1, 2, 0, 0]
 
 
 def test_a_wrong_placeholder_count_is_a_clear_error():

@@ -159,7 +159,7 @@ def layout_from_keys(keys: Tensor, positions: Tensor, valid: Tensor) -> tuple[Vi
 
     Args:
         keys: ``[B, N]`` long, ``>= 0``; a key never occurs in two samples.
-        positions: ``[B, N]`` long RoPE positions.
+        positions: ``[B, N]`` long RoPE positions (or ``[A, B, N]``: M-RoPE), passed on as they are.
         valid: ``[B, N]`` bool, False for padding.
 
     Returns:
@@ -234,45 +234,6 @@ class PackedLayout:
         sums = values.new_zeros(self.total + 1, *values.shape[2:])
         sums.index_add_(0, self.scatter_index.flatten(), values.flatten(0, 1))
         return sums[: self.total] / self.counts.to(values.dtype).reshape(-1, *([1] * (values.dim() - 2)))
-
-
-def rows_for_groups(placeholder: Tensor, groups: Tensor, rows_per_image: Tensor) -> tuple[Tensor, int, Tensor]:
-    """The rows of a prompt whose images were merged: each text token one row, each image one row per
-    merged token, placed at the image's first placeholder.
-
-    Args:
-        placeholder: ``[B, N]`` bool, the image placeholders (one per original token of an image),
-            images in order, sample after sample.
-        groups: ``[I, P]`` long, each image's placeholder -> its merged token (position within the
-            image); ``-1`` past an image's own placeholders (images of different sizes).
-        rows_per_image: ``[I]`` long, merged tokens per image.
-
-    Returns:
-        ``expand`` ``[B, N]`` (the row of each position), ``num_rows`` (the most rows of a sample, a
-        host int: one sync), and ``[I]`` each image's first row as ``b * num_rows + r``.
-    """
-    batch = placeholder.shape[0]
-    device = placeholder.device
-    if groups.shape[0] == 0:
-        expand = torch.arange(placeholder.shape[1], device=device).expand(batch, -1)
-        return expand, placeholder.shape[1], torch.zeros(0, dtype=torch.long, device=device)
-    counts = (groups >= 0).sum(1)  # [I] placeholders per image
-    ends = counts.cumsum(0)
-    ordinal = (placeholder.flatten().cumsum(0) - 1).clamp(min=0).view_as(placeholder)  # among all placeholders
-    image = torch.bucketize(ordinal, ends, right=True).clamp(max=groups.shape[0] - 1)
-    patch = (ordinal - (ends - counts)[image]).clamp(0, groups.shape[1] - 1)
-    first = placeholder & (patch == 0)
-    image_rows = rows_per_image[image]
-    added = torch.where(placeholder, torch.where(first, image_rows, 0), 1)  # rows each position opens
-    start = added.cumsum(1) - added  # rows before each position
-    # a later placeholder's start already counts its image's rows: step back to the image's first row
-    in_image = groups[image, patch] - torch.where(first, 0, image_rows)
-    expand = torch.where(placeholder, start + in_image, start)
-    num_rows = int(added.sum(1).max())
-    # an image's first row is where its first placeholder opens rows (that placeholder's own group need
-    # not be the first: an image's first token may merge into a later one)
-    opened = torch.arange(batch, device=device)[:, None] * num_rows + start
-    return expand, num_rows, opened[first]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
