@@ -415,7 +415,8 @@ def _fingerprint(cfg: CalibrationRecipe, r: list[int]) -> dict[str, Any]:
 def _print_summary(result: ThresholdsFile, path: Path) -> None:
     tokens = result.tokens
     shown = " ".join("-" if t is None else f"{t:.3f}" for t in result.thresholds)
-    print(f"calibrated {result.backbone}: {result.images_seen} images, world size {result.world_size}")
+    seen = "AnyRes crops" if result.inputs is not None else "images"  # each crop one image of the ranking
+    print(f"calibrated {result.backbone}: {result.images_seen} {seen}, world size {result.world_size}")
     print(f"thresholds: {shown}")
     if tokens["mean"] is not None:
         print(
