@@ -139,7 +139,8 @@ def apply_dymu(
 
     Raises:
         TypeError: another model class.
-        ValueError: thresholds calibrated for another tower or another depth, an unknown cache kind,
+        ValueError: thresholds calibrated for another tower or another depth, on whole images at
+            another size or on another crop grid than an AnyRes model's, an unknown cache kind,
             or a feature layer LLaVA-DyMU cannot read (a list of layers).
         RuntimeError: a transformers whose private generate() hook differs from the one overridden
             (see :func:`check_expand_hook`).
@@ -174,6 +175,8 @@ def apply_dymu(
             if is_anyres(model)
             else math.isqrt(model.config.image_seq_length) * tower.config.patch_size
         )
+        if is_anyres(model):  # crops, not whole images: calibrated on the same crops, or said why not
+            thresholds.check_inputs(type(model).__name__, side, model.config.image_grid_pinpoints)
         thresholds.check_fits(backbone, tower, side, num_blocks)
         policy = thresholds.policy(max_merges=max_merges, min_tokens=min_tokens)
     else:

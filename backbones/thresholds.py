@@ -72,6 +72,10 @@ class ThresholdsFile:
         extra: anything else the writer wants to keep (steps, skipped images, timings).
         partial: the run stopped before it had seen all its images (``trainer.max_steps``); the
             thresholds are those of the images seen so far. Rerun the same command to finish it.
+        inputs: what the encoder was fed: None (files older than this key too) for whole images
+            resized to ``image_size``; ``{"kind": "anyres_crops", "processor", "crop_size",
+            "image_grid_pinpoints"}`` for the crops an AnyRes processor makes (``data.crops=anyres``),
+            each crop one image (``images_seen`` and ``tokens`` count crops).
     """
 
     backbone: str
@@ -88,6 +92,7 @@ class ThresholdsFile:
     num_blocks: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     partial: bool = False
+    inputs: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     # The file this was loaded from (not saved): errors name it.
@@ -167,6 +172,29 @@ class ThresholdsFile:
                 stacklevel=3,
             )
 
+    def check_inputs(self, model_name: str, crop_size: int, pinpoints: list[list[int]]) -> None:
+        """For an AnyRes model (``model_name``) feeding its tower crops of ``crop_size`` px cut on
+        ``pinpoints``: raise ValueError for thresholds calibrated on other inputs at another size or
+        on another grid, and warn (UserWarning) for whole images at the crop size, which rank edges of
+        other statistics than tiles (zoomed-in views)."""
+        where = f"{self.origin}: " if self.origin else ""
+        redo = "recalibrate with data.crops=anyres data.processor=<the model's save_pretrained folder>"
+        if self.inputs is None:
+            if self.image_size != crop_size:
+                raise ValueError(
+                    f"{where}calibrated on whole images at {self.image_size} px, but this {model_name} feeds its "
+                    f"vision tower AnyRes crops of {crop_size} px; {redo}"
+                )
+            warnings.warn(f"{where}calibrated on whole images, not on the AnyRes crops this {model_name} feeds; {redo}",
+                          UserWarning, stacklevel=3)  # fmt: skip
+            return
+        found = (self.inputs["crop_size"], [list(p) for p in self.inputs["image_grid_pinpoints"]])
+        if found != (crop_size, [list(p) for p in pinpoints]):
+            raise ValueError(
+                f"{where}calibrated on AnyRes crops of {found[0]} px on grid pinpoints {found[1]}, but this "
+                f"{model_name} cuts crops of {crop_size} px on {[list(p) for p in pinpoints]}; {redo}"
+            )
+
     def policy(self, **caps: int | None) -> MergePolicy:
         """A threshold-mode policy; ``caps`` may set ``max_merges`` and ``min_tokens``."""
         return MergePolicy(thresholds=list(self.thresholds), **caps)
@@ -204,6 +232,13 @@ def _validate(path: Path, data: dict[str, Any]) -> None:
     for key in ("schedule", "tokens", "extra"):
         if key in data and not isinstance(data[key], dict):
             fail(key, "an object", data[key])
+    inputs = data.get("inputs")
+    if inputs is not None:
+        anyres = {"kind", "processor", "crop_size", "image_grid_pinpoints"}
+        if not isinstance(inputs, dict) or inputs.get("kind") != "anyres_crops" or set(inputs) != anyres:
+            fail(
+                "inputs", f"null (whole images) or an object with kind 'anyres_crops' and keys {sorted(anyres)}", inputs
+            )
     if "partial" in data and not isinstance(data["partial"], bool):
         fail("partial", "true or false", data["partial"])
     blocks = data.get("num_blocks")

@@ -135,6 +135,8 @@ COMMANDS: tuple[Command, ...] = (
             "dymu_lightning.assets.fetch:fetch_all", (_force(),), "dymu assets"),
     Command("small_llava", "assemble the small real LLaVA (DINOv2-S + projector + SmolLM2-135M)",
             "dymu_lightning.assets.small_llava:build", (_force(),), "dymu small_llava"),
+    Command("small_onevision", "assemble a small real LLaVA-OneVision (DINOv2-S + untrained projector + SmolLM2-135M)",
+            "dymu_lightning.assets.small_onevision:build", (_force(),), "dymu small_onevision"),
     Command("help", "list the commands, or show one", "dymu_lightning.cli:show_help", (
         Option(("command",), "a command name", {"nargs": "?"}),
     ), "dymu help check"),

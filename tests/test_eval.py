@@ -244,6 +244,8 @@ def test_eval_recipe_rejects_a_thresholds_file_for_another_image_size(tmp_path):
         evaluate(recipe)
     with pytest.raises(ValueError, match="'full' and 'tome@...' are reserved"):
         check(load_recipe("eval_encoder", [f"out_dir={tmp_path}/e", f"variants.full={path}", *TINY_MODEL]))
+    with pytest.raises(ValueError, match=r"data.crops and data.processor are calibration settings; eval_encoder"):
+        check(load_recipe("eval_encoder", [f"out_dir={tmp_path}/e", "data.crops=anyres", *TINY_MODEL]))
 
 
 def test_the_eval_recipe_is_packaged_and_checks(tmp_path, capsys):

@@ -46,6 +46,11 @@ def small_llava_dir() -> Path:
     return cache_dir() / "llava-dinov2s-smollm2"
 
 
+def small_onevision_dir() -> Path:
+    """The ``save_pretrained`` directory of the small LLaVA-OneVision (may not exist yet)."""
+    return cache_dir() / "onevision-dinov2s-smollm2"
+
+
 def small_llava_tower_dir() -> Path:
     """Its vision tower alone, with the LLaVA's 336 px preprocessing: what calibration loads
     (``recipes/small_llava_calib.yaml``)."""

@@ -94,6 +94,11 @@ def check(recipe: Recipe) -> EvalEncoderRecipe:
     check_model_and_data(
         recipe.path, cfg.model, cfg.data, [("probe.max_images", cfg.probe.max_images, 1), ("probe.k", cfg.probe.k, 1)]
     )
+    if cfg.data.crops != "whole" or cfg.data.processor is not None:
+        # the evaluated images go through the backbone's preprocessing whole; crops are a calibration input
+        raise ConfigError(
+            f"{recipe.path}: data.crops and data.processor are calibration settings; eval_encoder feeds whole images"
+        )
     check_pattern(recipe.path, "probe.label_pattern", cfg.probe.label_pattern)
     for name, path in cfg.variants.items():
         if name == "full" or name.startswith("tome@"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from PIL import Image
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from dymu_lightning.config.schema import DataConfig
 from dymu_lightning.data import GlobalBatchShards, read_index
+from dymu_lightning.data.crops import GlobalBatchCrops
 from dymu_lightning.data.source import prepare_shards
 
 
@@ -31,6 +33,8 @@ class ShardsDataModule(L.LightningDataModule):
         transform: one PIL image -> ``[3, H, W]`` (the backbone's preprocessing).
         start_step: global steps already done (resume).
         max_images, num_workers, strict, shard_size: see ``DataConfig``.
+        image_processor: an AnyRes image processor: the samples are its crops of the images
+            (``data.crops=anyres``, :class:`GlobalBatchCrops`); None: whole images through ``transform``.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class ShardsDataModule(L.LightningDataModule):
         num_workers: int = 0,
         strict: bool = False,
         shard_size: int = 1000,
+        image_processor: Any = None,
     ) -> None:
         super().__init__()
         self.shards = Path(shards).expanduser()
@@ -55,11 +60,16 @@ class ShardsDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.strict = strict
         self.shard_size = shard_size
+        self.image_processor = image_processor
         self.dataset: GlobalBatchShards | None = None
 
     @classmethod
     def from_config(
-        cls, data: DataConfig, transform: Callable[[Image.Image], Tensor], start_step: int = 0
+        cls,
+        data: DataConfig,
+        transform: Callable[[Image.Image], Tensor],
+        start_step: int = 0,
+        image_processor: Any = None,
     ) -> ShardsDataModule:
         """The DataModule a recipe's ``data`` section describes."""
         return cls(
@@ -72,6 +82,7 @@ class ShardsDataModule(L.LightningDataModule):
             num_workers=data.num_workers,
             strict=data.strict,
             shard_size=data.shard_size,
+            image_processor=image_processor,
         )
 
     def prepare_data(self) -> None:
@@ -79,11 +90,24 @@ class ShardsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        if self.image_processor is not None:
+            self.dataset = GlobalBatchCrops(
+                read_index(self.shards),
+                self.global_batch_size,
+                image_processor=self.image_processor,
+                rank=rank,
+                world_size=world,
+                start_step=self.start_step,
+                strict=self.strict,
+                max_samples=self.max_images,
+            )
+            return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
         self.dataset = GlobalBatchShards(
             read_index(self.shards),
             global_batch_size=self.global_batch_size,
-            rank=trainer.global_rank if trainer else 0,
-            world_size=trainer.world_size if trainer else 1,
+            rank=rank,
+            world_size=world,
             transform=self.transform,
             start_step=self.start_step,
             strict=self.strict,

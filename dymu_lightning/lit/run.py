@@ -7,6 +7,7 @@ outputs.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import warnings
@@ -28,6 +29,7 @@ from dymu_lightning.config.recipes import ConfigError, Recipe
 from dymu_lightning.config.schema import CalibrationRecipe
 from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
 from dymu_lightning.data import GlobalBatchShards
+from dymu_lightning.data.crops import CROPS_KINDS, GlobalBatchCrops, anyres_inputs
 from dymu_lightning.data.source import check_shards
 from dymu_lightning.files import check_writable_dir
 from dymu_lightning.lit.calibration import (
@@ -126,6 +128,7 @@ def check(recipe: Recipe, probe: bool = True) -> CalibrationRecipe:
             ("schedule.tokens_left", cfg.schedule.tokens_left, 1),
         ],
     )
+    check_crops(cfg, path)
     world = _world_size(cfg)
     launched = os.environ.get("WORLD_SIZE")
     if launched is not None and world is not None and int(launched) != world:
@@ -152,6 +155,41 @@ def check(recipe: Recipe, probe: bool = True) -> CalibrationRecipe:
         if shape is not None:
             check_schedule(cfg, path, shape)
     return cfg
+
+
+def check_crops(cfg: CalibrationRecipe, path: Path) -> None:
+    """``data.crops`` is known, and ``data.processor`` is set exactly when the crops are AnyRes crops."""
+    data = cfg.data
+    if data.crops not in CROPS_KINDS:
+        raise ConfigError(f"{path}: data.crops={data.crops!r}; expected one of {CROPS_KINDS}")
+    if data.crops == "anyres" and data.processor is None:
+        raise ConfigError(
+            f"{path}: data.crops=anyres needs data.processor=<a LLaVA-NeXT or OneVision save_pretrained folder>, "
+            "whose image processor cuts the crops"
+        )
+    if data.crops == "whole" and data.processor is not None:
+        raise ConfigError(f"{path}: data.processor={data.processor!r} is read only with data.crops=anyres")
+
+
+def load_crops_processor(cfg: CalibrationRecipe, path: Path, image_size: int) -> tuple[Any, dict[str, Any] | None]:
+    """(image processor, thresholds.json's ``inputs``) of ``data.crops=anyres``; (None, None) for whole
+    images. The crops must have the side the encoder is fed (``image_size``)."""
+    if cfg.data.crops != "anyres":
+        return None, None
+    from transformers import AutoImageProcessor
+
+    source = str(Path(cfg.data.processor).expanduser())
+    try:
+        processor = AutoImageProcessor.from_pretrained(source)
+        inputs = anyres_inputs(processor, source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: data.processor={cfg.data.processor}: {error}") from None
+    if inputs["crop_size"] != image_size:
+        raise ConfigError(
+            f"{path}: data.processor={cfg.data.processor} cuts crops of {inputs['crop_size']} px, but the encoder "
+            f"is fed {image_size} px images; set model.image_size={inputs['crop_size']} or use that model's own tower"
+        )
+    return processor, inputs
 
 
 def check_schedule(cfg: CalibrationRecipe, path: Path, shape: EncoderShape) -> list[int]:
@@ -208,6 +246,7 @@ def calibrate(recipe: Recipe) -> Path:
     shape = encoder_shape(backbone, model, transform)
     r = check_schedule(cfg, recipe.path, shape)  # before any compute
     r_value, tokens_left = target_r(cfg, recipe.path)
+    image_processor, inputs = load_crops_processor(cfg, recipe.path, shape.image_size)
     full_tokens = shape.tokens
     fingerprint = _fingerprint(cfg, r)
     # Under Slurm our module handles the requeue signal (save at a step boundary, requeue, stop) in
@@ -232,7 +271,7 @@ def calibrate(recipe: Recipe) -> Path:
         state,
         requeue_job=_slurm_job() if slurm else None,
     )
-    datamodule = ShardsDataModule.from_config(cfg.data, transform, start_step)
+    datamodule = ShardsDataModule.from_config(cfg.data, transform, start_step, image_processor)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -286,6 +325,7 @@ def calibrate(recipe: Recipe) -> Path:
                 "fingerprint": fingerprint,
             },
             partial=module.steps_done < total_steps,
+            inputs=inputs,
         )
         result.save(path)
         merges = _draw_merges(backbone, model, transform, datamodule.dataset, result, out_dir)
@@ -308,6 +348,15 @@ def _draw_merges(
     """merges.png: the first decodable images of the data under the final thresholds, simplest first."""
     if dataset is None or result.images_seen == 0:
         return None
+    parameter = next(model.parameters())
+    if isinstance(dataset, GlobalBatchCrops):  # the crops calibrated on, as the processor cut them
+        rows = (dataset.crop(i) for i in range(dataset.num_samples))
+        pixels = torch.stack(list(itertools.islice((row for row in rows if row is not None), MERGES_IMAGES)))
+        groups, lengths = token_groups(
+            backbone, model, pixels.to(parameter.device, parameter.dtype), result.policy(), result.num_blocks
+        )
+        title = f"{result.backbone}: final groups on the first AnyRes crops under the calibrated thresholds"
+        return draw_merges(pixels, groups, lengths, out_dir / "merges.png", title)
     pictures = []
     for i in range(dataset.num_samples):
         try:
@@ -316,7 +365,6 @@ def _draw_merges(
             continue
         if len(pictures) == MERGES_IMAGES:
             break
-    parameter = next(model.parameters())
     _, pixels = pick_images(pictures, transform, MERGES_IMAGES)
     groups, lengths = token_groups(
         backbone, model, pixels.to(parameter.device, parameter.dtype), result.policy(), result.num_blocks
@@ -359,13 +407,16 @@ def _fingerprint(cfg: CalibrationRecipe, r: list[int]) -> dict[str, Any]:
         "global_batch_size": cfg.data.global_batch_size,
         "max_images": cfg.data.max_images,
         "seed": cfg.seed,
+        # only when set: states saved before data.crops existed stay resumable
+        **({"crops": "anyres", "processor": cfg.data.processor} if cfg.data.crops == "anyres" else {}),
     }
 
 
 def _print_summary(result: ThresholdsFile, path: Path) -> None:
     tokens = result.tokens
     shown = " ".join("-" if t is None else f"{t:.3f}" for t in result.thresholds)
-    print(f"calibrated {result.backbone}: {result.images_seen} images, world size {result.world_size}")
+    seen = "AnyRes crops" if result.inputs is not None else "images"  # each crop one image of the ranking
+    print(f"calibrated {result.backbone}: {result.images_seen} {seen}, world size {result.world_size}")
     print(f"thresholds: {shown}")
     if tokens["mean"] is not None:
         print(
