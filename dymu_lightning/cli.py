@@ -135,6 +135,12 @@ COMMANDS: tuple[Command, ...] = (
             "dymu_lightning.assets.fetch:fetch_all", (_force(),), "dymu assets"),
     Command("small_llava", "assemble the small real LLaVA (DINOv2-S + projector + SmolLM2-135M)",
             "dymu_lightning.assets.small_llava:build", (_force(),), "dymu small_llava"),
+    Command("align_small_llava", "train the small LLaVA's projector on Fashion-MNIST captions (seeded, CPU)",
+            "dymu_lightning.assets.align:align_small_llava", (
+        Option(("--force",), "train again even if the projector is already aligned", {"action": "store_true"}),
+        Option(("--train",), "first N Fashion-MNIST training images", {"type": int, "default": 512}),
+        Option(("--test",), "first N test images for the recorded accuracy", {"type": int, "default": 200}),
+    ), "dymu align_small_llava"),
     Command("help", "list the commands, or show one", "dymu_lightning.cli:show_help", (
         Option(("command",), "a command name", {"nargs": "?"}),
     ), "dymu help check"),
