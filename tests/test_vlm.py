@@ -138,3 +138,26 @@ def test_a_caption_set_reads_only_its_split():
     assert {p.parent.name for p in test.paths} == {"fashion-mnist-test-12"}
     assert [int(p.stem.split("_")[0]) for p in train.paths] == train.labels.tolist()
     assert [int(p.stem.split("_")[1]) for p in train.paths] == list(range(12))
+
+
+def test_the_study_page_pairs_every_reduction_with_the_full_model(tmp_path):
+    from dymu_lightning.vlm.study import collect, render
+
+    labels = torch.tensor([0, 1, 2, 3])
+    results = {
+        "full": {"predicted": torch.tensor([0, 1, 2, 0]), "visual_rows": torch.full((4,), 64)},
+        "DyMU-mid + VTU": {"predicted": torch.tensor([0, 1, 0, 3]), "visual_rows": torch.tensor([20, 22, 24, 22])},
+    }
+    meta = {"full": {"kind": "full", "trainable": 0}, "DyMU-mid + VTU": {"kind": "training-free", "trainable": 0}}
+    study = collect(results, meta, labels)
+    dymu = study["rows"][1]
+    assert dymu["accuracy"] == 0.75 and dymu["tokens_mean"] == 22.0
+    assert dymu["vs_full"]["difference"] == 0.0 and dymu["correct"] == [1, 1, 0, 1]
+    alignment = {"command": "python -m dymu_lightning align_small_llava", "seed": 0, "train": "fashion_mnist:train:8"}
+    alignment.update(trainable_parameters=553_536, global_steps=1, machine="cpu")
+    study.update(train=8, test=4, calibration=4, seconds=60, alignment=alignment)
+    study["variants"] = {"mid": {"r": [4] * 11 + [0], "thresholds": [], "calibration_tokens": 22.0, "tome_r": [4]}}
+    page = render(study, "python -m dymu_lightning vlm_study", tmp_path / "vlm.md")
+    text = page.read_text()
+    assert "| DyMU-mid + VTU | training-free | 22.0 ± 1.4 | 75.0% | +0.0 [-" in text
+    assert (tmp_path / "vlm" / "accuracy_tokens.png").is_file()

@@ -29,7 +29,7 @@ from dymu_lightning.files import install_dir_atomically, make_staging_dir, write
 
 ALIGNMENT_FILE = "dymu_alignment.json"
 SEED = 0
-TRAIN_IMAGES = 512  # the first N training images of Fashion-MNIST
+TRAIN_IMAGES = 384  # the first N training images of Fashion-MNIST
 TEST_IMAGES = 200  # the first N test images, for the recorded accuracy
 IMAGE_SIZE = 112
 BATCH_SIZE = 8
