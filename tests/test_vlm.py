@@ -159,5 +159,5 @@ def test_the_study_page_pairs_every_reduction_with_the_full_model(tmp_path):
     study["variants"] = {"mid": {"r": [4] * 11 + [0], "thresholds": [], "calibration_tokens": 22.0, "tome_r": [4]}}
     page = render(study, "python -m dymu_lightning vlm_study", tmp_path / "vlm.md")
     text = page.read_text()
-    assert "| DyMU-mid + VTU | training-free | 22.0 ± 1.4 | 75.0% | +0.0 [-" in text
+    assert "| DyMU-mid + VTU | training-free | 22.0 ± 1.4 | 75.0% | +0.0 [-" in text and "| 0 | - |" in text
     assert (tmp_path / "vlm" / "accuracy_tokens.png").is_file()

@@ -84,7 +84,9 @@ def align_small_llava(
     evaluation = caption_set(f"fashion_mnist:test:{test}").require("test", "evaluation")
     found = classify(model, tokenizer, pixel_tensor(evaluation.paths, processor), [Reduction("full")])["full"]
     accuracy = float((found["predicted"] == evaluation.labels).double().mean())
-    command = shlex.join(["python", "-m", "dymu_lightning", "align_small_llava", *(["--force"] if force else [])])
+    options = ["--force"] * force + ["--train", str(train)] * (train != TRAIN_IMAGES)
+    options += ["--test", str(test)] * (test != TEST_IMAGES)
+    command = shlex.join(["python", "-m", "dymu_lightning", "align_small_llava", *options])
     result: dict[str, Any] = {
         "task": "align_small_llava",
         "command": command,

@@ -238,13 +238,14 @@ def render(study: dict[str, Any], command: str, page: Path) -> Path:
         f"At {study['test']} test images one image is {100 / study['test']:.1f} points; intervals are paired "
         "95% intervals over the same images (`dymu_lightning.eval.metrics.paired_difference`).",
         "",
-        "| reduction | kind | visual tokens per image | accuracy | vs full | trainable params |",
-        "|---|---|---|---|---|---|",
+        "| reduction | kind | visual tokens per image | accuracy | vs full | trainable params | training images/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['name']} | {row['kind']} | {row['tokens_mean']:.1f} ± {row['tokens_std']:.1f} | "
-            f"{100 * row['accuracy']:.1f}% | {_interval(row['vs_full'])} | {row['trainable']:,} |"
+            f"{100 * row['accuracy']:.1f}% | {_interval(row['vs_full'])} | {row['trainable']:,} | "
+            + (f"{row['images_per_second']:.2f} |" if row.get("images_per_second") else "- |")
         )
     lines += ["", "| variant | r per layer (calibration) | DyMU tokens on calibration images | ToMe r per layer |"]
     lines += ["|---|---|---|---|"]
