@@ -161,3 +161,14 @@ def test_the_study_page_pairs_every_reduction_with_the_full_model(tmp_path):
     text = page.read_text()
     assert "| DyMU-mid + VTU | training-free | 22.0 ± 1.4 | 75.0% | +0.0 [-" in text and "| 0 | - |" in text
     assert (tmp_path / "vlm" / "accuracy_tokens.png").is_file()
+
+
+def test_an_aligned_small_llava_is_not_trained_again(tmp_path, monkeypatch, capsys):
+    from dymu_lightning.assets.align import ALIGNMENT_FILE, align_small_llava
+
+    monkeypatch.setenv("DYMU_CACHE", str(tmp_path))
+    folder = tmp_path / "llava-dinov2s-smollm2"
+    folder.mkdir()
+    (folder / ALIGNMENT_FILE).write_text("{}\n")
+    assert align_small_llava() == 0
+    assert "already aligned" in capsys.readouterr().out
