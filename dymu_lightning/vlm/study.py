@@ -247,6 +247,9 @@ def render(study: dict[str, Any], command: str, page: Path) -> Path:
             f"{100 * row['accuracy']:.1f}% | {_interval(row['vs_full'])} | {row['trainable']:,} | "
             + (f"{row['images_per_second']:.2f} |" if row.get("images_per_second") else "- |")
         )
+    if not any(row["kind"] == "adapted" for row in rows):
+        lines += ["", "No adapted row: this study was stopped before an adaptation finished (rerun the command: it"]
+        lines += ["continues from the reductions already scored, kept in its `--work` folder)."]
     lines += ["", "| variant | r per layer (calibration) | DyMU tokens on calibration images | ToMe r per layer |"]
     lines += ["|---|---|---|---|"]
     for variant, entry in study["variants"].items():
