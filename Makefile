@@ -8,6 +8,8 @@ CACHE  := $(or $(DYMU_CACHE),$(HOME)/.cache/dymu_lightning)
 ASSETS := $(CACHE)/dinov2-vits14/config.json
 # The small real LLaVA (DINOv2-S + projector + SmolLM2-135M) the inference tests and docs run.
 LLAVA  := $(CACHE)/llava-dinov2s-smollm2/config.json
+# Its projector, trained on Fashion-MNIST captions (seeded, a few minutes on 2 CPU cores).
+ALIGNED := $(CACHE)/llava-dinov2s-smollm2/dymu_alignment.json
 
 .PHONY: venv assets run test test-fast lint docs format bench clean
 
@@ -28,14 +30,17 @@ $(ASSETS): $(STAMP)
 $(LLAVA): $(ASSETS)
 	$(BIN)/python -m dymu_lightning small_llava
 
-assets: $(ASSETS) $(LLAVA)
+$(ALIGNED): $(LLAVA)
+	$(BIN)/python -m dymu_lightning align_small_llava
+
+assets: $(ASSETS) $(LLAVA) $(ALIGNED)
 
 ## The main job on the embedded default: calibrate DToMe thresholds for the real DINOv2 ViT-S/14 on real photos.
 run: $(ASSETS)
 	$(BIN)/python -m dymu_lightning recipe=quickstart
 
 ## The whole suite: lint, the docs site, then every test (slow and distributed included).
-test: $(ASSETS) $(LLAVA)
+test: $(ASSETS) $(LLAVA) $(ALIGNED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m mkdocs build --strict -d site

@@ -114,6 +114,19 @@ COMMANDS: tuple[Command, ...] = (
         Option(("--render-only",), "rewrite the page from WORK/study.json", {"action": "store_true"}),
         Option(("overrides",), "key=value overrides for every finetune run", {"nargs": "*"}),
     ), "dymu finetune_study --variants mid --train 256 --test 300"),
+    Command("vlm_study", "Study 2: DyMU, ToMe and light adaptation in the aligned small LLaVA; write a results page",
+            "dymu_lightning.vlm.study:run_command", (
+        Option(("--work",), "adapted runs and study.json", {"type": Path, "default": Path("runs/vlm_study")}),
+        Option(("--page",), "the page to write", {"type": Path, "default": Path("docs/vlm_results.md")}),
+        Option(("--variants",), "DyMU variants scored training-free: low, mid, high",
+               {"nargs": "+", "default": ["low", "mid", "high"]}),
+        Option(("--adapt",), "variants also adapted with merging on", {"nargs": "*", "default": ["mid"]}),
+        Option(("--adaptations",), "projector, lora", {"nargs": "+", "default": ["projector"]}),
+        Option(("--train",), "first N training images for the adaptation", {"type": int, "default": 128}),
+        Option(("--test",), "first N test images", {"type": int, "default": 300}),
+        Option(("--calibration",), "first N training images for calibration", {"type": int, "default": 256}),
+        Option(("--render-only",), "rewrite the page from WORK/study.json", {"action": "store_true"}),
+    ), "dymu vlm_study --variants mid --test 100"),
     Command("next_token", "next-token fidelity of the small LLaVA under DyMU and ToMe",
             "dymu_lightning.eval.next_token:run_command", (
         Option(("thresholds",), "NAME=path/to/thresholds.json, one per DyMU variant", {"nargs": "+"}),
@@ -135,6 +148,12 @@ COMMANDS: tuple[Command, ...] = (
             "dymu_lightning.assets.fetch:fetch_all", (_force(),), "dymu assets"),
     Command("small_llava", "assemble the small real LLaVA (DINOv2-S + projector + SmolLM2-135M)",
             "dymu_lightning.assets.small_llava:build", (_force(),), "dymu small_llava"),
+    Command("align_small_llava", "train the small LLaVA's projector on Fashion-MNIST captions (seeded, CPU)",
+            "dymu_lightning.assets.align:align_small_llava", (
+        Option(("--force",), "train again even if the projector is already aligned", {"action": "store_true"}),
+        Option(("--train",), "first N Fashion-MNIST training images", {"type": int, "default": 384}),
+        Option(("--test",), "first N test images for the recorded accuracy", {"type": int, "default": 200}),
+    ), "dymu align_small_llava"),
     Command("small_onevision", "assemble a small real LLaVA-OneVision (DINOv2-S + untrained projector + SmolLM2-135M)",
             "dymu_lightning.assets.small_onevision:build", (_force(),), "dymu small_onevision"),
     Command("help", "list the commands, or show one", "dymu_lightning.cli:show_help", (

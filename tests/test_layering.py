@@ -36,6 +36,8 @@ LAYERS: dict[str, int] = {
     "dymu_lightning.eval": 4,  # ... evaluation, which do not import each other ...
     "dymu_lightning.finetune": 4,  # ... and fine-tuning
     "dymu_lightning.finetune.study": 5,
+    "dymu_lightning.vlm": 4,  # ... and the small LLaVA as a VLM (alignment, class-name scoring)
+    "dymu_lightning.vlm.study": 5,
     "dymu_lightning.eval.studies": 5,  # studies that run several tasks, and the asset tools
     "dymu_lightning.assets": 5,
     "dymu_lightning.cli": 6,

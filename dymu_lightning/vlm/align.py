@@ -1,0 +1,265 @@
+"""Align the small LLaVA: train its projector (or LoRA adapters) on captions, the rest frozen.
+
+The model reads one image and the fixed question, and is trained to answer with the image's caption
+(the caption tokens and the end-of-turn token carry the loss; nothing else does). The tower and the
+language model are frozen (``requires_grad=False``) and stay in eval mode, so a step changes only the
+projector (and LoRA adapters), and a run is reproducible from its seed.
+
+With a merging policy the model trains as it will run: DyMU (or ToMe) in the tower and VTU in the
+language model, gradients reaching the projector through the merged rows.
+
+``fit_align`` runs Lightning's ``fit``: ``checkpoints/last.ckpt`` (trainable parameters only, and the
+loader's position, so a resumed run continues with the next batch), CSV logs in ``logs/``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from dymu_lightning.backbones.hf_llava import apply_dymu, is_dymu
+from dymu_lightning.core import MergePolicy
+from dymu_lightning.finetune.adapt import add_lora, count_parameters, lora_module_names
+from dymu_lightning.finetune.data import EpochBatches, ResumableLoader
+from dymu_lightning.finetune.run import StopAfter, Stopped
+from dymu_lightning.vlm.captions import PromptIds
+
+ADAPTATIONS = ("projector", "lora")
+LORA_TARGETS = ("lm", "both")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """One alignment run.
+
+    Attributes:
+        out_dir: checkpoints and logs.
+        adaptation: ``projector`` (the projector only) or ``lora`` (LoRA adapters and the projector).
+        lora_target: ``lm`` (the language model's attention projections) or ``both`` (and the tower's).
+        lora_modules: regexes naming the linear modules LoRA goes on (None: attention projections).
+        policy: the tower's merging while training (None: all visual tokens).
+    """
+
+    out_dir: Path
+    seed: int = 0
+    batch_size: int = 8
+    epochs: int = 1
+    lr: float = 1e-3
+    adaptation: str = "projector"
+    lora_target: str = "lm"
+    lora_modules: tuple[str, ...] | None = None
+    lora_r: int = 8
+    policy: MergePolicy | None = None
+    stop_after_steps: int | None = None
+    checkpoint_every_n_steps: int | None = None
+    progress_bar: bool = True
+    resume: bool = True
+
+
+def pixel_tensor(paths: Sequence[Path], processor: Any) -> Tensor:
+    """``[n, 3, S, S]`` the images through the tower's preprocessing."""
+    images = [Image.open(p).convert("RGB") for p in paths]
+    return processor(images, return_tensors="pt")["pixel_values"]
+
+
+class CaptionedImages(Dataset):
+    """Item ``i``: ``{"pixels": [3, S, S], "answer": [A_i] long, "index": i}``."""
+
+    def __init__(self, pixels: Tensor, answers: Sequence[Tensor]) -> None:
+        if len(pixels) != len(answers):
+            raise ValueError(f"{len(pixels)} images but {len(answers)} captions")
+        self.pixels, self.answers = pixels, list(answers)
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"pixels": self.pixels[i], "answer": self.answers[i], "index": i}
+
+
+def collate(items: list[dict[str, Any]], prompt: PromptIds, pad_id: int) -> dict[str, Tensor]:
+    """Prompt + answer per image, right-padded: ``input_ids`` / ``attention_mask`` / ``labels``
+    ``[B, N + A]`` (labels are -100 outside the answers) and ``pixels`` ``[B, 3, S, S]``."""
+    longest = max(len(item["answer"]) for item in items)
+    batch, length = len(items), len(prompt.prompt) + longest
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    labels = torch.full((batch, length), -100, dtype=torch.long)
+    mask = torch.zeros((batch, length), dtype=torch.long)
+    n = len(prompt.prompt)
+    for b, item in enumerate(items):
+        answer = item["answer"]
+        input_ids[b, :n], input_ids[b, n : n + len(answer)] = prompt.prompt, answer
+        labels[b, n : n + len(answer)] = answer
+        mask[b, : n + len(answer)] = 1
+    pixels = torch.stack([item["pixels"] for item in items])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixels": pixels}
+
+
+def set_trainable(model: nn.Module, adaptation: str, lora_target: str = "lm", **lora: Any) -> nn.Module:
+    """Freeze the LLaVA but its projector (and, for ``lora``, add adapters to ``lora_target``).
+
+    Raises:
+        ValueError: an unknown adaptation or LoRA target, or LoRA modules that match nothing.
+    """
+    if adaptation not in ADAPTATIONS:
+        raise ValueError(f"unknown adaptation {adaptation!r}; expected one of {', '.join(ADAPTATIONS)}")
+    if lora_target not in LORA_TARGETS:
+        raise ValueError(f"lora.target={lora_target!r}; expected one of {', '.join(LORA_TARGETS)}")
+    model.requires_grad_(False)
+    if adaptation == "lora":
+        parts = [model.model.language_model] + ([model.model.vision_tower] if lora_target == "both" else [])
+        patterns, r = lora.get("modules"), lora.get("r", 8)
+        for part in parts:
+            names = lora_module_names(part, patterns, "lora.modules")
+            add_lora(part, names, r, alpha=2 * r, dropout=0.0)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+    model.model.multi_modal_projector.requires_grad_(True)
+    return model
+
+
+class AlignModule(L.LightningModule):
+    """Caption loss of a LLaVA whose trainable parameters were set by :func:`set_trainable`.
+
+    Args:
+        model: the LLaVA (DyMU applied when the run merges).
+        lr: AdamW's learning rate (no weight decay: the projector starts from a random init).
+    """
+
+    strict_loading = False  # checkpoints leave out the frozen weights
+
+    def __init__(self, model: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.model, self.lr = model, lr
+        self.train_seconds, self.train_images, self._start = 0.0, 0, 0.0
+
+    def train(self, mode: bool = True) -> AlignModule:
+        super().train(mode)
+        self.model.eval()  # no dropout anywhere: only the trained parameters change
+        return self
+
+    def caption_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Mean cross-entropy of the answer tokens."""
+        labels = batch["labels"]
+        keep = labels.shape[1] - int((labels != -100).any(0).nonzero()[0]) + 1  # from the token before the answers
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixels"].to(self.model.dtype),
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits  # [B, keep, V]
+        targets = labels[:, -keep + 1 :]
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def training_step(self, batch: dict[str, Tensor], batch_index: int) -> Tensor:
+        loss = self.caption_loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_index: int) -> None:
+        self.train_seconds += time.perf_counter() - self._start
+        self.train_images += int(batch["pixels"].shape[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """The trained parameters by name (``model.`` prefix dropped), detached copies."""
+        return {
+            re.sub(r"^model\.", "", name): p.detach().clone() for name, p in self.named_parameters() if p.requires_grad
+        }
+
+
+class AlignData(L.LightningDataModule):
+    """Seeded shuffled batches of :class:`CaptionedImages` whose position survives a resume."""
+
+    def __init__(self, dataset: CaptionedImages, prompt: PromptIds, pad_id: int, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.dataset, self.prompt, self.pad_id, self.batch_size, self.seed = dataset, prompt, pad_id, batch_size, seed
+
+    def train_dataloader(self) -> ResumableLoader:
+        trainer = self.trainer
+        batches = EpochBatches(len(self.dataset), self.batch_size, 0, 1, self.seed)
+
+        def batches_done() -> int:
+            return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+        return ResumableLoader(
+            self.dataset, batches, batches_done, collate_fn=lambda items: collate(items, self.prompt, self.pad_id)
+        )
+
+
+def fit_align(
+    model: nn.Module, dataset: CaptionedImages, prompt: PromptIds, pad_id: int, cfg: AlignConfig
+) -> tuple[AlignModule, L.Trainer, dict[str, Any]]:
+    """Train ``model`` in place as ``cfg`` says; returns the module, the trainer and facts for results.
+
+    A run stopped by ``cfg.stop_after_steps`` returns with ``facts["stopped"]`` set; rerunning with
+    ``cfg.resume`` continues from ``out_dir/checkpoints/last.ckpt``.
+    """
+    L.seed_everything(cfg.seed, verbose=False)
+    set_trainable(model, cfg.adaptation, cfg.lora_target, modules=cfg.lora_modules, r=cfg.lora_r)
+    if cfg.policy is not None and not is_dymu(model):
+        apply_dymu(model, cfg.policy)
+    module = AlignModule(model, cfg.lr)
+    last = Path(cfg.out_dir) / "checkpoints" / "last.ckpt"
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=last.parent,
+            save_last=True,
+            save_top_k=1,
+            every_n_train_steps=cfg.checkpoint_every_n_steps,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
+    ]
+    if cfg.stop_after_steps is not None:
+        callbacks.append(StopAfter(cfg.stop_after_steps, last))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=cfg.epochs,
+        logger=CSVLogger(cfg.out_dir, name="logs"),
+        callbacks=callbacks,
+        log_every_n_steps=1,
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+    )
+    data = AlignData(dataset, prompt, pad_id, cfg.batch_size, cfg.seed)
+    trainable, total = count_parameters(model)
+    facts: dict[str, Any] = {"trainable_parameters": trainable, "total_parameters": total, "stopped": None}
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=last if cfg.resume and last.is_file() else None)
+    except Stopped as stopped:
+        facts["stopped"] = str(stopped)
+    metrics = trainer.callback_metrics
+    facts.update(
+        global_steps=trainer.global_step,
+        final_train_loss=float(metrics["train_loss"]) if "train_loss" in metrics else None,
+        training_seconds=module.train_seconds,
+        training_images_per_second=module.train_images / module.train_seconds if module.train_seconds else None,
+    )
+    return module, trainer, facts

@@ -1,0 +1,174 @@
+"""Study 2 (issue 13): class-name scoring, projector alignment and captions, on the tiny random LLaVA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tests_support import IMAGE_TOKEN, PATCHES, llava_images, merging_policy, tiny_llava
+
+from dymu_lightning.backbones.hf_llava import apply_dymu, dymu_inputs
+from dymu_lightning.core import MergePolicy
+from dymu_lightning.vlm.align import AlignConfig, CaptionedImages, fit_align, set_trainable
+from dymu_lightning.vlm.captions import CLASS_NAMES, TEMPLATES, CaptionSet, PromptIds, make_captions
+from dymu_lightning.vlm.scoring import score_classes
+
+PROMPT = torch.tensor([1, 2, *[IMAGE_TOKEN] * PATCHES, 3, 4])  # text, one image, text: ends before the name
+CLASSES = [[5], [6, 7, 8], [9, 10], [7]]  # names of 1 to 3 tokens
+
+
+def _naive(model, pixels: torch.Tensor, vtu: bool | None) -> torch.Tensor:
+    """``[B, K]`` summed log-probabilities, one full forward per image and class (vtu None: stock model)."""
+    scores = torch.zeros(len(pixels), len(CLASSES), dtype=torch.float64)
+    for b in range(len(pixels)):
+        for k, name in enumerate(CLASSES):
+            ids = torch.cat([PROMPT, torch.tensor(name)])[None]
+            if vtu is False:
+                inputs = dymu_inputs(model, ids, pixels[b : b + 1])
+                hidden = model.model.language_model(inputs_embeds=inputs.rows).last_hidden_state
+                logits = model.lm_head(hidden[0, inputs.layout.expand[0]])  # row of every position, in order
+            else:
+                logits = model(input_ids=ids, pixel_values=pixels[b : b + 1]).logits[0]
+            logp = logits.double().log_softmax(-1)
+            for j, token in enumerate(name):
+                scores[b, k] += logp[len(PROMPT) + j - 1, token]
+    return scores
+
+
+@pytest.mark.parametrize("mode", ["full", "vtu", "no_vtu"])
+def test_class_scores_equal_a_per_class_loop(mode):
+    model, pixels = tiny_llava(), llava_images(3)
+    if mode != "full":
+        apply_dymu(model, merging_policy(model))
+    with torch.no_grad():
+        found = score_classes(model, PROMPT.expand(3, -1), pixels, CLASSES, vtu=mode != "no_vtu")
+        reference = _naive(model, pixels, {"full": None, "vtu": True, "no_vtu": False}[mode])
+    torch.testing.assert_close(found.total, reference, rtol=0, atol=1e-10)
+    torch.testing.assert_close(found.mean, reference / torch.tensor([1.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+    if mode != "full":
+        assert (found.visual_rows < PATCHES).any()  # the policy did merge
+
+
+def test_infinite_thresholds_score_as_the_full_model():
+    model, pixels = tiny_llava(), llava_images(2)
+    with torch.no_grad():
+        full = score_classes(model, PROMPT.expand(2, -1), pixels, CLASSES)
+        apply_dymu(model, MergePolicy(thresholds=[math.inf] * 3))
+        for vtu in (True, False):  # nothing merged: no VTU is also the full sequence
+            ours = score_classes(model, PROMPT.expand(2, -1), pixels, CLASSES, vtu=vtu)
+            torch.testing.assert_close(ours.total, full.total, rtol=0, atol=1e-10)
+            assert torch.equal(ours.visual_rows, full.visual_rows)
+
+
+def _dataset(count: int = 8) -> tuple[CaptionedImages, PromptIds]:
+    answers = [torch.tensor([5 + i % 4, 6, 7][: 1 + i % 3] + [2]) for i in range(count)]  # end token 2
+    prompt = PromptIds(PROMPT[:-2], torch.tensor([2]))
+    return CaptionedImages(llava_images(count).float(), answers), prompt
+
+
+def _fit(tmp_path, **config):
+    model = tiny_llava().float()
+    dataset, prompt = _dataset()
+    cfg = AlignConfig(out_dir=tmp_path, batch_size=2, lr=1e-2, progress_bar=False, **config)
+    module, trainer, facts = fit_align(model, dataset, prompt, 0, cfg)
+    return model, module, facts
+
+
+@pytest.mark.parametrize("adaptation", ["projector", "lora"])
+def test_only_the_trained_parameters_change(tmp_path, adaptation):
+    before = {n: p.detach().clone() for n, p in tiny_llava().float().named_parameters()}
+    policy = merging_policy(tiny_llava()) if adaptation == "lora" else None  # LoRA trains with merging on
+    model, module, facts = _fit(tmp_path, adaptation=adaptation, stop_after_steps=2, policy=policy)
+    assert facts["global_steps"] == 2
+    after = dict(model.named_parameters())
+    trained = {n for n, p in after.items() if p.requires_grad}
+    assert trained and all("multi_modal_projector" in n or "lora_" in n for n in trained)
+    assert any("lora_" in n for n in trained) == (adaptation == "lora")
+    for name, value in before.items():
+        peft_name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        now = after.get(name, after.get(peft_name))
+        if "multi_modal_projector" in name:
+            assert not torch.equal(now, value), name
+        else:
+            assert torch.equal(now, value), name  # frozen: bitwise unchanged
+
+
+def test_resume_from_a_mid_run_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    _, whole, _ = _fit(tmp_path / "whole", epochs=2)
+    _, first, stopped = _fit(tmp_path / "split", epochs=2, stop_after_steps=3)
+    assert stopped["stopped"] and stopped["global_steps"] == 3  # mid-epoch: 4 steps per epoch
+    _, resumed, facts = _fit(tmp_path / "split", epochs=2)
+    assert facts["global_steps"] == 8 and resumed.train_images == 2 * 5  # it continued, not restarted
+    for name, value in whole.trainable_state().items():
+        torch.testing.assert_close(resumed.trainable_state()[name], value, rtol=0, atol=0)
+
+
+def test_bad_adaptations_are_one_line_errors():
+    with pytest.raises(ValueError, match="unknown adaptation 'prefix'; expected one of projector, lora"):
+        set_trainable(tiny_llava(), "prefix")
+    with pytest.raises(ValueError, match="lora.target='tower'; expected one of lm, both"):
+        set_trainable(tiny_llava(), "lora", "tower")
+    with pytest.raises(ValueError, match=r"lora.modules: '.\*nothing' matches no linear module"):
+        set_trainable(tiny_llava(), "lora", "lm", modules=[".*nothing"])
+
+
+def test_captions_follow_the_templates_and_never_mix_splits():
+    labels = torch.tensor([0, 9, 3, 3, 7])
+    captions = make_captions(labels, seed=1)
+    assert captions == make_captions(labels, seed=1)  # seeded
+    for caption, label in zip(captions, labels, strict=True):
+        assert caption in {t.format(CLASS_NAMES[int(label)]) for t in TEMPLATES}
+    train = CaptionSet("train", (), labels, captions)
+    assert train.require("train", "alignment") is train
+    with pytest.raises(ValueError, match="evaluation reads the test split; these captions are made from the train"):
+        train.require("test", "evaluation")
+    with pytest.raises(ValueError, match="labels must be in 0..9"):
+        make_captions(torch.tensor([10]))
+
+
+def test_a_caption_set_reads_only_its_split():
+    from dymu_lightning.assets.paths import fashion_mnist_idx_dir
+    from dymu_lightning.vlm.captions import caption_set
+
+    if not (fashion_mnist_idx_dir() / "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not fetched (`dymu assets`)")
+    train, test = caption_set("fashion_mnist:train:12"), caption_set("fashion_mnist:test:12")
+    assert {p.parent.name for p in train.paths} == {"fashion-mnist-train-12"}
+    assert {p.parent.name for p in test.paths} == {"fashion-mnist-test-12"}
+    assert [int(p.stem.split("_")[0]) for p in train.paths] == train.labels.tolist()
+    assert [int(p.stem.split("_")[1]) for p in train.paths] == list(range(12))
+
+
+def test_the_study_page_pairs_every_reduction_with_the_full_model(tmp_path):
+    from dymu_lightning.vlm.study import collect, render
+
+    labels = torch.tensor([0, 1, 2, 3])
+    results = {
+        "full": {"predicted": torch.tensor([0, 1, 2, 0]), "visual_rows": torch.full((4,), 64)},
+        "DyMU-mid + VTU": {"predicted": torch.tensor([0, 1, 0, 3]), "visual_rows": torch.tensor([20, 22, 24, 22])},
+    }
+    meta = {"full": {"kind": "full", "trainable": 0}, "DyMU-mid + VTU": {"kind": "training-free", "trainable": 0}}
+    study = collect(results, meta, labels)
+    dymu = study["rows"][1]
+    assert dymu["accuracy"] == 0.75 and dymu["tokens_mean"] == 22.0
+    assert dymu["vs_full"]["difference"] == 0.0 and dymu["correct"] == [1, 1, 0, 1]
+    alignment = {"command": "python -m dymu_lightning align_small_llava", "seed": 0, "train": "fashion_mnist:train:8"}
+    alignment.update(trainable_parameters=553_536, global_steps=1, machine="cpu")
+    study.update(train=8, test=4, calibration=4, seconds=60, alignment=alignment)
+    study["variants"] = {"mid": {"r": [4] * 11 + [0], "thresholds": [], "calibration_tokens": 22.0, "tome_r": [4]}}
+    page = render(study, "python -m dymu_lightning vlm_study", tmp_path / "vlm.md")
+    text = page.read_text()
+    assert "| DyMU-mid + VTU | training-free | 22.0 ± 1.4 | 75.0% | +0.0 [-" in text and "| 0 | - |" in text
+    assert (tmp_path / "vlm" / "accuracy_tokens.png").is_file()
+
+
+def test_an_aligned_small_llava_is_not_trained_again(tmp_path, monkeypatch, capsys):
+    from dymu_lightning.assets.align import ALIGNMENT_FILE, align_small_llava
+
+    monkeypatch.setenv("DYMU_CACHE", str(tmp_path))
+    folder = tmp_path / "llava-dinov2s-smollm2"
+    folder.mkdir()
+    (folder / ALIGNMENT_FILE).write_text("{}\n")
+    assert align_small_llava() == 0
+    assert "already aligned" in capsys.readouterr().out
