@@ -105,7 +105,6 @@ _PURPOSES = {
     "run_capacity_blocks": "host block: residual adds",
     "grid_attention": "attention grid (CPU reference; varlen on a GPU)",
     "scatter_to_grid": "attention grid (CPU reference; varlen on a GPU)",
-    "_attention_branch": "matching: keys averaged over heads",
     "valid_mask": "matching: masks",
     "bipartite_edges": "matching: cosine similarity, masks, best partner",
     "select": "matching: policy decision",
@@ -117,6 +116,7 @@ _PURPOSES = {
 _MERGE_WORDS = (  # first keyword found in merge_step's source line wins
     ("group=", "merge: group map"),
     ("slot", "merge: grid slots of the new rows"),
+    ("cell = ", "merge: grid slots of the new rows"),
     ("summed", "merge: size-weighted sums and sizes (one scatter)"),
     ("weighted", "merge: size-weighted sums and sizes (one scatter)"),
     ("sizes", "merge: size-weighted sums and sizes (one scatter)"),
@@ -141,7 +141,9 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _purpose(filename: str, function: str, line: int) -> str:
+def _purpose(op: str, filename: str, function: str, line: int) -> str:
+    if op == "mean.dim":
+        return "matching: keys averaged over heads"
     if function != "merge_step":
         return _PURPOSES.get(function, function)
     source = linecache.getline(filename, line)
@@ -167,7 +169,7 @@ def breakdown(backbone, model, policy: MergePolicy, pixels: torch.Tensor) -> lis
         run_capacity_blocks(x, blocks[:1], first, prefix, static=True)
     ops = ops[len(recorder.ops) - 1 : -1]  # drop block 0 and the final stack of counts
     per_block = len(ops) / len(merging)
-    by_purpose = Counter(_purpose(f, name, line) for _, f, name, line in ops)
+    by_purpose = Counter(_purpose(*op) for op in ops)
     by_line = Counter((name, line, op) for op, _, name, line in ops)
     lines = [
         f"## one merging block, static path ({len(merging)} merging blocks after the first, "
