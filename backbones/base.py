@@ -121,6 +121,7 @@ class Backbone(ABC):
         backend: str = "sdpa",
         num_blocks: int | None = None,
         path: str = "auto",
+        compile_merge: bool = False,
     ) -> MergedTokens:
         """Run the encoder with DToMe, without patching the model.
 
@@ -132,6 +133,8 @@ class Backbone(ABC):
                 LLaVA's penultimate-layer features); None runs them all and applies the final norm.
             path: the engine's ``"dynamic"`` or ``"static"`` path, or ``"auto"`` (static, replayed
                 as a CUDA graph, for CUDA batches up to ``STATIC_BATCH_CUTOFF``).
+            compile_merge: matching and merging through ``torch.compile`` (opt-in; the first call
+                compiles, see ``dymu_lightning.core.encoder.compiled_merge_steps``).
         """
         if path not in PATHS:
             raise ValueError(f"unknown engine path {path!r}; expected one of {PATHS}")
@@ -154,6 +157,7 @@ class Backbone(ABC):
             path=path,
             graphs=_GRAPHS.setdefault(model, GraphCache()) if pixels.device.type == "cuda" else None,
             graph_key=(num_blocks, next(model.parameters()).data_ptr()),
+            compile_merge=compile_merge,
         )
 
     def patch(

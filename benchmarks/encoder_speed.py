@@ -18,6 +18,8 @@ engine before capacity buffers) at each budget, interleaved with the current one
 
 "--paths" adds the 33% budget with the engine's path forced (merged_forward picks one by itself:
 static, replayed as a CUDA graph, for CUDA batches up to STATIC_BATCH_CUTOFF, else dynamic).
+"--compile-merge" adds the 33% budget with matching and the merge step through torch.compile, once per
+forced path (or once, on the automatic path); the warm-up call compiles.
     python benchmarks/encoder_speed.py --device cuda --dtype bfloat16 --geometry siglip_b16_384 l14_336 --batch 1 64
 
 Prints a markdown table and writes it, with the raw numbers as JSON, next to --out.
@@ -154,6 +156,7 @@ def run_geometry(
     compare_padded: bool = False,
     budgets: tuple[float, ...] = BUDGETS,
     paths: tuple[str, ...] = (),
+    compile_merge: bool = False,
 ) -> list[Row]:
     backbone = get_backbone("timm_vit")
     model_name, kwargs = GEOMETRIES[name]
@@ -186,10 +189,13 @@ def run_geometry(
         # Every batch size sees the same images, as consecutive batches of that size.
         chunks = images.split(batch)
 
-        def run(policy, chunks=chunks, path="auto"):
+        def run(policy, chunks=chunks, path="auto", compile_merge=False):
             if policy is None:
                 return [backbone.stock_features(model, chunk) for chunk in chunks]
-            return [backbone.merged_forward(model, chunk, policy, path=path) for chunk in chunks]
+            return [
+                backbone.merged_forward(model, chunk, policy, path=path, compile_merge=compile_merge)
+                for chunk in chunks
+            ]
 
         def run_padded(policy, chunks=chunks):
             prefix = backbone.num_prefix_tokens(model)
@@ -213,6 +219,18 @@ def run_geometry(
             variants.update({variant: partial(run_padded, policies[of]) for variant, of in padded.items()})
             for path in paths:  # the engine's paths forced, at the limit's budget
                 variants[f"{limit_of}, {path} path"] = partial(run, policies[limit_of], path=path)
+            compiled = {  # variant -> path, with the compiled merge
+                f"{limit_of}, {path + ' path, ' if path != 'auto' else ''}compiled merge": path
+                for path in (paths or ("auto",))
+                if compile_merge
+            }
+            for variant, path in list(compiled.items()):
+                variants[variant] = partial(run, policies[limit_of], path=path, compile_merge=True)
+                try:  # compiles here, so that a torch that cannot compile costs this row, not the table
+                    variants[variant]()
+                except Exception as error:  # noqa: BLE001 (any compiler error)
+                    print(f"# {variant}: skipped, {type(error).__name__}: {str(error)[:300]}", flush=True)
+                    del variants[variant], compiled[variant]
             seconds = timed(variants, repeats, device)
             stock_counts = torch.full((len(images), layers + 1), full)
             stock_flops = encoder_flops(stock_counts, channels, mlp_ratio)
@@ -225,6 +243,7 @@ def run_geometry(
                     counts_of[variant] = torch.cat([out.tokens_per_layer.cpu() for out in run(policy)])
             counts_of.update({variant: counts_of[of] for variant, of in padded.items()})
             counts_of.update({f"{limit_of}, {path} path": counts_of[limit_of] for path in paths})
+            counts_of.update({variant: counts_of[limit_of] for variant in compiled})
             for variant in variants:
                 counts = counts_of[variant]
                 final = counts[:, -1].double()
@@ -264,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-padded", action="store_true", help="also time the padded engine")
     parser.add_argument("--paths", nargs="*", default=[], choices=["dynamic", "static"], help="force engine paths")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="fractions of tokens left")
+    parser.add_argument("--compile-merge", action="store_true", help="also time the compiled merge step")
     add_run_arguments(parser, "encoder_speed")
     args = parser.parse_args(argv)
 
@@ -274,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     rows = []
     for geometry in args.geometry:
-        options = (args.compare_padded, tuple(args.budgets), tuple(args.paths))
+        options = (args.compare_padded, tuple(args.budgets), tuple(args.paths), args.compile_merge)
         rows += run_geometry(geometry, args.batch, args.repeats, device, dtype, *options)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

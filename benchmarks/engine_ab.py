@@ -1,20 +1,34 @@
-"""The capacity engine against the padded engine (the engine before capacity buffers), in adjacent pairs.
+"""The capacity engine against other engines, in adjacent pairs.
 
 Each round times one forward of each engine back to back, on the same images and policy, and the
-result is the median over rounds of the per-round time ratio (padded / capacity, > 1 = the capacity
+result is the median over rounds of the per-round time ratio (other / capacity, > 1 = the capacity
 engine is faster). Pairs adjacent in time see the same machine load, so the ratio survives a busy
-machine that makes absolute times and even interleaved medians unreliable.
+machine that makes absolute times and even interleaved medians unreliable. The other engines:
+
+* ``padded``: the engine before capacity buffers (``core/padded_engine.py``), always;
+* ``--compile-merge``: the capacity engine with matching and the merge step through ``torch.compile``
+  (compiled before the timed rounds);
+* ``--against-commit REV``: the capacity engine of ``dymu_lightning/core`` at git revision REV,
+  imported as a package of its own (the same backbone, blocks and policy).
 
     python benchmarks/encoder_speed.py ...   # the full table; this script is the focused A/B
     python benchmarks/engine_ab.py --geometry b16_224 --batch 8 1 --rounds 9
+    python benchmarks/engine_ab.py --batch 8 1 --rounds 9 --against-commit e9bef3a --compile-merge
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
+import re
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +37,22 @@ from encoder_speed import GEOMETRIES, machine_name, photos, write_report
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import MergePolicy
+from dymu_lightning.core.encoder import run_blocks
 from dymu_lightning.core.padded_engine import run_blocks_padded
+
+
+def run_blocks_at(revision: str) -> Callable:
+    """``run_blocks`` of ``dymu_lightning/core`` at a git revision, imported as a package of its own."""
+    archive = subprocess.run(["git", "archive", revision, "dymu_lightning/core"], capture_output=True, check=True)
+    root = Path(tempfile.mkdtemp())
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as files:
+        files.extractall(root, filter="data")
+    package = "core_at_" + re.sub(r"\W", "_", revision)
+    (root / "dymu_lightning" / "core").rename(root / package)
+    for file in (root / package).glob("*.py"):
+        file.write_text(file.read_text().replace("dymu_lightning.core", package))
+    sys.path.insert(0, str(root))
+    return importlib.import_module(f"{package}.encoder").run_blocks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.33], help="fractions of tokens left")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_ab"))
+    parser.add_argument("--compile-merge", action="store_true", help="add the engine with a compiled merge")
+    parser.add_argument("--against-commit", metavar="REV", help="add the capacity engine at a git revision")
     args = parser.parse_args(argv)
 
     backbone = get_backbone("timm_vit")
@@ -53,25 +84,29 @@ def main(argv: list[str] | None = None) -> int:
     blocks, final = backbone.blocks(model), backbone.final_norm(model)
 
     lines = [
-        f"# capacity engine vs padded engine, {args.geometry}, {machine_name(torch.device('cpu'))}, "
+        f"# capacity engine vs other engines, {args.geometry}, {machine_name(torch.device('cpu'))}, "
         f"torch {torch.__version__}, {args.rounds} paired rounds of {args.images} images",
         f"# command: python {' '.join(sys.argv)}",
         "",
-        "| variant | batch | padded / capacity time, median | quartiles | capacity s/round | padded s/round |",
-        "|---|---|---|---|---|---|",
+        "| variant | batch | other engine | other / capacity time, median | quartiles | capacity s/round "
+        "| other s/round |",
+        "|---|---|---|---|---|---|---|",
     ]
+    others: dict[str, Callable] = {"padded": run_blocks_padded}
+    if args.compile_merge:
+        others["compiled merge"] = lambda *a, **k: run_blocks(*a, compile_merge=True, **k)
+    if args.against_commit:
+        others[f"capacity at {args.against_commit}"] = run_blocks_at(args.against_commit)
     print("\n".join(lines), flush=True)
     with torch.inference_mode():
         for batch in args.batch:
             chunks = images.split(batch)
             for variant, policy in policies.items():
                 engines = {
-                    "capacity": lambda policy=policy, chunks=chunks: [
-                        backbone.merged_forward(model, c, policy) for c in chunks
-                    ],
-                    "padded": lambda policy=policy, chunks=chunks: [
-                        run_blocks_padded(backbone.embed(model, c), blocks, policy, prefix, final) for c in chunks
-                    ],
+                    name: lambda engine=engine, policy=policy, chunks=chunks: [
+                        engine(backbone.embed(model, c), blocks, policy, prefix, final) for c in chunks
+                    ]
+                    for name, engine in {"capacity": run_blocks, **others}.items()
                 }
                 times = {name: [] for name in engines}
                 for round_ in range(args.rounds + 1):
@@ -79,15 +114,16 @@ def main(argv: list[str] | None = None) -> int:
                     for name in order:
                         start = time.perf_counter()
                         engines[name]()
-                        if round_ > 0:  # round 0 warms up
+                        if round_ > 0:  # round 0 warms up (and compiles)
                             times[name].append(time.perf_counter() - start)
-                ratios = [p / c for p, c in zip(times["padded"], times["capacity"], strict=True)]
-                q1, median, q3 = statistics.quantiles(ratios, n=4)
-                lines.append(
-                    f"| {variant} | {batch} | {median:.3f} | {q1:.3f}–{q3:.3f} | "
-                    f"{statistics.median(times['capacity']):.2f} | {statistics.median(times['padded']):.2f} |"
-                )
-                print(lines[-1], flush=True)
+                for name in others:
+                    ratios = [o / c for o, c in zip(times[name], times["capacity"], strict=True)]
+                    q1, median, q3 = statistics.quantiles(ratios, n=4)
+                    lines.append(
+                        f"| {variant} | {batch} | {name} | {median:.3f} | {q1:.3f}–{q3:.3f} | "
+                        f"{statistics.median(times['capacity']):.2f} | {statistics.median(times[name]):.2f} |"
+                    )
+                    print(lines[-1], flush=True)
     write_report(lines, args.out)
     return 0
 

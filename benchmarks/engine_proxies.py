@@ -15,6 +15,10 @@ run-ahead and CUDA graphs) or when it launches many small kernels. Both show on 
 
     python benchmarks/engine_proxies.py                      # timm ViT-Ti/16-224, batch 1 and 64
     python benchmarks/engine_proxies.py --model vit_base_patch16_224 --batch 8
+    python benchmarks/engine_proxies.py --batch 8 --breakdown   # + every op of a merging block, by purpose
+
+``--breakdown`` lists the non-view ops of the static block loop's merging blocks (every block after
+the first is the same sequence there) by purpose and by source line, per merging block.
 
 Counts only: no timing, so a noisy machine does not change them.
 """
@@ -22,7 +26,10 @@ Counts only: no timing, so a noisy machine does not change them.
 from __future__ import annotations
 
 import argparse
+import linecache
 import sys
+import traceback
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -89,6 +96,96 @@ def counting(counts: Counts):
         torch.Tensor.tolist = original
 
 
+# Purpose of an op, from the repository function that issued it (merge_step: from its source line).
+_PURPOSES = {
+    "attn_in": "host block: norm, qkv projection",
+    "attn_out": "host block: output projection",
+    "mlp": "host block: norm, MLP",
+    "attention": "host block: attention kernel",
+    "run_capacity_blocks": "host block: residual adds",
+    "grid_attention": "attention grid (CPU reference; varlen on a GPU)",
+    "scatter_to_grid": "attention grid (CPU reference; varlen on a GPU)",
+    "valid_mask": "matching: masks",
+    "bipartite_edges": "matching: cosine similarity, masks, best partner",
+    "select": "matching: policy decision",
+    "request": "capacity bookkeeping: late counts",
+    "shrink": "capacity bookkeeping: shrink",
+    "image": "capacity bookkeeping: shrink",
+    "position": "capacity bookkeeping: shrink",
+}
+_MERGE_WORDS = (  # first keyword found in merge_step's source line wins
+    ("group=", "merge: group map"),
+    ("slot", "merge: grid slots of the new rows"),
+    ("cell = ", "merge: grid slots of the new rows"),
+    ("summed", "merge: size-weighted sums and sizes (one scatter)"),
+    ("weighted", "merge: size-weighted sums and sizes (one scatter)"),
+    ("sizes", "merge: size-weighted sums and sizes (one scatter)"),
+    ("", "merge: survivors and destinations"),
+)
+
+
+class _Recorder(TorchDispatchMode):
+    """Records each non-view op with the innermost repository frame that issued it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, str, str, int]] = []  # (op, file, function, line)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            frames = [
+                f for f in traceback.extract_stack() if "/dymu_lightning/" in f.filename or "/backbones/" in f.filename
+            ]
+            frame = frames[-1]
+            self.ops.append((str(func).removeprefix("aten."), frame.filename, frame.name, frame.lineno))
+        return func(*args, **(kwargs or {}))
+
+
+def _purpose(op: str, filename: str, function: str, line: int) -> str:
+    if op == "mean.dim":
+        return "matching: keys averaged over heads"
+    if function != "merge_step":
+        return _PURPOSES.get(function, function)
+    source = linecache.getline(filename, line)
+    return next(purpose for word, purpose in _MERGE_WORDS if word in source)
+
+
+def breakdown(backbone, model, policy: MergePolicy, pixels: torch.Tensor) -> list[str]:
+    """Markdown tables: the ops of one merging block of the static loop, by purpose and by line."""
+    prefix = backbone.num_prefix_tokens(model)
+    blocks = backbone.blocks(model)
+    merging = [layer for layer in range(1, len(blocks)) if policy.merges_at(layer)]
+    recorder = _Recorder()
+    with torch.inference_mode(), recorder:
+        x = backbone.embed(model, pixels)
+        start = len(recorder.ops)
+        run_capacity_blocks(x, blocks, policy, prefix, static=True)
+    ops = recorder.ops[start:]
+    # Per merging block: every non-first block of the static loop runs the same sequence, the first
+    # one (dense, views only) and the final stack are left out by counting the whole loop minus them.
+    first = MergePolicy(thresholds=[policy.threshold(0)] + [float("inf")] * (len(blocks) - 1))
+    recorder = _Recorder()
+    with torch.inference_mode(), recorder:
+        run_capacity_blocks(x, blocks[:1], first, prefix, static=True)
+    ops = ops[len(recorder.ops) - 1 : -1]  # drop block 0 and the final stack of counts
+    per_block = len(ops) / len(merging)
+    by_purpose = Counter(_purpose(*op) for op in ops)
+    by_line = Counter((name, line, op) for op, _, name, line in ops)
+    lines = [
+        f"## one merging block, static path ({len(merging)} merging blocks after the first, "
+        f"batch {pixels.shape[0]}): {per_block:.1f} non-view ops per block",
+        "",
+        "| purpose | ops per merging block |",
+        "|---|---|",
+    ]
+    lines += [f"| {purpose} | {count / len(merging):g} |" for purpose, count in sorted(by_purpose.items())]
+    lines += ["", "| function:line | op | per block |", "|---|---|---|"]
+    lines += [
+        f"| {name}:{line} | {op} | {count / len(merging):g} |" for (name, line, op), count in sorted(by_line.items())
+    ]
+    return lines
+
+
 # A variant runs on pixels and returns how many late reads of counts it made.
 Forward = Callable[[torch.Tensor], int]
 
@@ -147,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (random weights)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_proxies"))
+    parser.add_argument("--breakdown", action="store_true", help="also list the ops of a merging block")
     args = parser.parse_args(argv)
 
     backbone = get_backbone("timm_vit")
@@ -193,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 lines.append(row)
                 print(row, flush=True)
+    if args.breakdown:
+        for batch in args.batch:
+            table = breakdown(backbone, model, policy, pixels_all[:batch])
+            print("\n".join(["", *table]), flush=True)
+            lines += ["", *table]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0

@@ -131,14 +131,16 @@ cudnn_cache() {  # gpu-speed.md 8.2: the padded engine's cuDNN plan-cache hit ra
 if [[ $DRY != 1 ]]; then
     step "attention kernels (8.1)" 90 "$PYTHON" benchmarks/gpu_attention.py --profile --out "$OUT/gpu_attention"
     step "cuDNN plan cache (8.2)" 5 cudnn_cache 90
-    step "engine paths (8.3)" 150 "$PYTHON" benchmarks/encoder_speed.py --device cuda --dtype bfloat16 \
+    # --compile-merge: both paths again with matching and the merge step through torch.compile (the
+    # warm-up call compiles: about a minute on the machine's 16 cores, inside this step's cap).
+    step "engine paths (8.3)" 210 "$PYTHON" benchmarks/encoder_speed.py --device cuda --dtype bfloat16 \
         --geometry l14_336 --batch 1 64 --repeats 3 --budgets 0.33 --paths dynamic static --compare-padded \
-        --out "$OUT/engine_paths"
+        --compile-merge --out "$OUT/engine_paths"
     step "encoder profile (8.4)" 60 "$PYTHON" benchmarks/gpu_profile.py --encoder-only --out "$OUT/gpu_profile"
 else
     step "engine paths (8.3)" 300 "$PYTHON" benchmarks/encoder_speed.py --device cpu --dtype float32 \
         --geometry b16_224 --batch 1 2 --repeats 1 --budgets 0.33 --paths dynamic static --compare-padded \
-        --out "$OUT/engine_paths"
+        --compile-merge --out "$OUT/engine_paths"
 fi
 
 # -P (here and above): the checkout's dymu_lightning/, without its subpackages, must not come first on

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from dymu_lightning.core.matching import accumulation_dtype
+
 
 @dataclass(frozen=True)
 class CapacityState:
@@ -30,7 +32,9 @@ class CapacityState:
         slot: ``[Tc]`` long, each row's cell ``b * Lc + p`` in the padded ``[B, Lc]`` grid (image b,
             position p); ``B * Lc``, one past the grid, for dead rows.
         lengths: ``[B]`` long, live tokens per image (on the device).
-        group: ``[B, N0]`` long, for each original patch the position of the token representing it.
+        group: ``[B, N0]`` long, for each original patch the buffer row of the token representing it
+            (rows never move when the buffers shrink, so a merge updates it with one gather;
+            :meth:`group_positions` gives positions within each image).
         max_len: ``Lc``, a host upper bound on ``lengths.max()``.
         dense: host flag, True while nothing has merged (row ``b * Lc + p`` is image b's token p).
     """
@@ -53,7 +57,8 @@ class CapacityState:
             sizes=torch.ones(batch * length, dtype=torch.float32, device=device),
             slot=torch.arange(batch * length, device=device),
             lengths=torch.full((batch,), length, dtype=torch.long, device=device),
-            group=torch.arange(num_prefix, length, device=device).expand(batch, -1),
+            group=torch.arange(num_prefix, length, device=device)
+            + torch.arange(0, batch * length, length, device=device)[:, None],
             max_len=length,
             dense=True,
         )
@@ -62,7 +67,8 @@ class CapacityState:
     def from_rows(
         cls, x: Tensor, sizes: Tensor, image: Tensor, position: Tensor, lengths: Tensor, group: Tensor, max_len: int
     ) -> CapacityState:
-        """A state from each row's image (``B`` = dead) and position (tests, benchmarks)."""
+        """A state from each row's image (``B`` = dead) and position (tests, benchmarks); ``group``
+        holds buffer rows, as :attr:`group` does."""
         batch = lengths.shape[0]
         slot = torch.where(image < batch, image * max_len + position, batch * max_len)
         return cls(x=x, sizes=sizes, slot=slot, lengths=lengths, group=group, max_len=max_len)
@@ -89,6 +95,12 @@ class CapacityState:
         """``[B, Lc]`` bool, True where the padded grid holds a live token."""
         positions = torch.arange(self.max_len, device=self.lengths.device)
         return positions[None, :] < self.lengths[:, None]
+
+    def group_positions(self) -> Tensor:
+        """``[B, N0]`` long, for each original patch the position, within its image, of the token
+        representing it."""
+        starts = self.lengths.cumsum(0) - self.lengths
+        return self.group - starts[:, None]
 
     def cu_seqlens(self) -> Tensor:
         """``[B + 1]`` int32, image boundaries in the buffer (for varlen attention)."""
@@ -126,43 +138,52 @@ def merge_step(state: CapacityState, partner: Tensor, merge: Tensor, valid: Tens
     Returns:
         The batch after the merge, in buffers of the same capacity and ``Lc``. Each token is the
         size-weighted mean of what merged into it, survivors keep their raster order.
+
+    Every op here is a kernel launch on an eager GPU, so the step is written for few of them
+    (docs/benchmarks.md counts them): the grid holds the images one after the other, as the buffer
+    does, so one cumsum over the flattened grid gives every survivor's new row, and one along each
+    image its new position.
     """
     batch, max_len, capacity = state.batch, state.max_len, state.capacity
-    keep = (state.valid_mask() if valid is None else valid).clone()
-    keep[:, 0::2] &= ~merge
-    # Survivors close ranks in raster order; merged A tokens follow their partner.
-    new_position = keep.long().cumsum(dim=-1) - 1  # [B, Lc]
-    destination = new_position.clone()
-    partner_position = new_position[:, 1::2].gather(1, partner)
-    destination[:, 0::2] = torch.where(merge, partner_position, new_position[:, 0::2])
-    new_lengths = keep.sum(dim=-1)
-    new_starts = new_lengths.cumsum(0) - new_lengths
-
-    # Each grid cell's new row, and one more cell, past the grid, that sends dead rows to a trash row.
-    cell_row = torch.nn.functional.pad((new_starts[:, None] + destination).flatten(), (0, 1), value=capacity)
-    row = cell_row[state.slot]
+    # One cell more than the grid, never kept: dead rows (grid slot B * Lc) read their new row there.
+    cells = torch.nn.functional.pad((state.valid_mask() if valid is None else valid).reshape(-1), (0, 1))
+    keep = cells[:-1].view(batch, max_len)
+    keep[:, 0::2].masked_fill_(merge, False)
+    kept = keep.cumsum(dim=-1)  # [B, Lc] long: survivors up to and including each cell
+    new_lengths = kept[:, -1]
+    # Each survivor's new row; every other cell (and the extra one) points at the trash row.
+    row = torch.where(cells, cells.cumsum(dim=0) - 1, capacity)  # [B * Lc + 1]
+    # A survivor's new cell is b * Lc + (its new position); the -1 turns a count into a position.
+    cell = kept + torch.arange(-1, batch * max_len - 1, max_len, device=keep.device)[:, None]
+    slot = torch.full((capacity + 1,), batch * max_len, device=keep.device)
+    slot = slot.scatter_(0, row[:-1], cell.view(-1))[:capacity]
+    # Merged A tokens follow their partner, a survivor (in place: the slots above are written).
+    grid_row = row[:-1].view(batch, max_len)
+    a_rows, partner_rows = grid_row[:, 0::2], grid_row[:, 1::2].gather(1, partner)
+    if torch.compiler.is_compiling():  # Dynamo refuses a strided out=; Inductor fuses the copy anyway
+        a_rows.copy_(torch.where(merge, partner_rows, a_rows))
+    else:  # eager: one kernel, writing over its own input element for element
+        torch.where(merge, partner_rows, a_rows, out=a_rows)
+    destination = row[state.slot]  # [Tc]: each buffer row's new row
 
     # One scatter carries the size-weighted sums and the sizes, accumulated in at least float32
     # (bf16 sums of several tokens lose the weights' precision).
     channels = state.x.shape[1]
-    accumulate = torch.promote_types(state.x.dtype, torch.float32)
+    accumulate = accumulation_dtype(state.x.dtype)
     sizes = state.sizes.to(accumulate)[:, None]
     weighted = torch.cat([state.x.to(accumulate) * sizes, sizes], dim=1)  # [Tc, C + 1], differentiable
-    summed = weighted.new_zeros(capacity + 1, channels + 1).index_add_(0, row, weighted)[:capacity]
+    summed = weighted.new_zeros(capacity + 1, channels + 1).index_add_(0, destination, weighted)[:capacity]
     sizes = summed[:, channels]
-    # Rows nobody lands in are dead: size 0, value 0 (the clamp only guards the division).
+    # Rows nobody lands in are dead: size 0, value 0 (the clamp only guards the division; a NaN
+    # there would reach the weights' gradients through 0 * NaN).
     x = (summed[:, :channels] / sizes.clamp(min=1.0)[:, None]).to(state.x.dtype)
 
-    # The new rows' grid cells: each kept cell (b, p) writes b * Lc + its new position to its new row.
-    kept_row = torch.where(keep, new_starts[:, None] + new_position, capacity).flatten()
-    cell = torch.arange(batch, device=keep.device)[:, None] * max_len + new_position
-    slot = torch.full((capacity + 1,), batch * max_len, device=keep.device).scatter_(0, kept_row, cell.flatten())
     return CapacityState(
         x=x,
         sizes=sizes.float(),
-        slot=slot[:capacity],
+        slot=slot,
         lengths=new_lengths,
-        group=destination.gather(1, state.group),
+        group=destination[state.group],
         max_len=max_len,
     )
 

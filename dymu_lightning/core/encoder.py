@@ -15,6 +15,7 @@ on ``[Tc, C]`` rows, attention runs per image over the packed rows
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -26,7 +27,7 @@ from dymu_lightning.core.attention import Backend, attention
 from dymu_lightning.core.capacity import CapacityState, LaggedCounts, merge_step
 from dymu_lightning.core.cuda_graph import GraphCache, can_capture, policy_key
 from dymu_lightning.core.layout import TokenLayout
-from dymu_lightning.core.matching import bipartite_edges
+from dymu_lightning.core.matching import Edges, bipartite_edges
 from dymu_lightning.core.packed_attention import (
     grid_attention,
     scatter_to_grid,
@@ -115,6 +116,7 @@ def run_blocks(
     counts_reader: LaggedCounts | None = None,
     graphs: GraphCache | None = None,
     graph_key: Hashable = None,
+    compile_merge: bool = False,
 ) -> MergedTokens:
     """Run ``blocks`` on embedded tokens, merging as ``policy`` says.
 
@@ -129,6 +131,8 @@ def run_blocks(
         counts_reader: how late counts reach the host on the dynamic path (default: as soon as ready).
         graphs: where the static path keeps its CUDA graphs (None: never capture). ``graph_key``
             names what else fixes a graph besides the policy and the input (the model, the blocks).
+        compile_merge: run matching and the merge step through ``torch.compile`` (see
+            :func:`compiled_merge_steps`); the first forward pays the compilation.
 
     The blocks run without a host read; building the returned :class:`MergedTokens` (exact host
     sizes) reads the final counts once, unless nothing merged.
@@ -137,11 +141,13 @@ def run_blocks(
     if static and graphs is not None and can_capture(policy, x):
 
         def loop(x: Tensor) -> tuple[CapacityState, Tensor]:
-            return run_capacity_blocks(x, blocks, policy, num_prefix, backend, static=True)
+            return run_capacity_blocks(x, blocks, policy, num_prefix, backend, static=True, compile_merge=compile_merge)
 
-        state, counts = graphs.run(policy_key(policy, (graph_key, backend)), loop, x)
+        state, counts = graphs.run(policy_key(policy, (graph_key, backend, compile_merge)), loop, x)
     else:
-        state, counts = run_capacity_blocks(x, blocks, policy, num_prefix, backend, static, counts_reader)
+        state, counts = run_capacity_blocks(
+            x, blocks, policy, num_prefix, backend, static, counts_reader, compile_merge
+        )
     return merged_tokens(state, counts, num_prefix, final)
 
 
@@ -153,9 +159,11 @@ def run_capacity_blocks(
     backend: Backend = "sdpa",
     static: bool = False,
     counts_reader: LaggedCounts | None = None,
+    compile_merge: bool = False,
 ) -> tuple[CapacityState, Tensor]:
     """The block loop on capacity buffers. Sync-free: on the static path it runs under
     ``FakeTensorMode`` (tests/test_engine.py); the dynamic path only reads counts whose copy finished.
+    ``compile_merge``: see :func:`run_blocks`.
 
     Returns:
         The final :class:`CapacityState` and ``[B, num_blocks + 1]`` token counts per image.
@@ -165,28 +173,54 @@ def run_capacity_blocks(
     if reader is not None:
         reader.start()  # counts from an earlier forward bound nothing here
     counts = [state.lengths]
+    match, merge = compiled_merge_steps() if compile_merge else (match_edges, merge_step)
     for layer, parts in enumerate(blocks):
         state = _maybe_shrink(state, reader)
-        branch, keys = _attention_branch(parts, state, backend)
+        merges = policy.merges_at(layer) and state.max_len >= 2
+        branch, keys = _attention_branch(parts, state, backend, merges)
         state = replace(state, x=state.x + branch)
-        if policy.merges_at(layer) and state.max_len >= 2:
-            keys = keys.mean(dim=1)  # [Tc, d], the similarity metric
-            if state.dense:
-                keys = keys.view(state.batch, state.max_len, -1)
-            else:
-                keys = scatter_to_grid(keys, state.slot, state.batch, state.max_len)
-            valid = state.valid_mask()
-            edges = bipartite_edges(keys, valid, num_prefix)
+        if merges:
+            edges, valid = match(state, keys, num_prefix)
+            # The decision stays eager: thresholds and callbacks differ per layer (a compiled graph
+            # would specialise on each), and it is one comparison in threshold mode.
             decision = policy.select(layer, edges, state.lengths)
             if policy.on_layer is not None:
                 policy.on_layer(decision)
-            state = merge_step(state, edges.partner, decision.merge, valid)
+            state = merge(state, edges.partner, decision.merge, valid)
             if reader is not None:
                 reader.request(state.lengths)
                 state = _maybe_shrink(state, reader)  # before the MLP, when the count is already there
         state = replace(state, x=state.x + parts.mlp(state.x))
         counts.append(state.lengths)
     return state, torch.stack(counts, dim=1)
+
+
+def match_edges(state: CapacityState, keys: Tensor, num_prefix: int) -> tuple[Edges, Tensor]:
+    """Matching on a state's live cells.
+
+    Args:
+        keys: ``[B, Lc, d]`` keys averaged over heads, in the padded grid.
+
+    Returns:
+        The :class:`Edges` (``[B, Na]``) and the live-cell mask ``[B, Lc]`` bool (the merge reuses it).
+    """
+    valid = state.valid_mask()
+    return bipartite_edges(keys, valid, num_prefix), valid
+
+
+@functools.cache
+def compiled_merge_steps() -> tuple[Callable, Callable]:
+    """:func:`match_edges` and :func:`merge_step` through ``torch.compile``, built once per process.
+
+    These two hold most of the small ops a merging block adds to the host block (docs/benchmarks.md),
+    each a kernel launch on an eager GPU; Inductor fuses them into a few kernels. Shapes are dynamic
+    (batch, capacity and grid width change between layers and forwards), so one graph each serves
+    every layer, and ``fullgraph`` holds them to no graph break (no host read inside).
+    """
+    return (
+        torch.compile(match_edges, dynamic=True, fullgraph=True),
+        torch.compile(merge_step, dynamic=True, fullgraph=True),
+    )
 
 
 def _maybe_shrink(state: CapacityState, reader: LaggedCounts | None) -> CapacityState:
@@ -211,7 +245,7 @@ def merged_tokens(
         tokens=layout.pad(packed),
         sizes=layout.pad(state.sizes[:total]),
         mask=layout.valid_mask(),
-        group=state.group,
+        group=state.group_positions(),
         tokens_per_layer=counts,
         num_prefix=num_prefix,
         packed=packed,
@@ -219,23 +253,31 @@ def merged_tokens(
     )
 
 
-def _attention_branch(parts: BlockParts, state: CapacityState, backend: Backend) -> tuple[Tensor, Tensor]:
+def _attention_branch(
+    parts: BlockParts, state: CapacityState, backend: Backend, with_keys: bool
+) -> tuple[Tensor, Tensor | None]:
     """The attention residual branch on the buffer's rows.
 
     Returns:
-        ``[Tc, C]`` branch output, and the keys ``[Tc, H, d]``.
+        ``[Tc, C]`` branch output, and (if ``with_keys``) the similarity metric for matching: the
+        keys averaged over heads in the padded grid, ``[B, Lc, d]``, zero in empty cells.
     """
     q, k, v = parts.attn_in(state.x)
+    batch, length = state.batch, state.max_len
+    keys = None
     if state.dense:
         # Nothing merged yet: every size is 1 and no image is padded, so plain attention on views is
         # exact and lets SDPA pick its fastest kernel (the memory layout the stock attention gets).
-        batch, length = state.batch, state.max_len
         q_g, k_g, v_g = (t.view(batch, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         out = attention(q_g, k_g, v_g, parts.scale, None, backend).transpose(1, 2)
         out = out.reshape(state.capacity, -1)
+        keys = k_g.mean(dim=1) if with_keys else None
     elif backend == "sdpa" and varlen_available(q.device, q.dtype):
-        out = varlen_attention(q, k, v, state.sizes, state.cu_seqlens(), state.max_len, parts.scale).flatten(1)
+        out = varlen_attention(q, k, v, state.sizes, state.cu_seqlens(), length, parts.scale).flatten(1)
+        keys = scatter_to_grid(k.mean(dim=1), state.slot, batch, length) if with_keys else None
     else:
-        grid = (state.batch, state.max_len)
-        out = grid_attention(q, k, v, state.sizes, state.slot, *grid, parts.scale, backend).flatten(1)
-    return parts.attn_out(out), k
+        # The reference grid already holds the keys: matching reads them there, no second scatter.
+        out, k_g = grid_attention(q, k, v, state.sizes, state.slot, batch, length, parts.scale, backend, with_keys=True)
+        out = out.flatten(1)
+        keys = k_g.mean(dim=1) if with_keys else None
+    return parts.attn_out(out), keys

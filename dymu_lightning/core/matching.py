@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` promoted to at least float32 (sums and similarities in bf16 are too coarse), in plain
+    Python: ``torch.promote_types`` is a dispatcher call of its own, once per layer and use."""
+    return dtype if dtype.is_floating_point and dtype.itemsize >= 4 else torch.float32
+
+
 @dataclass(frozen=True)
 class Edges:
     """One candidate merge per A token.
@@ -51,19 +57,20 @@ def bipartite_edges(keys: Tensor, valid: Tensor, num_protected: int, segments: T
     batch, length, _ = keys.shape
     # Similarities are compared against calibrated thresholds, so compute them in float32
     # whatever the model runs in: a bf16 cosine is too coarse to rank edges reliably.
-    unit = F.normalize(keys.to(torch.promote_types(keys.dtype, torch.float32)), dim=-1)
-    eligible = valid.clone()
-    eligible[:, :num_protected] = False
-    a_eligible, b_eligible = eligible[:, 0::2], eligible[:, 1::2]
-    num_a = a_eligible.shape[1]
-    if b_eligible.shape[1] == 0:
+    unit = F.normalize(keys.to(accumulation_dtype(keys.dtype)), dim=-1)
+    # One mask for both sets, built in two ops: each op is a kernel launch on a GPU.
+    blocked = ~valid
+    blocked[:, :num_protected] = True
+    a_blocked, b_blocked = blocked[:, 0::2], blocked[:, 1::2]
+    num_a = a_blocked.shape[1]
+    if b_blocked.shape[1] == 0:
         scores = unit.new_full((batch, num_a), float("-inf"))
         return Edges(scores, torch.zeros(batch, num_a, dtype=torch.long, device=keys.device))
 
     similarity = unit[:, 0::2] @ unit[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
-    similarity.masked_fill_(~b_eligible[:, None, :], float("-inf"))
+    similarity.masked_fill_(b_blocked[:, None, :], float("-inf"))
     if segments is not None:
         similarity.masked_fill_(segments[:, 0::2, None] != segments[:, None, 1::2], float("-inf"))
     scores, partner = similarity.max(dim=-1)
-    scores = scores.masked_fill(~a_eligible, float("-inf"))
+    scores.masked_fill_(a_blocked, float("-inf"))  # the max's own output: no copy
     return Edges(scores, partner)
