@@ -262,12 +262,16 @@ class HFQwen2VLVision(Backbone):
         backend: str = "sdpa",
         num_blocks: int | None = None,
         path: str = "auto",
+        compile_merge: bool = False,
         rotary: str = "exact",
     ) -> MergedTokens:
         """DToMe over ``[B, 3, S, S]`` pixels; tokens are cells (see :meth:`merged_forward_images`).
-        ``path`` must be ``"auto"`` or ``"dynamic"``: this family has no static path yet."""
+        ``path`` must be ``"auto"`` or ``"dynamic"`` and ``compile_merge`` False: this family runs its
+        own rotary engine, with no static path and no compiled merge yet."""
         if path not in ("auto", "dynamic"):
             raise ValueError(f"backbone '{self.name}' has only the dynamic engine path, got path={path!r}")
+        if compile_merge:
+            raise ValueError(f"backbone '{self.name}' has no compiled merge yet; use compile_merge=False")
         return self.merged_forward_images(model, list(pixels), policy, backend, num_blocks, rotary)
 
     def merged_forward_images(
