@@ -56,6 +56,18 @@ def _recipe_options() -> tuple[Option, ...]:
     )
 
 
+def _count(text: str) -> int:
+    """An argparse type for image counts: a whole number >= 1, refused before any work starts
+    (argparse names the flag in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _force() -> Option:
     return Option(("--force",), "rebuild even if the cache is already complete", {"action": "store_true"})
 
@@ -106,10 +118,10 @@ COMMANDS: tuple[Command, ...] = (
         Option(("--page",), "the page to write", {"type": Path, "default": Path("docs/finetune_results.md")}),
         Option(("--variants",), "DyMU variants: low, mid, high", {"nargs": "+", "default": ["mid"]}),
         Option(("--adaptations",), "head, lora, bitfit", {"nargs": "+", "default": ["head", "lora", "bitfit"]}),
-        Option(("--train",), "first N Fashion-MNIST training images", {"type": int, "default": 2000}),
-        Option(("--test",), "first N test images", {"type": int, "default": 1000}),
-        Option(("--calibration",), "first N training images for calibration", {"type": int, "default": 500}),
-        Option(("--epochs",), "training epochs of every fit", {"type": int, "default": 1}),
+        Option(("--train",), "first N Fashion-MNIST training images", {"type": _count, "default": 2000}),
+        Option(("--test",), "first N test images", {"type": _count, "default": 1000}),
+        Option(("--calibration",), "first N training images for calibration", {"type": _count, "default": 500}),
+        Option(("--epochs",), "training epochs of every fit", {"type": _count, "default": 1}),
         Option(("--size",), "image side in pixels: 112 or 224", {"type": int, "default": 112}),
         Option(("--render-only",), "rewrite the page from WORK/study.json", {"action": "store_true"}),
         Option(("overrides",), "key=value overrides for every finetune run", {"nargs": "*"}),
@@ -122,9 +134,9 @@ COMMANDS: tuple[Command, ...] = (
                {"nargs": "+", "default": ["low", "mid", "high"]}),
         Option(("--adapt",), "variants also adapted with merging on", {"nargs": "*", "default": ["mid"]}),
         Option(("--adaptations",), "projector, lora", {"nargs": "+", "default": ["projector"]}),
-        Option(("--train",), "first N training images for the adaptation", {"type": int, "default": 128}),
-        Option(("--test",), "first N test images", {"type": int, "default": 300}),
-        Option(("--calibration",), "first N training images for calibration", {"type": int, "default": 256}),
+        Option(("--train",), "first N training images for the adaptation", {"type": _count, "default": 128}),
+        Option(("--test",), "first N test images", {"type": _count, "default": 300}),
+        Option(("--calibration",), "first N training images for calibration", {"type": _count, "default": 256}),
         Option(("--render-only",), "rewrite the page from WORK/study.json", {"action": "store_true"}),
     ), "dymu vlm_study --variants mid --test 100"),
     Command("next_token", "next-token fidelity of the small LLaVA under DyMU and ToMe",
@@ -151,8 +163,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("align_small_llava", "train the small LLaVA's projector on Fashion-MNIST captions (seeded, CPU)",
             "dymu_lightning.assets.align:align_small_llava", (
         Option(("--force",), "train again even if the projector is already aligned", {"action": "store_true"}),
-        Option(("--train",), "first N Fashion-MNIST training images", {"type": int, "default": 384}),
-        Option(("--test",), "first N test images for the recorded accuracy", {"type": int, "default": 200}),
+        Option(("--train",), "first N Fashion-MNIST training images", {"type": _count, "default": 384}),
+        Option(("--test",), "first N test images for the recorded accuracy", {"type": _count, "default": 200}),
     ), "dymu align_small_llava"),
     Command("small_onevision", "assemble a small real LLaVA-OneVision (DINOv2-S + untrained projector + SmolLM2-135M)",
             "dymu_lightning.assets.small_onevision:build", (_force(),), "dymu small_onevision"),

@@ -78,3 +78,18 @@ def test_cp_copies_a_packaged_recipe_that_then_checks(tmp_path, capsys):
 def test_docs_table_matches_the_command_table():
     rows = re.findall(r"^\| `(\w+)` \| (.+?) \| `(.+?)` \|$", (DOCS / "cli.md").read_text(), re.MULTILINE)
     assert rows == [(c.name, c.help, c.example) for c in COMMANDS]
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "problem"),
+    [
+        (["align_small_llava", "--train", "0"], "--train", "must be >= 1, got 0"),
+        (["vlm_study", "--test", "-1"], "--test", "must be >= 1, got -1"),
+        (["finetune_study", "--calibration", "ten"], "--calibration", "expected a whole number, got 'ten'"),
+    ],
+)
+def test_an_image_count_below_one_is_refused_before_any_work(argv, flag, problem, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {problem}")
