@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -267,15 +269,34 @@ def run_recipe(overrides: list[str]) -> int:
     recipe = _recipe(overrides)
     try:
         _task(recipe, 1)(recipe)  # every task's run checks the recipe first
+        _leave_process_group()
     except CollectiveError as error:
         # One line that says what happened and how to resume; gloo's own text is at its end.
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Requeued as stopped:
-        # Not a failure when the job went back to the queue: the requeued job finishes the work.
-        print(f"{'note' if stopped.requeued else 'error'}: {stopped}", file=sys.stderr)
-        return 0 if stopped.requeued else 1
+        # Not a failure when the job went back to the queue: the requeued job finishes the work. The
+        # requeue SIGTERMs every task; ignored here (after Lightning restored its handlers), since this
+        # process is leaving anyway and the signal would cut its one line off.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        requeued = stopped.requeue()
+        print(f"{'note' if requeued else 'error'}: {stopped.outcome(requeued)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Nothing is left to do here: the state is on disk and the job is back in the queue. Leave
+        # without interpreter shutdown: after an interrupted step it was seen to hang in native code
+        # until Slurm's SIGKILL (KillWait later), and srun then reports the task as killed.
+        os._exit(0 if requeued else 1)
     return 0
+
+
+def _leave_process_group() -> None:
+    """Lightning destroys only NCCL process groups at exit. A gloo group left to interpreter shutdown
+    can abort a finished process ("terminate called without an active exception": its threads meet a
+    finalising interpreter), and torchrun then fails the job and kills the ranks still writing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def show_recipe(overrides: list[str]) -> int:

@@ -48,11 +48,32 @@ class CollectiveError(RuntimeError):
 
 
 class Requeued(Exception):
-    """The run stopped at a step boundary after the requeue signal, with its state saved."""
+    """The run stopped at a step boundary after the requeue signal, with its state saved; every
+    process raises it at the same step. ``requeue()`` then puts the job back in the queue."""
 
-    def __init__(self, message: str, requeued: bool) -> None:
+    def __init__(self, message: str, job: str, leader: bool) -> None:
         super().__init__(message)
-        self.requeued = requeued  # False: `scontrol requeue` failed; the job must be submitted again
+        self.job = job
+        self.leader = leader  # global rank 0 requeues; the others only stop
+
+    def requeue(self) -> bool:
+        """Requeue the job (global rank 0 only); False when `scontrol requeue` failed.
+
+        Slurm SIGTERMs every task of the job as soon as it is requeued, so the caller ignores SIGTERM
+        before this: the process is leaving anyway, and the signal would cut its last line off.
+        """
+        if not self.leader:
+            return True
+        command = ["scontrol", "requeue", self.job]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            log.error("`%s` failed: %s", " ".join(command), result.stderr.strip())
+        return result.returncode == 0
+
+    def outcome(self, requeued: bool) -> str:
+        if requeued:
+            return f"{self}; job {self.job} requeued, it resumes from there"
+        return f"{self}; requeueing failed: submit the same command again to resume"
 
 
 class CalibrationModule(L.LightningModule):
@@ -253,26 +274,16 @@ class CalibrationModule(L.LightningModule):
         self._requeue_signalled = True
 
     def _stop_for_requeue(self) -> None:
-        """Every process is here at the same step: save, requeue the job (rank 0), then stop."""
-        requeued = True
+        """Every process is here at the same step: save, wait for each other, stop (the CLI requeues)."""
         if self.trainer.is_global_zero:
             self.save_state()
-            command = ["scontrol", "requeue", str(self.requeue_job)]
-            result = subprocess.run(command, capture_output=True, text=True)
-            requeued = result.returncode == 0
-            if not requeued:
-                log.error("`%s` failed: %s", " ".join(command), result.stderr.strip())
         # Nobody leaves before the state is on disk: srun may kill the others once one exits.
         self.trainer.strategy.barrier("requeue")
         raise Requeued(
-            f"stopped at global step {self.steps_done} on the requeue signal; state saved in "
-            f"{self.out_dir / STATE_FILE}; "
-            + (
-                f"job {self.requeue_job} requeued, it resumes from there"
-                if requeued
-                else "requeueing failed: submit the same command again to resume"
-            ),
-            requeued,
+            f"stopped at global step {self.steps_done} on the requeue signal; "
+            f"state saved in {self.out_dir / STATE_FILE}",
+            job=str(self.requeue_job),
+            leader=self.trainer.is_global_zero,
         )
 
     def _inject_faults(self) -> None:
