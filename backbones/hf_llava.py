@@ -176,7 +176,8 @@ def apply_dymu(
             else math.isqrt(model.config.image_seq_length) * tower.config.patch_size
         )
         if is_anyres(model):  # crops, not whole images: calibrated on the same crops, or said why not
-            thresholds.check_inputs(type(model).__name__, side, model.config.image_grid_pinpoints)
+            video = isinstance(model, LlavaOnevisionForConditionalGeneration)
+            thresholds.check_inputs(type(model).__name__, side, model.config.image_grid_pinpoints, video)
         thresholds.check_fits(backbone, tower, side, num_blocks)
         policy = thresholds.policy(max_merges=max_merges, min_tokens=min_tokens)
     else:
