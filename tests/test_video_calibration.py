@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 import yaml
 from PIL import Image
 from tests_support import VISION
@@ -117,6 +118,14 @@ def test_samples_without_frames_and_bad_videos_are_named(setting, tmp_path):
     too_many = LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}, do_sample_frames=True, num_frames=4)
     with pytest.raises(ValueError, match=r"sample 'b' \(global index 1\) .* has 3 frames, fewer than the 4 the video"):
         GlobalBatchFrames(setting.root / "shards", 1, video_processor=too_many)
+    (tmp_path / "corrupt").mkdir()  # a foreign shard (no index.json): an undecodable .npy is skipped and counted
+    with open(tmp_path / "corrupt" / "c.tar", "wb") as stream, wds.TarWriter(stream, encoder=False) as writer:
+        writer.write({"__key__": "bad", "npy": b"not an array"})
+        writer.write({"__key__": "good", "npy": (setting.root / "videos" / "b.npy").read_bytes()})
+    batch = next(iter(GlobalBatchFrames(tmp_path / "corrupt", 4, video_processor=setting.processor)))
+    assert batch["valid"].tolist() == [False, True, True, True] and batch["index"].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"cannot decode sample 'bad' \(global index 0\) in shard .*c.tar: ValueError"):
+        next(iter(GlobalBatchFrames(tmp_path / "corrupt", 1, video_processor=setting.processor, strict=True)))
     np.save(tmp_path / "gray.npy", np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match=r"gray.npy: expected frames of uint8 \[frames, height, width, 3\], got"):
         write_shards([tmp_path / "gray.npy"], tmp_path / "bad", videos=True)

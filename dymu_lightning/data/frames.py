@@ -57,7 +57,9 @@ def frames_inputs(video_processor: Any, source: str) -> dict[str, Any]:
 def video_frames(video_processor: Any, frames: np.ndarray) -> Tensor:
     """``[frames', 3, S, S]``: the processor's frames of one video ``[frames, H, W, 3]`` (sampled, if it
     samples, and resized and normalised as at inference)."""
-    return video_processor(videos=[frames], return_tensors="pt")["pixel_values_videos"][0]
+    # channels_last said, not inferred: a frame 3 px high would otherwise pass for channels first
+    out = video_processor(videos=[frames], input_data_format="channels_last", return_tensors="pt")
+    return out["pixel_values_videos"][0]
 
 
 def first_frame(video_processor: Any, frames: np.ndarray) -> Tensor:
@@ -118,7 +120,7 @@ class GlobalBatchFrames(GlobalBatchParts):
             )
         try:
             total = frames_header(self._files.read(path, offset, min(size, 1 << 16)))[0]
-        except ValueError:  # not a frames array: skipped (or an error under strict) at load time
+        except Exception:  # numpy raises several types on a bad header; skipped (or strict) at load time
             return 1
         if self.num_frames is None:
             return total
