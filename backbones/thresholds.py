@@ -75,7 +75,10 @@ class ThresholdsFile:
         inputs: what the encoder was fed: None (files older than this key too) for whole images
             resized to ``image_size``; ``{"kind": "anyres_crops", "processor", "crop_size",
             "image_grid_pinpoints"}`` for the crops an AnyRes processor makes (``data.crops=anyres``),
-            each crop one image (``images_seen`` and ``tokens`` count crops).
+            each crop one image (``images_seen`` and ``tokens`` count crops); ``{"kind":
+            "video_frames", "processor", "frame_size", "num_frames"}`` for the frames a video
+            processor makes of videos (``data.crops=frames``; ``num_frames`` null: all frames kept),
+            each frame one image.
     """
 
     backbone: str
@@ -172,13 +175,30 @@ class ThresholdsFile:
                 stacklevel=3,
             )
 
-    def check_inputs(self, model_name: str, crop_size: int, pinpoints: list[list[int]]) -> None:
+    def check_inputs(self, model_name: str, crop_size: int, pinpoints: list[list[int]], video: bool = False) -> None:
         """For an AnyRes model (``model_name``) feeding its tower crops of ``crop_size`` px cut on
-        ``pinpoints``: raise ValueError for thresholds calibrated on other inputs at another size or
-        on another grid, and warn (UserWarning) for whole images at the crop size, which rank edges of
-        other statistics than tiles (zoomed-in views)."""
+        ``pinpoints`` (and, with ``video``, video frames of ``crop_size`` px): raise ValueError for
+        thresholds calibrated on other inputs at another size or on another grid, and warn
+        (UserWarning) for whole images or video frames at the crop size: they rank edges of other
+        statistics than tiles (zoomed-in views), so the image crops merge with thresholds made for
+        something else. Video-frame thresholds are those of this model's videos."""
         where = f"{self.origin}: " if self.origin else ""
         redo = "recalibrate with data.crops=anyres data.processor=<the model's save_pretrained folder>"
+        if self.inputs is not None and self.inputs["kind"] == "video_frames":
+            size = self.inputs["frame_size"]
+            if size != crop_size:
+                raise ValueError(
+                    f"{where}calibrated on video frames of {size} px, but this {model_name} feeds its vision "
+                    f"tower crops{' and frames' if video else ''} of {crop_size} px; recalibrate with "
+                    "data.crops=frames data.processor=<the model's save_pretrained folder>"
+                )
+            if video:
+                why = (f"calibrated on video frames: right for this {model_name}'s videos, but the AnyRes crops of "
+                       f"its images merge with the same thresholds; for images, {redo}")  # fmt: skip
+            else:
+                why = f"calibrated on video frames, not on the AnyRes crops this {model_name} feeds; {redo}"
+            warnings.warn(where + why, UserWarning, stacklevel=3)
+            return
         if self.inputs is None:
             if self.image_size != crop_size:
                 raise ValueError(
@@ -203,6 +223,11 @@ class ThresholdsFile:
 # ----- validation of a loaded file ---------------------------------------------------------------------
 _REQUIRED = ("backbone", "num_layers", "image_size", "thresholds", "r", "schedule", "images_seen",
              "global_batch_size", "world_size", "tokens")  # fmt: skip
+# What the encoder was fed, by thresholds.json's inputs kind (null: whole images)
+_INPUTS_KEYS = {
+    "anyres_crops": {"kind", "processor", "crop_size", "image_grid_pinpoints"},
+    "video_frames": {"kind", "processor", "frame_size", "num_frames"},
+}
 # A threshold is a cosine similarity, clamped at 0 by calibration; the slack admits rounding in
 # low-precision encoders (a similarity of a vector with itself may round to just above 1).
 _THRESHOLD_SLACK = 1e-2
@@ -234,11 +259,16 @@ def _validate(path: Path, data: dict[str, Any]) -> None:
             fail(key, "an object", data[key])
     inputs = data.get("inputs")
     if inputs is not None:
-        anyres = {"kind", "processor", "crop_size", "image_grid_pinpoints"}
-        if not isinstance(inputs, dict) or inputs.get("kind") != "anyres_crops" or set(inputs) != anyres:
-            fail(
-                "inputs", f"null (whole images) or an object with kind 'anyres_crops' and keys {sorted(anyres)}", inputs
-            )
+        kinds = {key: sorted(keys) for key, keys in _INPUTS_KEYS.items()}
+        kind = inputs.get("kind") if isinstance(inputs, dict) else None
+        if kind not in _INPUTS_KEYS or set(inputs) != _INPUTS_KEYS[kind]:
+            fail("inputs", f"null (whole images) or an object with the keys of its kind {kinds}", inputs)
+        if kind == "video_frames":
+            frames = inputs["num_frames"]
+            if not _is_int(inputs["frame_size"]) or inputs["frame_size"] < 1:
+                fail("inputs.frame_size", "an integer >= 1", inputs["frame_size"])
+            if frames is not None and (not _is_int(frames) or frames < 1):
+                fail("inputs.num_frames", "null (every frame kept) or an integer >= 1", frames)
     if "partial" in data and not isinstance(data["partial"], bool):
         fail("partial", "true or false", data["partial"])
     blocks = data.get("num_blocks")

@@ -14,7 +14,7 @@ stock and DyMU (median of ``--repeats`` rounds after a warm-up, rounds interleav
 ideal of the prefill: the tower's blocks on its per-layer token counts plus the language model's
 linear layers on its rows and attention over all positions, DyMU over stock.
 
-    python benchmarks/onevision_generate.py --repeats 1 --frames 4 --new-tokens 4
+    python benchmarks/onevision_generate.py --repeats 3 --frames 4 --new-tokens 4
 """
 
 from __future__ import annotations

@@ -95,6 +95,8 @@ COMMANDS: tuple[Command, ...] = (
         Option(("--shard-size",), "samples per shard (default 1000)", {"type": int, "default": 1000}),
         Option(("--prefix",), "shard file name prefix (default 'shard')", {"default": "shard"}),
         Option(("--overwrite",), "replace an earlier dataset in OUT", {"action": "store_true"}),
+        Option(("--videos",), "SRC holds videos: .npy frame arrays [frames, H, W, 3] uint8 and folders of "
+               "frame images, one video each", {"action": "store_true"}),
     ), "dymu shards /data/images /data/shards"),
     Command("demo", "DToMe token counts of the real DINOv2-S on real photos", "dymu_lightning.demo:run_demo", (
         Option(("--r",), "target merges per layer for the thresholds", {"type": int, "default": 12}),

@@ -70,11 +70,11 @@ def test_the_crops_are_exactly_the_processors(setting):
     crops counted up front from the headers are those the processor makes."""
     dataset = GlobalBatchCrops(setting.root / "shards", 4, image_processor=setting.processor)
     assert setting.expected.shape == (CROPS, 3, 32, 32)
-    assert dataset.crop_counts == [7, 7, 5] and dataset.num_samples == CROPS and dataset.num_steps == 5
+    assert dataset.part_counts == [7, 7, 5] and dataset.num_samples == CROPS and dataset.num_steps == 5
     pixels, index = all_rows(dataset)
     assert torch.equal(pixels, setting.expected)
     assert index.tolist() == list(range(CROPS))
-    assert [dataset.crop_of(i) for i in (0, 6, 7, 13, 14, 18)] == [(0, 0), (0, 6), (1, 0), (1, 6), (2, 0), (2, 4)]
+    assert [dataset.part_of(i) for i in (0, 6, 7, 13, 14, 18)] == [(0, 0), (0, 6), (1, 0), (1, 6), (2, 0), (2, 4)]
 
 
 def test_ranks_split_each_global_batch_of_crops(setting):
@@ -131,13 +131,13 @@ def test_recipe_calibrates_on_the_crops_and_records_them(setting, tmp_path):
     assert ThresholdsFile.load(tmp_path / "old.json").inputs is None
     data["inputs"] = {"kind": "tiles"}
     (tmp_path / "bad.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"bad.json: 'inputs' must be null \(whole images\) or an object with kind"):
+    with pytest.raises(ValueError, match=r"bad.json: .inputs. must be null \(whole images\) or an object with the"):
         ThresholdsFile.load(tmp_path / "bad.json")
 
 
 def test_recipe_errors(setting, tmp_path):
     path = recipe(setting, tmp_path)
-    with pytest.raises(ConfigError, match=r"data.crops='tiles'; expected one of \('whole', 'anyres'\)"):
+    with pytest.raises(ConfigError, match=r"data.crops='tiles'; expected one of \('whole', 'anyres', 'frames'\)"):
         check(load_recipe(path, ["data.crops=tiles"]))
     with pytest.raises(ConfigError, match=r"data.crops=anyres needs data.processor=<a LLaVA-NeXT or OneVision"):
         check(load_recipe(path, ["data.crops=anyres"]))

@@ -271,7 +271,7 @@ def test_the_private_generate_hook_we_override_is_pinned_to_the_tested_transform
 
     assert transformers.__version__.startswith(EXPAND_TESTED_WITH + "."), (
         f"DyMU's override of _expand_inputs_for_generation was checked against transformers {EXPAND_TESTED_WITH}; "
-        f"re-check it (backbones/hf_llava.py) for {transformers.__version__} and update EXPAND_TESTED_WITH"
+        f"re-check it (backbones/hf_llava_generate.py) for {transformers.__version__} and update EXPAND_TESTED_WITH"
     )
     check_expand_hook(type(tiny_llava()))  # the installed hook has the parameters the override passes
 

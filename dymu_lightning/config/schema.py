@@ -37,8 +37,12 @@ class DataConfig:
     num_workers: int = 0  # data-loader workers per process
     strict: bool = False  # a corrupt image is an error (true) or is skipped and reported (false)
     shard_size: int = 1000  # images per shard when writing shards from `images`
-    crops: str = "whole"  # whole (images resized to the tower's side) | anyres (the crops an AnyRes processor makes)
-    processor: str | None = None  # anyres: a LLaVA-NeXT/OneVision save_pretrained folder (its image processor)
+    # whole (images resized to the tower's side) | anyres (the crops an AnyRes processor makes) |
+    # frames (the frames a video processor makes of video shards)
+    crops: str = "whole"
+    # anyres: a LLaVA-NeXT/OneVision save_pretrained folder (its image processor); frames: a OneVision
+    # folder (its video processor)
+    processor: str | None = None
 
 
 @dataclass

@@ -3,13 +3,10 @@
 LLaVA-NeXT and LLaVA-OneVision feed their vision tower a base crop (the whole image, resized) and
 AnyRes tiles (zoomed-in views), not whole images resized to the tower's side. DyMU merges each crop
 alone at inference, so the thresholds are calibrated on those same crops: every crop is one image of
-the global ranking. Batching stays that of :class:`~dymu_lightning.data.loader.GlobalBatchShards`,
-over a numbering of crops instead of images, so global batches are the same sets of crops whatever
-the number of processes.
+the global ranking (:class:`~dymu_lightning.data.parts.GlobalBatchParts`).
 
-The crops of an image are counted up front (every rank must run the same number of steps) from its
-size, read from the file header, with the processor's own grid pinpoints and crop side; the crops the
-processor then makes are checked against that count.
+The crops of an image are counted up front from its size, read from the file header, with the
+processor's own grid pinpoints and crop side.
 """
 
 from __future__ import annotations
@@ -23,10 +20,10 @@ from PIL import Image
 from torch import Tensor
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from dymu_lightning.data.loader import GlobalBatchShards
+from dymu_lightning.data.parts import GlobalBatchParts
 from dymu_lightning.data.shards import ShardIndex
 
-CROPS_KINDS = ("whole", "anyres")
+CROPS_KINDS = ("whole", "anyres", "frames")
 
 
 def crop_side(image_processor: Any) -> int:
@@ -68,18 +65,17 @@ def first_crop(image_processor: Any, image: Image.Image) -> Tensor:
     return image_crops(image_processor, image)[0]
 
 
-class GlobalBatchCrops(GlobalBatchShards):
-    """:class:`GlobalBatchShards` whose samples are the processor's crops of the images, in image order.
-
-    ``pixels`` rows are crops ``[3, S, S]``; ``index`` is the crop's global index; an undecodable image
-    counts one crop, which is skipped (``valid = False``) like an undecodable image. ``max_samples``
-    limits the images, not the crops.
+class GlobalBatchCrops(GlobalBatchParts):
+    """:class:`GlobalBatchParts` whose parts are the processor's crops of the images, in image order
+    (base crop first, then the tiles).
 
     Args:
         index, global_batch_size, rank, world_size, start_step, strict, max_samples: as in
-            :class:`GlobalBatchShards` (``start_step`` counts steps of crops).
+            :class:`GlobalBatchParts` (``max_samples`` limits the images).
         image_processor: the AnyRes model's image processor (``AutoImageProcessor.from_pretrained``).
     """
+
+    unit = "crops"
 
     def __init__(
         self,
@@ -93,33 +89,23 @@ class GlobalBatchCrops(GlobalBatchShards):
         strict: bool = False,
         max_samples: int | None = None,
     ) -> None:
-        super().__init__(
-            index,
-            global_batch_size,
-            rank=rank,
-            world_size=world_size,
-            transform=partial(first_crop, image_processor),  # a partial pickles (DataLoader workers)
-            strict=strict,
-            max_samples=max_samples,
-        )
         self.image_processor = image_processor
         self.side = crop_side(image_processor)
         self.pinpoints = image_processor.image_grid_pinpoints
-        self.num_images = self.num_samples
-        self.crop_counts = [self._count(i) for i in range(self.num_images)]
-        self.crop_starts = [0]
-        for count in self.crop_counts:
-            self.crop_starts.append(self.crop_starts[-1] + count)
-        self.num_samples = self.crop_starts[-1]
-        self.num_steps = -(-self.num_samples // global_batch_size)
-        if not 0 <= start_step <= self.num_steps:
-            raise ValueError(f"start_step must be in 0..{self.num_steps} ({self.num_steps} steps), got {start_step}")
-        self.start_step = start_step
-        self._cached: tuple[int, Tensor | None] | None = None  # the last image's crops: its tiles come in a row
+        super().__init__(
+            index,
+            global_batch_size,
+            transform=partial(first_crop, image_processor),  # a partial pickles (DataLoader workers)
+            rank=rank,
+            world_size=world_size,
+            start_step=start_step,
+            strict=strict,
+            max_samples=max_samples,
+        )
 
-    def _count(self, image: int) -> int:
-        """Crops of image ``image``, from its header size; 1 for an unreadable header."""
-        path, _, offset, size = super()._location(image)
+    def _count(self, sample: int) -> int:
+        """Crops of image ``sample``, from its header size; 1 for an unreadable header."""
+        path, _, offset, size = self._sample_location(sample)
         try:
             with Image.open(io.BytesIO(self._files.read(path, offset, size))) as opened:
                 width, height = opened.size
@@ -127,32 +113,8 @@ class GlobalBatchCrops(GlobalBatchShards):
             return 1
         return image_size_to_num_patches((height, width), self.pinpoints, self.side)
 
-    def crop_of(self, i: int) -> tuple[int, int]:
-        """(image, crop within it) of global crop ``i``."""
-        low, high = 0, self.num_images
-        while high - low > 1:  # the last image whose first crop is <= i
-            middle = (low + high) // 2
-            low, high = (middle, high) if self.crop_starts[middle] <= i else (low, middle)
-        return low, i - self.crop_starts[low]
+    def _parts(self, decoded: Image.Image) -> Tensor:
+        return image_crops(self.image_processor, decoded)
 
-    def crop(self, i: int) -> Tensor | None:
-        """``[3, S, S]``: global crop ``i``; None when its image is undecodable (and skipped)."""
-        return self._load(i)
-
-    def _location(self, i: int) -> tuple[Path, str, int, int]:
-        return super()._location(self.crop_of(i)[0])
-
-    def _load(self, i: int) -> Tensor | None:
-        image, crop = self.crop_of(i)
-        if self._cached is None or self._cached[0] != image:
-            decoded = self._decode(i)  # through _location: the image crop i is cut from
-            # An undecodable image goes through the parent, which logs, records or raises (strict).
-            crops = super()._load(i) if isinstance(decoded, str) else image_crops(self.image_processor, decoded)
-            if crops is not None and crops.shape[0] != self.crop_counts[image]:
-                raise ValueError(
-                    f"sample {self.key(i)!r}: the processor made {crops.shape[0]} crops, but its size gives "
-                    f"{self.crop_counts[image]} (image_grid_pinpoints {self.pinpoints}, crops of {self.side} px)"
-                )
-            self._cached = (image, crops)
-        crops = self._cached[1]
-        return None if crops is None else crops[crop]
+    def _cut_by(self) -> str:
+        return f"its size (image_grid_pinpoints {self.pinpoints}, crops of {self.side} px)"

@@ -84,6 +84,8 @@ class GlobalBatchShards(IterableDataset):
     pass; with DataLoader workers each worker has its own list (use ``index`` with ``~valid`` instead).
     """
 
+    what = "image"  # what a sample is, in log lines
+
     def __init__(
         self,
         index: ShardIndex | Path | str,
@@ -189,16 +191,19 @@ class GlobalBatchShards(IterableDataset):
         """``[3, H, W]`` for sample ``i``, or None when it is undecodable and skipped."""
         image = self._decode(i)
         if isinstance(image, str):
-            path, key, _, _ = self._location(i)
-            if self.strict:
-                raise ValueError(f"cannot decode sample {key!r} (global index {i}) in shard {path}: {image}")
-            log.warning("skipping undecodable image %r (global index %d) in shard %s: %s", key, i, path, image)
-            self.skipped.append((str(path), key, image))
-            return None
+            return self._skip(i, image)
         pixels = self.transform(image)
         if not isinstance(pixels, Tensor) or pixels.dim() != 3:
             raise TypeError(f"transform must return a [3, H, W] tensor, got {getattr(pixels, 'shape', type(pixels))}")
         return pixels
+
+    def _skip(self, i: int, reason: str) -> None:
+        """Sample ``i`` is undecodable (``reason``): raise under ``strict``, else log and record it."""
+        path, key, _, _ = self._location(i)
+        if self.strict:
+            raise ValueError(f"cannot decode sample {key!r} (global index {i}) in shard {path}: {reason}")
+        log.warning("skipping undecodable %s %r (global index %d) in shard %s: %s", self.what, key, i, path, reason)
+        self.skipped.append((str(path), key, reason))
 
     def _check_shapes(self, rows: list[Tensor | None], indices: list[int]) -> Tensor:
         """A real row to shape dummies after (or the fallback template); every real row must match it."""

@@ -1,7 +1,9 @@
 """Webdataset tar shards of raw image files, with a size index that lets a reader seek to any sample.
 
 A shard is a plain (uncompressed) tar written by ``webdataset.TarWriter``: one member ``<key>.<ext>``
-per sample holding the original file bytes, so any webdataset pipeline reads it. Beside the shards,
+per sample holding the original file bytes, so any webdataset pipeline reads it. Video shards
+(``videos=True``) hold one ``<key>.npy`` member per video instead: its decoded frames, a uint8 array
+``[frames, height, width, 3]`` (RGB), readable without a video decoder. Beside the shards,
 ``index.json`` records for every sample its key, extension, and the byte offset and size of its data
 inside the tar. The calibration loader needs the total count up front (every rank must run the same
 number of steps) and random access by global sample index (each rank reads only its slice of a step);
@@ -9,12 +11,13 @@ the index gives both without opening a shard.
 
 Command line::
 
-    python -m dymu_lightning shards IMAGES_DIR OUT_DIR [--shard-size 1000] [--prefix shard]
+    python -m dymu_lightning shards IMAGES_DIR OUT_DIR [--shard-size 1000] [--prefix shard] [--videos]
 """
 
 from __future__ import annotations
 
 import bisect
+import io
 import json
 import logging
 import os
@@ -26,12 +29,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from dymu_lightning.files import write_text_atomic
 
 INDEX_NAME = "index.json"
 SCHEMA_VERSION = 1
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _IMAGE_EXTS = frozenset(s.lstrip(".") for s in IMAGE_SUFFIXES)
+FRAMES_EXT = "npy"  # a video sample's member: its frames, [frames, height, width, 3] uint8
 _CREATE_HINT = "create one with `python -m dymu_lightning shards IMAGES_DIR {out}`"
 
 log = logging.getLogger(__name__)
@@ -98,16 +105,19 @@ def write_shards(
     prefix: str = "shard",
     *,
     overwrite: bool = False,
+    videos: bool = False,
 ) -> Path:
     """Pack image files into ``{prefix}-{i:06d}.tar`` shards plus ``index.json``; returns the index path.
 
     Args:
         images: a folder (searched recursively, image suffixes only, sorted by relative path) or an
-            explicit list of files, kept in the given order.
+            explicit list of files, kept in the given order. With ``videos``: videos, see
+            :func:`video_sources`.
         out_dir: created if missing.
         shard_size: samples per shard (the last one may hold fewer).
         prefix: shard file name prefix.
         overwrite: replace an earlier dataset in ``out_dir`` (its index and ``{prefix}-*.tar`` shards).
+        videos: write video shards, one ``<key>.npy`` frames array per video.
 
     Sample keys are the file stems made safe for webdataset (which splits a member name at its first
     dot) and unique. Shards are built in a hidden folder, moved into place when all are complete, and
@@ -117,7 +127,7 @@ def write_shards(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
         raise ValueError(f"prefix must be letters, digits, '_' or '-', got {prefix!r}")
-    files = image_files(images)
+    files = video_sources(images) if videos else image_files(images)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir, prefix, overwrite)
@@ -130,7 +140,7 @@ def write_shards(
     for number, start in enumerate(range(0, len(files), shard_size)):
         name = f"{prefix}-{number:06d}.tar"
         chunk = range(start, min(start + shard_size, len(files)))
-        _write_tar(staging / name, [(keys[i], files[i]) for i in chunk])
+        _write_tar(staging / name, [(keys[i], files[i]) for i in chunk], videos)
         shards.append(scan_tar(staging / name))
     for shard in shards:
         os.replace(staging / shard.name, out_dir / shard.name)
@@ -163,6 +173,66 @@ def image_files(images: Path | Sequence[Path]) -> list[Path]:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"{path}: not an image suffix (expected one of {sorted(IMAGE_SUFFIXES)})")
     return files
+
+
+def video_sources(videos: Path | Sequence[Path]) -> list[Path]:
+    """The videos of a folder (its ``.npy`` files and its sub-folders of frame images, one video each,
+    sorted by name) or of a list of such paths, checked."""
+    if isinstance(videos, (str, Path)):
+        folder = Path(videos)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"video folder not found: {folder}")
+        found = sorted(p for p in folder.iterdir() if p.suffix == f".{FRAMES_EXT}" or p.is_dir())
+        if not found:
+            raise ValueError(f"no videos (.{FRAMES_EXT} files or folders of frame images) in {folder}")
+        return found
+    found = [Path(p) for p in videos]
+    if not found:
+        raise ValueError("no videos given")
+    for path in found:
+        if not (path.is_dir() or (path.is_file() and path.suffix == f".{FRAMES_EXT}")):
+            raise FileNotFoundError(f"{path}: not a .{FRAMES_EXT} file or a folder of frame images")
+    return found
+
+
+def frames_header(data: bytes) -> tuple[int, int, int, int]:
+    """``(frames, height, width, 3)`` from the start of a ``.npy`` frames array; ValueError unless it
+    is a uint8 array of that shape (``data`` need only hold the header)."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f".npy format version {version} is not read here (1.0 or 2.0)")
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or min(shape) < 1:
+        raise ValueError(f"expected frames of uint8 [frames, height, width, 3], got {dtype} {list(shape)}")
+    return tuple(shape)
+
+
+def _video_bytes(source: Path) -> bytes:
+    """The ``.npy`` bytes of one video: a checked ``.npy`` file as it is, or a folder's frame images
+    (sorted by name, all of one size) stacked."""
+    if source.is_file():
+        data = source.read_bytes()
+        try:
+            frames_header(data)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+        return data
+    frames = []
+    for path in image_files(source):
+        with Image.open(path) as image:
+            frames.append(np.asarray(image.convert("RGB")))
+        if frames[-1].shape != frames[0].shape:
+            raise ValueError(
+                f"{path}: a frame of {frames[-1].shape[1]} x {frames[-1].shape[0]} px in a video of "
+                f"{frames[0].shape[1]} x {frames[0].shape[0]} px frames"
+            )
+    stream = io.BytesIO()
+    np.save(stream, np.stack(frames), allow_pickle=False)
+    return stream.getvalue()
 
 
 def _clear_previous(out_dir: Path, prefix: str, overwrite: bool) -> None:
@@ -212,7 +282,7 @@ def _sample_ext(path: Path) -> str:
     return "jpg" if ext == "jpeg" else ext
 
 
-def _write_tar(path: Path, samples: list[tuple[str, Path]]) -> None:
+def _write_tar(path: Path, samples: list[tuple[str, Path]], videos: bool = False) -> None:
     from webdataset import TarWriter  # the writer is the only place that needs webdataset
 
     with open(path, "wb") as stream:
@@ -220,8 +290,11 @@ def _write_tar(path: Path, samples: list[tuple[str, Path]]) -> None:
         # give equal shards; TarWriter ignores its `format` argument and writes PAX tars, where a float
         # mtime (its default is time.time()) adds a 1 KiB pax header to every member.
         with TarWriter(stream, encoder=False, mtime=0) as writer:
-            for key, image in samples:
-                writer.write({"__key__": key, _sample_ext(image): image.read_bytes()})
+            for key, source in samples:
+                if videos:
+                    writer.write({"__key__": key, FRAMES_EXT: _video_bytes(source)})
+                else:
+                    writer.write({"__key__": key, _sample_ext(source): source.read_bytes()})
         stream.flush()
         os.fsync(stream.fileno())
 
@@ -340,11 +413,15 @@ def _scan_folder(folder: Path) -> ShardIndex:
 def scan_tar(path: Path) -> ShardInfo:
     """Index one tar by reading its headers. Members are grouped into samples the way webdataset does
     (key = name up to the first dot of the file name; consecutive members with one key form a
-    sample) and each sample's first image member is indexed; samples without an image are skipped."""
+    sample) and each sample's first image member is indexed, or else its first ``.npy`` member (a
+    video's frames); samples with neither are skipped."""
     keys, exts, offsets, sizes = [], [], [], []
     skipped = 0
     for key, members in _samples_in_tar(path):
-        image = next((m for m in members if _member_ext(m.name).rsplit(".", 1)[-1] in _IMAGE_EXTS), None)
+        kinds = [_member_ext(m.name).rsplit(".", 1)[-1] for m in members]
+        image = next((m for m, kind in zip(members, kinds, strict=True) if kind in _IMAGE_EXTS), None)
+        if image is None:
+            image = next((m for m, kind in zip(members, kinds, strict=True) if kind == FRAMES_EXT), None)
         if image is None:
             skipped += 1
             continue
@@ -353,7 +430,7 @@ def scan_tar(path: Path) -> ShardInfo:
         offsets.append(image.offset_data)
         sizes.append(image.size)
     if skipped:
-        log.warning("%s: %d samples without an image member were left out of the index", path, skipped)
+        log.warning("%s: %d samples without an image or .npy member were left out of the index", path, skipped)
     return ShardInfo(
         name=path.name,
         keys=tuple(keys),
@@ -395,9 +472,11 @@ def _samples_in_tar(path: Path) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
 # Command line
 
 
-def write_shards_command(src: Path, out: Path, shard_size: int, prefix: str, overwrite: bool) -> int:
-    """The ``shards`` command: pack the images of ``src`` into shards in ``out``."""
-    index_path = write_shards(src, out, shard_size, prefix, overwrite=overwrite)
+def write_shards_command(
+    src: Path, out: Path, shard_size: int, prefix: str, overwrite: bool, videos: bool = False
+) -> int:
+    """The ``shards`` command: pack the images (``videos``: the videos) of ``src`` into shards in ``out``."""
+    index_path = write_shards(src, out, shard_size, prefix, overwrite=overwrite, videos=videos)
     index = read_index(index_path)
     nbytes = sum(s.nbytes for s in index.shards)
     print(f"wrote {len(index.shards)} shards, {index.total} samples, {nbytes} bytes to {out}")

@@ -55,13 +55,14 @@ def check_shards(shards: str | Path, images: str | None = None, key: str = "data
     return path
 
 
-def prepare_shards(shards: str | Path, images: str | None = None, shard_size: int = 1000) -> Path:
+def prepare_shards(shards: str | Path, images: str | None = None, shard_size: int = 1000, videos: bool = False) -> Path:
     """The shard folder ``shards``, written first from the folder ``images`` if it holds no shards yet
-    (``images`` None: the shards must already exist). Read it with :func:`~dymu_lightning.data.read_index`."""
+    (``images`` None: the shards must already exist; ``videos``: ``images`` holds videos, see
+    :func:`~dymu_lightning.data.shards.video_sources`). Read it with :func:`~dymu_lightning.data.read_index`."""
     shards = check_shards(shards, images)
     has_shards = (shards / INDEX_NAME).is_file() or (shards.is_dir() and any(shards.glob("*.tar")))
     if images is not None and not has_shards:
-        write_shards(resolve_images(images), shards, shard_size=shard_size)
+        write_shards(resolve_images(images), shards, shard_size=shard_size, videos=videos)
     return shards
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from dymu_lightning.config.schema import DataConfig
 from dymu_lightning.data import GlobalBatchShards, read_index
 from dymu_lightning.data.crops import GlobalBatchCrops
+from dymu_lightning.data.frames import GlobalBatchFrames
 from dymu_lightning.data.source import prepare_shards
 
 
@@ -34,7 +35,10 @@ class ShardsDataModule(L.LightningDataModule):
         start_step: global steps already done (resume).
         max_images, num_workers, strict, shard_size: see ``DataConfig``.
         image_processor: an AnyRes image processor: the samples are its crops of the images
-            (``data.crops=anyres``, :class:`GlobalBatchCrops`); None: whole images through ``transform``.
+            (``data.crops=anyres``, :class:`GlobalBatchCrops`), or with ``frames`` a video processor: the
+            samples are its frames of the videos (``data.crops=frames``, :class:`GlobalBatchFrames`);
+            None: whole images through ``transform``.
+        frames: ``image_processor`` is a video processor and the shards hold videos.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class ShardsDataModule(L.LightningDataModule):
         strict: bool = False,
         shard_size: int = 1000,
         image_processor: Any = None,
+        frames: bool = False,
     ) -> None:
         super().__init__()
         self.shards = Path(shards).expanduser()
@@ -61,6 +66,7 @@ class ShardsDataModule(L.LightningDataModule):
         self.strict = strict
         self.shard_size = shard_size
         self.image_processor = image_processor
+        self.frames = frames
         self.dataset: GlobalBatchShards | None = None
 
     @classmethod
@@ -83,19 +89,21 @@ class ShardsDataModule(L.LightningDataModule):
             strict=data.strict,
             shard_size=data.shard_size,
             image_processor=image_processor,
+            frames=data.crops == "frames",
         )
 
     def prepare_data(self) -> None:
-        prepare_shards(self.shards, self.images, self.shard_size)
+        prepare_shards(self.shards, self.images, self.shard_size, videos=self.frames)
 
     def val_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         if self.image_processor is not None:
-            self.dataset = GlobalBatchCrops(
+            processor = {"video_processor" if self.frames else "image_processor": self.image_processor}
+            self.dataset = (GlobalBatchFrames if self.frames else GlobalBatchCrops)(
                 read_index(self.shards),
                 self.global_batch_size,
-                image_processor=self.image_processor,
+                **processor,
                 rank=rank,
                 world_size=world,
                 start_step=self.start_step,

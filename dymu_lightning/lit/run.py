@@ -29,7 +29,9 @@ from dymu_lightning.config.recipes import ConfigError, Recipe
 from dymu_lightning.config.schema import CalibrationRecipe
 from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
 from dymu_lightning.data import GlobalBatchShards
-from dymu_lightning.data.crops import CROPS_KINDS, GlobalBatchCrops, anyres_inputs
+from dymu_lightning.data.crops import CROPS_KINDS, anyres_inputs
+from dymu_lightning.data.frames import frames_inputs
+from dymu_lightning.data.parts import GlobalBatchParts
 from dymu_lightning.data.source import check_shards
 from dymu_lightning.files import check_writable_dir
 from dymu_lightning.lit.calibration import (
@@ -158,7 +160,8 @@ def check(recipe: Recipe, probe: bool = True) -> CalibrationRecipe:
 
 
 def check_crops(cfg: CalibrationRecipe, path: Path) -> None:
-    """``data.crops`` is known, and ``data.processor`` is set exactly when the crops are AnyRes crops."""
+    """``data.crops`` is known, and ``data.processor`` is set exactly when a processor cuts the inputs
+    (AnyRes crops, video frames)."""
     data = cfg.data
     if data.crops not in CROPS_KINDS:
         raise ConfigError(f"{path}: data.crops={data.crops!r}; expected one of {CROPS_KINDS}")
@@ -167,27 +170,42 @@ def check_crops(cfg: CalibrationRecipe, path: Path) -> None:
             f"{path}: data.crops=anyres needs data.processor=<a LLaVA-NeXT or OneVision save_pretrained folder>, "
             "whose image processor cuts the crops"
         )
+    if data.crops == "frames" and data.processor is None:
+        raise ConfigError(
+            f"{path}: data.crops=frames needs data.processor=<a LLaVA-OneVision save_pretrained folder>, "
+            "whose video processor samples and resizes the frames"
+        )
     if data.crops == "whole" and data.processor is not None:
-        raise ConfigError(f"{path}: data.processor={data.processor!r} is read only with data.crops=anyres")
+        raise ConfigError(
+            f"{path}: data.processor={data.processor!r} is read only with data.crops=anyres or data.crops=frames"
+        )
 
 
 def load_crops_processor(cfg: CalibrationRecipe, path: Path, image_size: int) -> tuple[Any, dict[str, Any] | None]:
-    """(image processor, thresholds.json's ``inputs``) of ``data.crops=anyres``; (None, None) for whole
-    images. The crops must have the side the encoder is fed (``image_size``)."""
-    if cfg.data.crops != "anyres":
+    """(image or video processor, thresholds.json's ``inputs``) of ``data.crops=anyres`` or
+    ``data.crops=frames``; (None, None) for whole images. The crops or frames must have the side the
+    encoder is fed (``image_size``)."""
+    if cfg.data.crops == "whole":
         return None, None
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor, AutoVideoProcessor
 
     source = str(Path(cfg.data.processor).expanduser())
+    frames = cfg.data.crops == "frames"
     try:
-        processor = AutoImageProcessor.from_pretrained(source)
-        inputs = anyres_inputs(processor, source)
+        if frames:
+            processor = AutoVideoProcessor.from_pretrained(source)
+            inputs = frames_inputs(processor, source)
+        else:
+            processor = AutoImageProcessor.from_pretrained(source)
+            inputs = anyres_inputs(processor, source)
     except (OSError, ValueError) as error:
         raise ConfigError(f"{path}: data.processor={cfg.data.processor}: {error}") from None
-    if inputs["crop_size"] != image_size:
+    side = inputs["frame_size" if frames else "crop_size"]
+    if side != image_size:
+        made = "resizes frames to" if frames else "cuts crops of"
         raise ConfigError(
-            f"{path}: data.processor={cfg.data.processor} cuts crops of {inputs['crop_size']} px, but the encoder "
-            f"is fed {image_size} px images; set model.image_size={inputs['crop_size']} or use that model's own tower"
+            f"{path}: data.processor={cfg.data.processor} {made} {side} px, but the encoder is fed {image_size} px "
+            f"images; set model.image_size={side} or use that model's own tower"
         )
     return processor, inputs
 
@@ -349,13 +367,14 @@ def _draw_merges(
     if dataset is None or result.images_seen == 0:
         return None
     parameter = next(model.parameters())
-    if isinstance(dataset, GlobalBatchCrops):  # the crops calibrated on, as the processor cut them
-        rows = (dataset.crop(i) for i in range(dataset.num_samples))
+    if isinstance(dataset, GlobalBatchParts):  # the crops or frames calibrated on, as the processor made them
+        rows = (dataset.part(i) for i in range(dataset.num_samples))
         pixels = torch.stack(list(itertools.islice((row for row in rows if row is not None), MERGES_IMAGES)))
         groups, lengths = token_groups(
             backbone, model, pixels.to(parameter.device, parameter.dtype), result.policy(), result.num_blocks
         )
-        title = f"{result.backbone}: final groups on the first AnyRes crops under the calibrated thresholds"
+        parts = _INPUTS_SEEN[result.inputs["kind"]]
+        title = f"{result.backbone}: final groups on the first {parts} under the calibrated thresholds"
         return draw_merges(pixels, groups, lengths, out_dir / "merges.png", title)
     pictures = []
     for i in range(dataset.num_samples):
@@ -408,14 +427,18 @@ def _fingerprint(cfg: CalibrationRecipe, r: list[int]) -> dict[str, Any]:
         "max_images": cfg.data.max_images,
         "seed": cfg.seed,
         # only when set: states saved before data.crops existed stay resumable
-        **({"crops": "anyres", "processor": cfg.data.processor} if cfg.data.crops == "anyres" else {}),
+        **({"crops": cfg.data.crops, "processor": cfg.data.processor} if cfg.data.crops != "whole" else {}),
     }
+
+
+_INPUTS_SEEN = {"anyres_crops": "AnyRes crops", "video_frames": "video frames"}  # by thresholds.json's inputs kind
 
 
 def _print_summary(result: ThresholdsFile, path: Path) -> None:
     tokens = result.tokens
     shown = " ".join("-" if t is None else f"{t:.3f}" for t in result.thresholds)
-    seen = "AnyRes crops" if result.inputs is not None else "images"  # each crop one image of the ranking
+    # each crop or frame is one image of the ranking
+    seen = _INPUTS_SEEN[result.inputs["kind"]] if result.inputs is not None else "images"
     print(f"calibrated {result.backbone}: {result.images_seen} {seen}, world size {result.world_size}")
     print(f"thresholds: {shown}")
     if tokens["mean"] is not None:
