@@ -16,12 +16,18 @@ Two entry points:
 * :meth:`HFQwen2VLVision.merged_forward_images` takes images of different sizes (native resolution),
   packed as the tower packs them.
 
+Videos: the tower cuts a video into temporal slices of ``temporal_patch_size`` frames and attends
+within each slice only (its ``cu_seqlens`` repeat ``h * w`` per slice; Qwen2.5's windows are per slice
+too), every slice at the same 2D positions. To the tower a video of ``t`` slices is therefore ``t``
+images of one slice each, and that is how it is merged here (:func:`temporal_slices`): groups never
+cross slices, and :class:`MergedTokens` has one row per slice.
+
 The whole model (tower, then VTU over M-RoPE in the language model) is in
 :mod:`dymu_lightning.backbones.hf_qwen_vl_lm`.
 
-Not done yet: videos (``t > 1`` frames), loading the tower out of a whole model by hub id (a local
-directory of a whole model works), the static engine path and the CUDA varlen kernels (attention runs
-on a padded grid per image).
+Not done yet: loading the tower out of a whole model by hub id (a local directory of a whole model
+works), the static engine path and the CUDA varlen kernels (attention runs on a padded grid per image
+or slice).
 """
 
 from __future__ import annotations
@@ -163,23 +169,45 @@ class HFQwen2VLVision(Backbone):
             ``[N, 3 * t * p * p]`` patches of all images, and ``grid_thw`` ``[B, 3]`` long
             (``(1, H / p, W / p)`` per image).
         """
+        t = model.config.temporal_patch_size
+        return self._cut(model, [image[None].expand(t, *image.shape) for image in images], "image")
+
+    def patchify_videos(self, model: nn.Module, videos: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Videos as the tower takes them (what Qwen's video processor returns as
+        ``pixel_values_videos`` and ``video_grid_thw``): each ``[F, 3, H, W]``, ``F`` a multiple of
+        ``temporal_patch_size``, is cut into slices of that many consecutive frames, slice after slice,
+        each slice cut as :meth:`patchify` cuts an image.
+
+        Returns:
+            ``[N, 3 * t * p * p]`` patches, and ``grid_thw`` ``[V, 3]`` long (``(F / t, H / p, W / p)``).
+        """
+        t = model.config.temporal_patch_size
+        for video in videos:
+            if video.dim() != 4 or video.shape[0] % t:
+                raise ValueError(
+                    f"backbone '{self.name}': a video must be [frames, 3, H, W] with frames a multiple of "
+                    f"temporal_patch_size {t}, got {list(video.shape)}"
+                )
+        return self._cut(model, videos, "video")
+
+    def _cut(self, model: nn.Module, clips: Sequence[Tensor], kind: str) -> tuple[Tensor, Tensor]:
+        """``[F, 3, H, W]`` clips (``F`` a multiple of ``temporal_patch_size``) -> patches and grid rows."""
         config = model.config
         p, m, t = config.patch_size, config.spatial_merge_size, config.temporal_patch_size
         rows, grids = [], []
-        for image in images:
-            channels, height, width = image.shape
+        for clip in clips:
+            frames, channels, height, width = clip.shape
             if height % (p * m) or width % (p * m):
                 raise ValueError(
-                    f"backbone '{self.name}': image sides must be multiples of {p * m} px (patch {p} x merge {m}), "
+                    f"backbone '{self.name}': {kind} sides must be multiples of {p * m} px (patch {p} x merge {m}), "
                     f"got {height} x {width}"
                 )
-            gh, gw = height // p, width // p
-            frames = image[:, None].expand(channels, t, height, width)
-            cut = frames.reshape(channels, t, gh // m, m, p, gw // m, m, p)
-            # -> (cell row, cell column, row in cell, column in cell, channel, frame, y, x)
-            rows.append(cut.permute(2, 5, 3, 6, 0, 1, 4, 7).reshape(gh * gw, channels * t * p * p))
-            grids.append((1, gh, gw))
-        return torch.cat(rows), torch.tensor(grids, dtype=torch.long, device=images[0].device)
+            gt, gh, gw = frames // t, height // p, width // p
+            cut = clip.reshape(gt, t, channels, gh // m, m, p, gw // m, m, p)
+            # -> (slice, cell row, cell column, row in cell, column in cell, channel, frame, y, x)
+            rows.append(cut.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, channels * t * p * p))
+            grids.append((gt, gh, gw))
+        return torch.cat(rows), torch.tensor(grids, dtype=torch.long, device=clips[0].device)
 
     # ----- the host's anatomy -------------------------------------------------------------------------
     def width(self, model: nn.Module) -> int:
@@ -237,7 +265,8 @@ class HFQwen2VLVision(Backbone):
         return 0
 
     def windows(self, model: nn.Module, grid_thw: Tensor) -> Tensor | None:
-        """``[cells]`` each cell's attention window within its image, or None (no windowed block)."""
+        """``[cells]`` each cell's attention window within its image or video slice, or None (no
+        windowed block)."""
         return None
 
     def stock_features(self, model: nn.Module, pixels: Tensor) -> Tensor:
@@ -248,10 +277,15 @@ class HFQwen2VLVision(Backbone):
 
     def stock_features_images(self, model: nn.Module, images: Sequence[Tensor]) -> list[Tensor]:
         """Images of any sizes through the host's own forward, packed: one ``[cells_b, C_out]`` each."""
-        patches, grid = self.patchify(model, images)
-        out = model(hidden_states=patches, grid_thw=grid).pooler_output
-        cells = (grid[:, 1] * grid[:, 2] // self.unit(model)).tolist()
-        return list(out.split(cells))
+        return self.stock_features_patches(model, *self.patchify(model, images))
+
+    def stock_features_patches(self, model: nn.Module, patches: Tensor, grid_thw: Tensor) -> list[Tensor]:
+        """Patches of images and videos (``grid_thw`` ``[I, 3]``) through the host's own forward: one
+        ``[cells, C_out]`` per temporal slice (:func:`temporal_slices`), as :meth:`merged_forward_patches`
+        lists them."""
+        out = model(hidden_states=patches, grid_thw=grid_thw).pooler_output
+        slices = temporal_slices(grid_thw)
+        return list(out.split((slices[:, 1] * slices[:, 2] // self.unit(model)).tolist()))
 
     # ----- the merged forward ---------------------------------------------------------------------------
     def merged_forward(
@@ -310,11 +344,17 @@ class HFQwen2VLVision(Backbone):
         rotary: str = "exact",
     ) -> MergedTokens:
         """:meth:`merged_forward_images` on patches already cut as the tower takes them (what Qwen's
-        processor returns as ``pixel_values`` and ``image_grid_thw``, and what ``generate()`` passes).
+        processors return as ``pixel_values`` and ``image_grid_thw``, or ``pixel_values_videos`` and
+        ``video_grid_thw``, and what ``generate()`` passes).
 
         Args:
-            patches: ``[N, 3 * t * p * p]`` of all images, image after image, cell by cell.
-            grid_thw: ``[I, 3]`` long, ``(1, H / p, W / p)`` per image.
+            patches: ``[N, 3 * t * p * p]`` of all images and videos, one after the other, slice after
+                slice, cell by cell.
+            grid_thw: ``[I, 3]`` long, ``(slices, H / p, W / p)`` per image (1 slice) or video.
+
+        Returns:
+            :class:`MergedTokens` with one row per temporal slice (:func:`temporal_slices`): an image
+            is one row, a video of ``t`` slices ``t`` consecutive rows, each merged on its own.
         """
         if rotary not in ROTARY_MODES:
             raise ValueError(
@@ -334,14 +374,16 @@ class HFQwen2VLVision(Backbone):
         return run_unit_blocks(batch, blocks, policy, self.rotary(model), rotary, final, backend)
 
     def unit_batch(self, model: nn.Module, patches: Tensor, grid_thw: Tensor) -> UnitBatch:
-        """The embedded tokens, rotary positions and windows of packed patches."""
-        if (grid_thw[:, 0] != 1).any():
-            raise NotImplementedError(f"backbone '{self.name}': videos (grid t > 1) are not supported yet")
-        merge = model.config.spatial_merge_size
+        """The embedded tokens, rotary positions and windows of packed patches, one segment per
+        temporal slice (the tower attends within a slice only)."""
+        slices = temporal_slices(grid_thw)
+        found, expected = patches.shape[0], int(slices.prod(1).sum())
+        if found != expected:
+            raise ValueError(f"backbone '{self.name}': {found} patches, but grid_thw describes {expected}")
         x = model.patch_embed(patches)
-        positions = get_vision_position_ids(grid_thw, merge)
-        cells = grid_thw[:, 1] * grid_thw[:, 2] // self.unit(model)
-        return UnitBatch(x, cells, self.unit(model), positions, self.windows(model, grid_thw))
+        positions = get_vision_position_ids(slices, model.config.spatial_merge_size)
+        cells = slices[:, 1] * slices[:, 2] // self.unit(model)
+        return UnitBatch(x, cells, self.unit(model), positions, self.windows(model, slices))
 
     def rotary(self, model: nn.Module) -> Rotary:
         """The host's 2D rotary: its embedding module (which takes fractional positions as well) and
@@ -352,6 +394,13 @@ class HFQwen2VLVision(Backbone):
             angles=lambda positions: embedding(anchor, positions),
             rotate=apply_rotary_pos_emb_vision,
         )
+
+
+def temporal_slices(grid_thw: Tensor) -> Tensor:
+    """``[I, 3]`` grid rows ``(t, h, w)`` -> ``[sum t, 3]``: one ``(1, h, w)`` row per temporal slice,
+    in the tower's order (each image or video's slices in turn)."""
+    rows = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
+    return torch.cat([torch.ones_like(rows[:, :1]), rows[:, 1:]], dim=1)
 
 
 class HFQwen25VLVision(HFQwen2VLVision):
@@ -393,9 +442,10 @@ class HFQwen25VLVision(HFQwen2VLVision):
         config = model.config
         side = config.window_size // config.spatial_merge_size // config.patch_size
         out = []
-        for _, gh, gw in grid_thw.tolist():
+        for slices, gh, gw in grid_thw.tolist():
             ch, cw = gh // config.spatial_merge_size, gw // config.spatial_merge_size
             row = torch.arange(ch, device=grid_thw.device)[:, None] // side
             column = torch.arange(cw, device=grid_thw.device)[None, :] // side
-            out.append((row * -(-cw // side) + column).flatten())
+            # every temporal slice of a video has the same windows (ids within the slice)
+            out.append((row * -(-cw // side) + column).flatten().repeat(slices))
         return torch.cat(out)
