@@ -33,6 +33,7 @@ or slice).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -58,6 +59,8 @@ from dymu_lightning.core.rotary_units import ROTARY_MODES, Rotary, RotaryBlockPa
 #: Qwen-VL's preprocessing statistics (those of OpenAI CLIP).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+#: The pixel budget of Qwen's image processor by default: 4 to 1280 cells of 28 x 28 px.
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 
 
 class HFQwen2VLVision(Backbone):
@@ -151,7 +154,7 @@ class HFQwen2VLVision(Backbone):
 
     def preprocess(self, model: nn.Module, images: Sequence[Image.Image]) -> Tensor:
         """Square resize to :meth:`image_size` (bicubic) and Qwen's normalisation: ``[B, 3, S, S]``.
-        (Qwen's own processor keeps the aspect ratio; for that, use :meth:`merged_forward_images`.)"""
+        (Qwen's own processor keeps the aspect ratio: :meth:`preprocess_native` sizes images so.)"""
         size = self.image_size(model)
         out = []
         for image in images:
@@ -159,6 +162,45 @@ class HFQwen2VLVision(Backbone):
             pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
             out.append((pixels - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None])
         return torch.stack(out)
+
+    def native_size(
+        self, model: nn.Module, height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+    ) -> tuple[int, int]:
+        """The size Qwen's image processor resizes an image to: each side to the nearest multiple of
+        :meth:`cell_pixels`, then, if the area is outside ``[min_pixels, max_pixels]``, both sides
+        scaled by one factor (keeping the aspect ratio) and rounded down (too big) or up (too small)
+        to multiples again. Images more than 200 times as long as wide are refused, as there."""
+        unit = self.cell_pixels(model)
+        if max(height, width) > 200 * min(height, width):
+            raise ValueError(f"backbone '{self.name}': a {height} x {width} image is over 200 times as long as wide")
+        h, w = max(unit, round(height / unit) * unit), max(unit, round(width / unit) * unit)
+        # The same float operations as the processor (divide by the shrink, multiply by the growth),
+        # so a side on a multiple's edge rounds the same way.
+        if h * w > max_pixels:
+            shrink = math.sqrt(height * width / max_pixels)
+            h = max(unit, math.floor(height / shrink / unit) * unit)
+            w = max(unit, math.floor(width / shrink / unit) * unit)
+        elif h * w < min_pixels:
+            growth = math.sqrt(min_pixels / (height * width))
+            h, w = math.ceil(height * growth / unit) * unit, math.ceil(width * growth / unit) * unit
+        return h, w
+
+    def preprocess_native(
+        self,
+        model: nn.Module,
+        images: Sequence[Image.Image],
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int = MAX_PIXELS,
+    ) -> list[Tensor]:
+        """Images at native resolution, as Qwen's processor sizes them (:meth:`native_size`; bicubic)
+        with its normalisation: one ``[3, H, W]`` each, ready for :meth:`merged_forward_images`."""
+        out = []
+        for image in images:
+            height, width = self.native_size(model, image.height, image.width, min_pixels, max_pixels)
+            array = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
+            pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
+            out.append((pixels - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None])
+        return out
 
     def patchify(self, model: nn.Module, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Images as the tower takes them: each ``[3, H, W]`` (sides multiples of :meth:`cell_pixels`)

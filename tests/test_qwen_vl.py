@@ -91,6 +91,34 @@ def test_patchify_videos_matches_the_hf_video_processor_layout():
     assert torch.equal(ours, theirs["pixel_values_videos"])
 
 
+def test_native_size_is_the_hf_processors_resize_rule():
+    """Every size of a sweep (odd sides, extreme aspect ratios, images above and below the pixel
+    budget) resizes as transformers' own rule does, with the defaults and with a tight budget; the
+    images preprocess_native makes cut into the processor's grids."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    backbone, model = _tower("hf_qwen2_vl")
+    sides = [1, 13, 27, 28, 41, 55, 100, 333, 640, 1000, 1999, 4000]
+    budgets = [{}, {"min_pixels": 28 * 28 * 16, "max_pixels": 28 * 28 * 64}]
+    unit = backbone.cell_pixels(model)
+    for budget in budgets:
+        for height in sides:
+            for width in sides:
+                if max(height, width) > 200 * min(height, width):
+                    with pytest.raises(ValueError, match=r"over 200 times as long as wide"):
+                        backbone.native_size(model, height, width, **budget)
+                    continue
+                expected = smart_resize(height, width, factor=unit, **budget)
+                assert backbone.native_size(model, height, width, **budget) == expected, (height, width, budget)
+    photos = [Image.new("RGB", (640, 480), (10, 200, 30)), Image.new("RGB", (100, 333), (90, 20, 250))]
+    budget = {"min_pixels": 256, "max_pixels": 8192}  # 4 to 128 cells of 8 px
+    processor = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, **budget)
+    expected = processor(images=photos, return_tensors="pt")["image_grid_thw"]
+    _, grid = backbone.patchify(model, backbone.preprocess_native(model, photos, **budget))
+    assert grid.tolist() == expected.tolist() == [[1, 18, 26], [1, 40, 12]]  # 72 x 104 and 160 x 48 px
+
+
 def _video(size, frames: int, dtype=torch.float64, seed: int = 5) -> torch.Tensor:
     """``[frames, 3, H, W]``: a smooth scene drifting from frame to frame (so slices differ)."""
     generator = torch.Generator().manual_seed(seed)
