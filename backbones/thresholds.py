@@ -75,7 +75,10 @@ class ThresholdsFile:
         inputs: what the encoder was fed: None (files older than this key too) for whole images
             resized to ``image_size``; ``{"kind": "anyres_crops", "processor", "crop_size",
             "image_grid_pinpoints"}`` for the crops an AnyRes processor makes (``data.crops=anyres``),
-            each crop one image (``images_seen`` and ``tokens`` count crops).
+            each crop one image (``images_seen`` and ``tokens`` count crops); ``{"kind": "native",
+            "min_pixels", "max_pixels"}`` for images each at the tower's native size within those area
+            bounds (``data.crops=native``; ``tokens`` counts each image's kept tokens, ``tokens.full``
+            the most an image can have, ``extra.full_tokens`` each image's own count before merging).
     """
 
     backbone: str
@@ -235,9 +238,14 @@ def _validate(path: Path, data: dict[str, Any]) -> None:
     inputs = data.get("inputs")
     if inputs is not None:
         anyres = {"kind", "processor", "crop_size", "image_grid_pinpoints"}
-        if not isinstance(inputs, dict) or inputs.get("kind") != "anyres_crops" or set(inputs) != anyres:
+        native = {"kind", "min_pixels", "max_pixels"}
+        kinds = {"anyres_crops": anyres, "native": native}
+        if not isinstance(inputs, dict) or kinds.get(inputs.get("kind")) != set(inputs):
             fail(
-                "inputs", f"null (whole images) or an object with kind 'anyres_crops' and keys {sorted(anyres)}", inputs
+                "inputs",
+                f"null (whole images) or an object with kind 'anyres_crops' and keys {sorted(anyres)}, or kind "
+                f"'native' and keys {sorted(native)}",
+                inputs,
             )
     if "partial" in data and not isinstance(data["partial"], bool):
         fail("partial", "true or false", data["partial"])

@@ -37,8 +37,12 @@ class DataConfig:
     num_workers: int = 0  # data-loader workers per process
     strict: bool = False  # a corrupt image is an error (true) or is skipped and reported (false)
     shard_size: int = 1000  # images per shard when writing shards from `images`
-    crops: str = "whole"  # whole (images resized to the tower's side) | anyres (the crops an AnyRes processor makes)
+    # whole (images resized to the tower's side) | anyres (the crops an AnyRes processor makes) |
+    # native (each image at the tower's native size, Qwen-VL towers: images of different cell counts)
+    crops: str = "whole"
     processor: str | None = None  # anyres: a LLaVA-NeXT/OneVision save_pretrained folder (its image processor)
+    min_pixels: int | None = None  # native: area bounds of the resize rule (None: the tower's defaults)
+    max_pixels: int | None = None
 
 
 @dataclass

@@ -26,7 +26,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 from dymu_lightning.data.loader import GlobalBatchShards
 from dymu_lightning.data.shards import ShardIndex
 
-CROPS_KINDS = ("whole", "anyres")
+CROPS_KINDS = ("whole", "anyres", "native")
 
 
 def crop_side(image_processor: Any) -> int:

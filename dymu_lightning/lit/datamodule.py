@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from dymu_lightning.config.schema import DataConfig
 from dymu_lightning.data import GlobalBatchShards, read_index
 from dymu_lightning.data.crops import GlobalBatchCrops
+from dymu_lightning.data.native import GlobalBatchNative
 from dymu_lightning.data.source import prepare_shards
 
 
@@ -35,6 +36,8 @@ class ShardsDataModule(L.LightningDataModule):
         max_images, num_workers, strict, shard_size: see ``DataConfig``.
         image_processor: an AnyRes image processor: the samples are its crops of the images
             (``data.crops=anyres``, :class:`GlobalBatchCrops`); None: whole images through ``transform``.
+        native_dummy: ``(3, H, W)`` of dummy rows when ``transform`` sizes each image natively
+            (``data.crops=native``, :class:`GlobalBatchNative`: rows of different sizes); None otherwise.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class ShardsDataModule(L.LightningDataModule):
         strict: bool = False,
         shard_size: int = 1000,
         image_processor: Any = None,
+        native_dummy: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         self.shards = Path(shards).expanduser()
@@ -61,6 +65,7 @@ class ShardsDataModule(L.LightningDataModule):
         self.strict = strict
         self.shard_size = shard_size
         self.image_processor = image_processor
+        self.native_dummy = native_dummy
         self.dataset: GlobalBatchShards | None = None
 
     @classmethod
@@ -70,6 +75,7 @@ class ShardsDataModule(L.LightningDataModule):
         transform: Callable[[Image.Image], Tensor],
         start_step: int = 0,
         image_processor: Any = None,
+        native_dummy: tuple[int, int, int] | None = None,
     ) -> ShardsDataModule:
         """The DataModule a recipe's ``data`` section describes."""
         return cls(
@@ -83,6 +89,7 @@ class ShardsDataModule(L.LightningDataModule):
             strict=data.strict,
             shard_size=data.shard_size,
             image_processor=image_processor,
+            native_dummy=native_dummy,
         )
 
     def prepare_data(self) -> None:
@@ -96,6 +103,19 @@ class ShardsDataModule(L.LightningDataModule):
                 read_index(self.shards),
                 self.global_batch_size,
                 image_processor=self.image_processor,
+                rank=rank,
+                world_size=world,
+                start_step=self.start_step,
+                strict=self.strict,
+                max_samples=self.max_images,
+            )
+            return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+        if self.native_dummy is not None:
+            self.dataset = GlobalBatchNative(
+                read_index(self.shards),
+                self.global_batch_size,
+                transform=self.transform,
+                dummy_shape=self.native_dummy,
                 rank=rank,
                 world_size=world,
                 start_step=self.start_step,
