@@ -159,3 +159,54 @@ def test_recipe_errors(setting, tmp_path):
         check(load_recipe(path, [*NATIVE, "data.min_pixels=9000"]))
     with pytest.raises(ConfigError, match=r"with data.crops=native \(images of different sizes\) set schedule.r"):
         check(load_recipe(path, [*NATIVE, "schedule.r=null", "schedule.tokens_left=20"]))
+
+
+def test_apply_dymu_on_a_qwen_checks_the_inputs_calibrated_on(tmp_path):
+    """A Qwen2-VL takes thresholds of native sizes silently, warns for square images, refuses AnyRes
+    crops; a LLaVA-NeXT refuses native sizes (check_inputs)."""
+    import warnings
+
+    from test_qwen_vl_lm import build
+
+    from dymu_lightning.backbones.hf_llava import apply_dymu, is_dymu, remove_dymu
+
+    model = build()
+    layers = len(model.model.visual.blocks)
+    fields = {
+        "backbone": "hf_qwen2_vl",
+        "num_layers": layers,
+        "image_size": 448,
+        "thresholds": [0.5] * layers,
+        "r": [2] * layers,
+        "schedule": {"kind": "constant"},
+        "images_seen": 4,
+        "global_batch_size": 4,
+        "world_size": 1,
+        "tokens": {},
+    }
+    native = ThresholdsFile(**fields, inputs={"kind": "native", **BOUNDS})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_dymu(model, native.save(tmp_path / "native.json"))
+    remove_dymu(model)
+    with pytest.warns(UserWarning, match=r"square.json: calibrated on square images of 448 px, not at the native"):
+        apply_dymu(model, ThresholdsFile(**fields).save(tmp_path / "square.json"))
+    remove_dymu(model)
+    crops = {"kind": "anyres_crops", "processor": "p", "crop_size": 32, "image_grid_pinpoints": [[32, 32]]}
+    with pytest.raises(ValueError, match=r"calibrated on AnyRes crops, but this Qwen2VLForConditionalGeneration"):
+        apply_dymu(model, ThresholdsFile(**fields, inputs=crops))
+    assert not is_dymu(model)
+    with pytest.raises(ValueError, match=r"calibrated on images at their native sizes, but this LlavaNext feeds"):
+        native.check_inputs("LlavaNext", 32, [[32, 32]])
+
+
+def test_a_resumed_native_run_equals_an_uninterrupted_one(setting, tmp_path):
+    """Stopped after its first global step (trainer.max_steps=1), then rerun: the same thresholds and
+    the same statistics, each image's full count included (saved in the state)."""
+    whole = ThresholdsFile.load(calibrate(load_recipe(recipe(setting, tmp_path / "whole"), NATIVE)))
+    path = recipe(setting, tmp_path / "parts")
+    first = ThresholdsFile.load(calibrate(load_recipe(path, [*NATIVE, "trainer.max_steps=1"])))
+    assert first.partial and first.extra["full_tokens"]["images"] == 4
+    resumed = ThresholdsFile.load(calibrate(load_recipe(path, NATIVE)))
+    assert not resumed.partial and resumed.thresholds == pytest.approx(whole.thresholds, abs=1e-12)
+    assert resumed.tokens == whole.tokens and resumed.extra["full_tokens"] == whole.extra["full_tokens"]
