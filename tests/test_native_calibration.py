@@ -128,6 +128,8 @@ def test_native_calibration_equals_a_naive_reference_and_records_its_inputs(sett
     assert (full["min"], full["max"], full["mean"]) == (min(cells), max(cells), pytest.approx(sum(cells) / 6))
     assert result.tokens["full"] == BOUNDS["max_pixels"] // 64  # the most cells an image can have
     assert result.tokens["mean"] == pytest.approx(sum(cells) / 6 - 3 * 2)  # r=2 merges per image in 3 layers
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"of {sum(cells) / 6:.1f} on average before merging (min 9, max 64: images at their native sizes)" in report
     assert ThresholdsFile.load(result.save(tmp_path / "again.json")) == result
 
 
