@@ -55,7 +55,7 @@ def setting(tmp_path_factory) -> SimpleNamespace:
 
 
 def recipe(setting, folder: Path, backbone: str = "hf_qwen2_vl", **data) -> Path:
-    if backbone == "hf_qwen2_vl":
+    if backbone.startswith("hf_qwen"):
         arch = dict(get_backbone(backbone).tiny_configs()[0].config)
         arch.pop("img_size")
         model = {"backbone": backbone, "random_init": True, "arch": arch, "image_size": 64}
@@ -111,11 +111,12 @@ def test_batches_hold_each_image_at_its_native_size(setting):
     assert [tuple(x.shape) for x in rows[6:]] == [(3, 16, 16)] * 2
 
 
-def test_native_calibration_equals_a_naive_reference_and_records_its_inputs(setting, tmp_path):
+@pytest.mark.parametrize("name", ["hf_qwen2_vl", "hf_qwen2_5_vl"])
+def test_native_calibration_equals_a_naive_reference_and_records_its_inputs(setting, tmp_path, name):
     """The thresholds are those of a naive in-process ranking over the same images (the padding rows
-    of the last batch change nothing); thresholds.json records the inputs, the kept tokens of each
-    image and each image's own full count."""
-    path = recipe(setting, tmp_path)
+    of the last batch change nothing; Qwen2.5-VL: windows cut at each image's own size);
+    thresholds.json records the inputs, the kept tokens of each image and each image's own full count."""
+    path = recipe(setting, tmp_path, backbone=name)
     result = ThresholdsFile.load(calibrate(load_recipe(path, NATIVE)))
     assert result.inputs == {"kind": "native", **BOUNDS}
     L.seed_everything(0, verbose=False)  # the model the run built (seed 0, random init)
@@ -127,7 +128,7 @@ def test_native_calibration_equals_a_naive_reference_and_records_its_inputs(sett
     assert full["images"] == result.tokens["images"] == result.images_seen == 6
     assert (full["min"], full["max"], full["mean"]) == (min(cells), max(cells), pytest.approx(sum(cells) / 6))
     assert result.tokens["full"] == BOUNDS["max_pixels"] // 64  # the most cells an image can have
-    assert result.tokens["mean"] == pytest.approx(sum(cells) / 6 - 3 * 2)  # r=2 merges per image in 3 layers
+    assert result.tokens["mean"] == pytest.approx(sum(cells) / 6 - 2 * len(result.r))  # r=2 per image and layer
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"of {sum(cells) / 6:.1f} on average before merging (min 9, max 64: images at their native sizes)" in report
     assert ThresholdsFile.load(result.save(tmp_path / "again.json")) == result
