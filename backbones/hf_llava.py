@@ -179,6 +179,7 @@ def _apply_qwen(
     read), at native resolution (no single image size to check the thresholds against)."""
     if isinstance(thresholds, ThresholdsFile):
         thresholds.check_matches(backbone, tower)
+        thresholds.check_native(type(model).__name__)  # images at their own sizes: calibrated so, or said
         policy = thresholds.policy(max_merges=max_merges, min_tokens=min_tokens)
     else:
         policy = thresholds

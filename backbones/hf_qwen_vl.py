@@ -16,17 +16,24 @@ Two entry points:
 * :meth:`HFQwen2VLVision.merged_forward_images` takes images of different sizes (native resolution),
   packed as the tower packs them.
 
+Videos: the tower cuts a video into temporal slices of ``temporal_patch_size`` frames and attends
+within each slice only (its ``cu_seqlens`` repeat ``h * w`` per slice; Qwen2.5's windows are per slice
+too), every slice at the same 2D positions. To the tower a video of ``t`` slices is therefore ``t``
+images of one slice each, and that is how it is merged here (:func:`temporal_slices`): groups never
+cross slices, and :class:`MergedTokens` has one row per slice.
+
 The whole model (tower, then VTU over M-RoPE in the language model) is in
 :mod:`dymu_lightning.backbones.hf_qwen_vl_lm`.
 
-Not done yet: videos (``t > 1`` frames), loading the tower out of a whole model by hub id (a local
-directory of a whole model works), the static engine path and the CUDA varlen kernels (attention runs
-on a padded grid per image).
+Not done yet: loading the tower out of a whole model by hub id (a local directory of a whole model
+works), the static engine path and the CUDA varlen kernels (attention runs on a padded grid per image
+or slice).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -52,6 +59,8 @@ from dymu_lightning.core.rotary_units import ROTARY_MODES, Rotary, RotaryBlockPa
 #: Qwen-VL's preprocessing statistics (those of OpenAI CLIP).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+#: The pixel budget of Qwen's image processor by default: 4 to 1280 cells of 28 x 28 px.
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 
 
 class HFQwen2VLVision(Backbone):
@@ -145,7 +154,7 @@ class HFQwen2VLVision(Backbone):
 
     def preprocess(self, model: nn.Module, images: Sequence[Image.Image]) -> Tensor:
         """Square resize to :meth:`image_size` (bicubic) and Qwen's normalisation: ``[B, 3, S, S]``.
-        (Qwen's own processor keeps the aspect ratio; for that, use :meth:`merged_forward_images`.)"""
+        (Qwen's own processor keeps the aspect ratio: :meth:`preprocess_native` sizes images so.)"""
         size = self.image_size(model)
         out = []
         for image in images:
@@ -153,6 +162,45 @@ class HFQwen2VLVision(Backbone):
             pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
             out.append((pixels - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None])
         return torch.stack(out)
+
+    def native_size(
+        self, model: nn.Module, height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+    ) -> tuple[int, int]:
+        """The size Qwen's image processor resizes an image to: each side to the nearest multiple of
+        :meth:`cell_pixels`, then, if the area is outside ``[min_pixels, max_pixels]``, both sides
+        scaled by one factor (keeping the aspect ratio) and rounded down (too big) or up (too small)
+        to multiples again. Images more than 200 times as long as wide are refused, as there."""
+        unit = self.cell_pixels(model)
+        if max(height, width) > 200 * min(height, width):
+            raise ValueError(f"backbone '{self.name}': a {height} x {width} image is over 200 times as long as wide")
+        h, w = max(unit, round(height / unit) * unit), max(unit, round(width / unit) * unit)
+        # The same float operations as the processor (divide by the shrink, multiply by the growth),
+        # so a side on a multiple's edge rounds the same way.
+        if h * w > max_pixels:
+            shrink = math.sqrt(height * width / max_pixels)
+            h = max(unit, math.floor(height / shrink / unit) * unit)
+            w = max(unit, math.floor(width / shrink / unit) * unit)
+        elif h * w < min_pixels:
+            growth = math.sqrt(min_pixels / (height * width))
+            h, w = math.ceil(height * growth / unit) * unit, math.ceil(width * growth / unit) * unit
+        return h, w
+
+    def preprocess_native(
+        self,
+        model: nn.Module,
+        images: Sequence[Image.Image],
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int = MAX_PIXELS,
+    ) -> list[Tensor]:
+        """Images at native resolution, as Qwen's processor sizes them (:meth:`native_size`; bicubic)
+        with its normalisation: one ``[3, H, W]`` each, ready for :meth:`merged_forward_images`."""
+        out = []
+        for image in images:
+            height, width = self.native_size(model, image.height, image.width, min_pixels, max_pixels)
+            array = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
+            pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
+            out.append((pixels - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None])
+        return out
 
     def patchify(self, model: nn.Module, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Images as the tower takes them: each ``[3, H, W]`` (sides multiples of :meth:`cell_pixels`)
@@ -163,23 +211,45 @@ class HFQwen2VLVision(Backbone):
             ``[N, 3 * t * p * p]`` patches of all images, and ``grid_thw`` ``[B, 3]`` long
             (``(1, H / p, W / p)`` per image).
         """
+        t = model.config.temporal_patch_size
+        return self._cut(model, [image[None].expand(t, *image.shape) for image in images], "image")
+
+    def patchify_videos(self, model: nn.Module, videos: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Videos as the tower takes them (what Qwen's video processor returns as
+        ``pixel_values_videos`` and ``video_grid_thw``): each ``[F, 3, H, W]``, ``F`` a multiple of
+        ``temporal_patch_size``, is cut into slices of that many consecutive frames, slice after slice,
+        each slice cut as :meth:`patchify` cuts an image.
+
+        Returns:
+            ``[N, 3 * t * p * p]`` patches, and ``grid_thw`` ``[V, 3]`` long (``(F / t, H / p, W / p)``).
+        """
+        t = model.config.temporal_patch_size
+        for video in videos:
+            if video.dim() != 4 or video.shape[0] % t:
+                raise ValueError(
+                    f"backbone '{self.name}': a video must be [frames, 3, H, W] with frames a multiple of "
+                    f"temporal_patch_size {t}, got {list(video.shape)}"
+                )
+        return self._cut(model, videos, "video")
+
+    def _cut(self, model: nn.Module, clips: Sequence[Tensor], kind: str) -> tuple[Tensor, Tensor]:
+        """``[F, 3, H, W]`` clips (``F`` a multiple of ``temporal_patch_size``) -> patches and grid rows."""
         config = model.config
         p, m, t = config.patch_size, config.spatial_merge_size, config.temporal_patch_size
         rows, grids = [], []
-        for image in images:
-            channels, height, width = image.shape
+        for clip in clips:
+            frames, channels, height, width = clip.shape
             if height % (p * m) or width % (p * m):
                 raise ValueError(
-                    f"backbone '{self.name}': image sides must be multiples of {p * m} px (patch {p} x merge {m}), "
+                    f"backbone '{self.name}': {kind} sides must be multiples of {p * m} px (patch {p} x merge {m}), "
                     f"got {height} x {width}"
                 )
-            gh, gw = height // p, width // p
-            frames = image[:, None].expand(channels, t, height, width)
-            cut = frames.reshape(channels, t, gh // m, m, p, gw // m, m, p)
-            # -> (cell row, cell column, row in cell, column in cell, channel, frame, y, x)
-            rows.append(cut.permute(2, 5, 3, 6, 0, 1, 4, 7).reshape(gh * gw, channels * t * p * p))
-            grids.append((1, gh, gw))
-        return torch.cat(rows), torch.tensor(grids, dtype=torch.long, device=images[0].device)
+            gt, gh, gw = frames // t, height // p, width // p
+            cut = clip.reshape(gt, t, channels, gh // m, m, p, gw // m, m, p)
+            # -> (slice, cell row, cell column, row in cell, column in cell, channel, frame, y, x)
+            rows.append(cut.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, channels * t * p * p))
+            grids.append((gt, gh, gw))
+        return torch.cat(rows), torch.tensor(grids, dtype=torch.long, device=clips[0].device)
 
     # ----- the host's anatomy -------------------------------------------------------------------------
     def width(self, model: nn.Module) -> int:
@@ -237,7 +307,8 @@ class HFQwen2VLVision(Backbone):
         return 0
 
     def windows(self, model: nn.Module, grid_thw: Tensor) -> Tensor | None:
-        """``[cells]`` each cell's attention window within its image, or None (no windowed block)."""
+        """``[cells]`` each cell's attention window within its image or video slice, or None (no
+        windowed block)."""
         return None
 
     def stock_features(self, model: nn.Module, pixels: Tensor) -> Tensor:
@@ -248,10 +319,15 @@ class HFQwen2VLVision(Backbone):
 
     def stock_features_images(self, model: nn.Module, images: Sequence[Tensor]) -> list[Tensor]:
         """Images of any sizes through the host's own forward, packed: one ``[cells_b, C_out]`` each."""
-        patches, grid = self.patchify(model, images)
-        out = model(hidden_states=patches, grid_thw=grid).pooler_output
-        cells = (grid[:, 1] * grid[:, 2] // self.unit(model)).tolist()
-        return list(out.split(cells))
+        return self.stock_features_patches(model, *self.patchify(model, images))
+
+    def stock_features_patches(self, model: nn.Module, patches: Tensor, grid_thw: Tensor) -> list[Tensor]:
+        """Patches of images and videos (``grid_thw`` ``[I, 3]``) through the host's own forward: one
+        ``[cells, C_out]`` per temporal slice (:func:`temporal_slices`), as :meth:`merged_forward_patches`
+        lists them."""
+        out = model(hidden_states=patches, grid_thw=grid_thw).pooler_output
+        slices = temporal_slices(grid_thw)
+        return list(out.split((slices[:, 1] * slices[:, 2] // self.unit(model)).tolist()))
 
     # ----- the merged forward ---------------------------------------------------------------------------
     def merged_forward(
@@ -310,11 +386,17 @@ class HFQwen2VLVision(Backbone):
         rotary: str = "exact",
     ) -> MergedTokens:
         """:meth:`merged_forward_images` on patches already cut as the tower takes them (what Qwen's
-        processor returns as ``pixel_values`` and ``image_grid_thw``, and what ``generate()`` passes).
+        processors return as ``pixel_values`` and ``image_grid_thw``, or ``pixel_values_videos`` and
+        ``video_grid_thw``, and what ``generate()`` passes).
 
         Args:
-            patches: ``[N, 3 * t * p * p]`` of all images, image after image, cell by cell.
-            grid_thw: ``[I, 3]`` long, ``(1, H / p, W / p)`` per image.
+            patches: ``[N, 3 * t * p * p]`` of all images and videos, one after the other, slice after
+                slice, cell by cell.
+            grid_thw: ``[I, 3]`` long, ``(slices, H / p, W / p)`` per image (1 slice) or video.
+
+        Returns:
+            :class:`MergedTokens` with one row per temporal slice (:func:`temporal_slices`): an image
+            is one row, a video of ``t`` slices ``t`` consecutive rows, each merged on its own.
         """
         if rotary not in ROTARY_MODES:
             raise ValueError(
@@ -334,14 +416,16 @@ class HFQwen2VLVision(Backbone):
         return run_unit_blocks(batch, blocks, policy, self.rotary(model), rotary, final, backend)
 
     def unit_batch(self, model: nn.Module, patches: Tensor, grid_thw: Tensor) -> UnitBatch:
-        """The embedded tokens, rotary positions and windows of packed patches."""
-        if (grid_thw[:, 0] != 1).any():
-            raise NotImplementedError(f"backbone '{self.name}': videos (grid t > 1) are not supported yet")
-        merge = model.config.spatial_merge_size
+        """The embedded tokens, rotary positions and windows of packed patches, one segment per
+        temporal slice (the tower attends within a slice only)."""
+        slices = temporal_slices(grid_thw)
+        found, expected = patches.shape[0], int(slices.prod(1).sum())
+        if found != expected:
+            raise ValueError(f"backbone '{self.name}': {found} patches, but grid_thw describes {expected}")
         x = model.patch_embed(patches)
-        positions = get_vision_position_ids(grid_thw, merge)
-        cells = grid_thw[:, 1] * grid_thw[:, 2] // self.unit(model)
-        return UnitBatch(x, cells, self.unit(model), positions, self.windows(model, grid_thw))
+        positions = get_vision_position_ids(slices, model.config.spatial_merge_size)
+        cells = slices[:, 1] * slices[:, 2] // self.unit(model)
+        return UnitBatch(x, cells, self.unit(model), positions, self.windows(model, slices))
 
     def rotary(self, model: nn.Module) -> Rotary:
         """The host's 2D rotary: its embedding module (which takes fractional positions as well) and
@@ -352,6 +436,13 @@ class HFQwen2VLVision(Backbone):
             angles=lambda positions: embedding(anchor, positions),
             rotate=apply_rotary_pos_emb_vision,
         )
+
+
+def temporal_slices(grid_thw: Tensor) -> Tensor:
+    """``[I, 3]`` grid rows ``(t, h, w)`` -> ``[sum t, 3]``: one ``(1, h, w)`` row per temporal slice,
+    in the tower's order (each image or video's slices in turn)."""
+    rows = grid_thw.repeat_interleave(grid_thw[:, 0], dim=0)
+    return torch.cat([torch.ones_like(rows[:, :1]), rows[:, 1:]], dim=1)
 
 
 class HFQwen25VLVision(HFQwen2VLVision):
@@ -393,9 +484,10 @@ class HFQwen25VLVision(HFQwen2VLVision):
         config = model.config
         side = config.window_size // config.spatial_merge_size // config.patch_size
         out = []
-        for _, gh, gw in grid_thw.tolist():
+        for slices, gh, gw in grid_thw.tolist():
             ch, cw = gh // config.spatial_merge_size, gw // config.spatial_merge_size
             row = torch.arange(ch, device=grid_thw.device)[:, None] // side
             column = torch.arange(cw, device=grid_thw.device)[None, :] // side
-            out.append((row * -(-cw // side) + column).flatten())
+            # every temporal slice of a video has the same windows (ids within the slice)
+            out.append((row * -(-cw // side) + column).flatten().repeat(slices))
         return torch.cat(out)

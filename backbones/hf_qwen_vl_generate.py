@@ -5,7 +5,8 @@
 LLaVA: :func:`~dymu_lightning.backbones.hf_llava.remove_dymu` deletes them and the stock model is back.
 While applied:
 
-* a forward with ``pixel_values`` (generate()'s prefill) merges the tower's cells with DToMe
+* a forward with ``pixel_values`` or ``pixel_values_videos`` (generate()'s prefill) merges the tower's
+  cells with DToMe (a video slice by slice)
   (:func:`~dymu_lightning.backbones.hf_qwen_vl_lm.qwen_dymu_inputs`) and prefills the language model
   with VTU. The virtual positions are the host's own ``get_rope_index`` M-RoPE positions of the full
   prompt, and its ``rope_deltas`` are recorded on the model as the stock forward records them, so
@@ -16,8 +17,7 @@ While applied:
 ``input_ids`` keep one placeholder per cell, as Qwen's processor writes them: they are the virtual
 positions, so generate()'s bookkeeping (attention mask, positions, cache length) needs no change.
 
-Not done: videos (``pixel_values_videos`` raise NotImplementedError), a training loss, continuing a
-cached prompt with new images.
+Not done: a training loss, continuing a cached prompt with new images or videos.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ class QwenPatch:
         policy: DToMe's merging policy for the tower.
         cache: ``"expanded"`` or ``"compact"``, the KV cache ``generate()`` decodes with.
         rotary: the tower's rotary mode for merged cells (``"exact"`` or ``"mean"``).
-        last: what the latest prefill produced (``visual_rows``, ``visual_positions`` per image;
-            ``rows``, ``positions`` per sample), as for a LLaVA.
+        last: what the latest prefill produced (``visual_rows``, ``visual_positions`` per image and
+            per video slice, images first; ``rows``, ``positions`` per sample), as for a LLaVA.
     """
 
     backbone: Backbone
@@ -77,15 +77,17 @@ def qwen_methods(state: QwenPatch) -> tuple[Callable[..., object], Callable[...,
         video_grid_thw: Tensor | None = None,
         mm_token_type_ids: Tensor | None = None,
         logits_to_keep: int | Tensor = 0,
+        second_per_grid_ts: Tensor | None = None,
         **kwargs: object,
     ) -> MultimodalCausalLMOutputWithPast:
         # Keep this signature free of `mm_encoder_outputs`: generate() then passes the raw pixels
         # here instead of encoding the images with the stock tower first.
-        if pixel_values_videos is not None or video_grid_thw is not None:
-            raise NotImplementedError("DyMU in Qwen2-VL does not take videos yet (pixel_values_videos)")
         if kwargs.get("mm_encoder_outputs"):
             raise ValueError("DyMU encodes pixel_values itself; precomputed mm_encoder_outputs are not supported")
-        if pixel_values is None and not isinstance(cache, HFCompactCache):
+        if second_per_grid_ts is not None:  # only Qwen2.5-VL's forward knows it
+            kwargs["second_per_grid_ts"] = second_per_grid_ts
+        prefill = pixel_values is not None or pixel_values_videos is not None
+        if not prefill and not isinstance(cache, HFCompactCache):
             # Text only, or decoding with the expanded cache: exactly the stock model.
             return type(self).forward(
                 self,
@@ -105,7 +107,7 @@ def qwen_methods(state: QwenPatch) -> tuple[Callable[..., object], Callable[...,
         if input_ids is None:
             raise ValueError("DyMU needs input_ids (with the image placeholders), not inputs_embeds")
         language = self.model.language_model
-        if pixel_values is None:  # decoding with the compact cache
+        if not prefill:  # decoding with the compact cache
             positions = _decode_positions(position_ids, cache, input_ids.shape[1])
             embeds = self.get_input_embeddings()(input_ids)
             hidden = vtu_decode(language, embeds, cache, positions, attention_mask)
@@ -116,10 +118,21 @@ def qwen_methods(state: QwenPatch) -> tuple[Callable[..., object], Callable[...,
             raise ValueError(
                 "DyMU prefills from an empty cache; continuing a cached prompt with images is not supported"
             )
-        if image_grid_thw is None:
-            raise ValueError(f"{type(self).__name__} needs image_grid_thw with pixel_values")
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError(f"{type(self).__name__} needs pixel_values and image_grid_thw together")
+        if (pixel_values_videos is None) != (video_grid_thw is None):
+            raise ValueError(f"{type(self).__name__} needs pixel_values_videos and video_grid_thw together")
         inputs = qwen_dymu_inputs(
-            self, input_ids, pixel_values, image_grid_thw, state.policy, attention_mask, state.rotary
+            self,
+            input_ids,
+            pixel_values,
+            image_grid_thw,
+            state.policy,
+            attention_mask,
+            state.rotary,
+            pixel_values_videos,
+            video_grid_thw,
+            second_per_grid_ts,
         )
         # Later steps without position_ids (and the stock forward on the expanded cache) read these.
         self.model.rope_deltas = inputs.rope_deltas
@@ -134,7 +147,7 @@ def qwen_methods(state: QwenPatch) -> tuple[Callable[..., object], Callable[...,
             rows=(counts > 0).sum(1),
             positions=counts.sum(1).long(),
             visual_rows=inputs.merged.lengths,
-            visual_positions=image_grid_thw.prod(1) // state.backbone.unit(self.model.visual),
+            visual_positions=inputs.merged.group.ge(0).sum(1),
         )
         return MultimodalCausalLMOutputWithPast(logits=self.lm_head(hidden), cache=store)
 
@@ -143,29 +156,38 @@ def qwen_methods(state: QwenPatch) -> tuple[Callable[..., object], Callable[...,
     ) -> tuple[Tensor | None, dict[str, object]]:
         """generate() copies each sample ``expand_size`` times (beams, ``num_return_sequences``).
 
-        The stock Qwen encodes the images before this hook and copies each sample's features. Our
-        forward takes the raw patches instead (``[P, D]``, one row per patch, with ``image_grid_thw``
-        ``[I, 3]``), which the stock hook would copy row by row. This copies each sample's patches and
-        grid rows whole, in the order of the copied samples; everything else as generate() does."""
-        pixel_values = model_kwargs.pop("pixel_values", None)
-        grid = model_kwargs.pop("image_grid_thw", None)
+        The stock Qwen encodes the images and videos before this hook and copies each sample's
+        features. Our forward takes the raw patches instead (``[P, D]``, one row per patch, with a
+        grid ``[I, 3]``), which the stock hook would copy row by row. This copies each sample's patches
+        and grid rows whole (and a video's ``second_per_grid_ts``), in the order of the copied samples;
+        everything else as generate() does."""
+        visual = {
+            key: model_kwargs.pop(key, None)
+            for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+        }
         input_ids, model_kwargs = type(self)._expand_inputs_for_generation(
             self, expand_size=expand_size, input_ids=input_ids, **model_kwargs
         )
-        if pixel_values is not None and grid is not None and expand_size > 1 and input_ids is not None:
-            tower = self.model.visual
-            cells = grid.prod(1) // state.backbone.unit(tower)  # [I] placeholders per image
-            placeholders = (input_ids[::expand_size] == self.config.image_token_id).sum(1)  # [B]
-            images = _images_per_sample(placeholders, cells)  # [B]
-            patches = torch.zeros_like(images).index_add_(
-                0, torch.repeat_interleave(torch.arange(images.numel()), images), grid.prod(1).cpu()
-            )
-            pixel_values = pixel_values[_copy_index(patches, expand_size).to(pixel_values.device)]
-            grid = grid[_copy_index(images, expand_size).to(grid.device)]
-        if pixel_values is not None:
-            model_kwargs["pixel_values"] = pixel_values
-        if grid is not None:
-            model_kwargs["image_grid_thw"] = grid
+        if expand_size > 1 and input_ids is not None:
+            originals = input_ids[::expand_size]
+            unit = state.backbone.unit(self.model.visual)
+            for token_id, pixels, grid, extra in (
+                (self.config.image_token_id, "pixel_values", "image_grid_thw", None),
+                (self.config.video_token_id, "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),
+            ):
+                if visual[pixels] is None or visual[grid] is None:
+                    continue
+                patches = visual[grid].prod(1)  # [I] patch rows per image or video
+                items = _items_per_sample((originals == token_id).sum(1), patches // unit)  # [B]
+                per_sample = torch.zeros_like(items).index_add_(
+                    0, torch.repeat_interleave(torch.arange(items.numel()), items), patches.cpu()
+                )
+                visual[pixels] = visual[pixels][_copy_index(per_sample, expand_size).to(visual[pixels].device)]
+                copies = _copy_index(items, expand_size)
+                for key in (grid, extra):
+                    if key is not None and isinstance(visual[key], Tensor):
+                        visual[key] = visual[key][copies.to(visual[key].device)]
+        model_kwargs.update({key: value for key, value in visual.items() if value is not None})
         return input_ids, model_kwargs
 
     return forward, expand_inputs
@@ -182,9 +204,9 @@ def _decode_positions(position_ids: Tensor | None, cache: HFCompactCache, new: i
     return position_ids[-3:]
 
 
-def _images_per_sample(placeholders: Tensor, cells: Tensor) -> Tensor:
-    """``[B]`` images of each sample, from its placeholders (``[B]``) and each image's cells (``[I]``),
-    images in sample order."""
+def _items_per_sample(placeholders: Tensor, cells: Tensor) -> Tensor:
+    """``[B]`` images (or videos) of each sample, from its placeholders (``[B]``) and each item's cells
+    (``[I]``), items in sample order."""
     ends = cells.cpu().cumsum(0)  # placeholders up to the end of each image
     last = torch.searchsorted(ends, placeholders.cpu().cumsum(0), right=True)  # images ending in each sample
     return torch.diff(last, prepend=torch.zeros(1, dtype=last.dtype))

@@ -78,7 +78,10 @@ class ThresholdsFile:
             each crop one image (``images_seen`` and ``tokens`` count crops); ``{"kind":
             "video_frames", "processor", "frame_size", "num_frames"}`` for the frames a video
             processor makes of videos (``data.crops=frames``; ``num_frames`` null: all frames kept),
-            each frame one image.
+            each frame one image; ``{"kind": "native", "min_pixels", "max_pixels"}`` for images each at
+            the tower's native size within those area bounds (``data.crops=native``; ``tokens`` counts each
+            image's kept tokens, ``tokens.full`` the most an image can have, ``extra.full_tokens`` each
+            image's own count before merging).
     """
 
     backbone: str
@@ -208,11 +211,36 @@ class ThresholdsFile:
             warnings.warn(f"{where}calibrated on whole images, not on the AnyRes crops this {model_name} feeds; {redo}",
                           UserWarning, stacklevel=3)  # fmt: skip
             return
+        if self.inputs["kind"] != "anyres_crops":
+            raise ValueError(
+                f"{where}calibrated on images at their native sizes, but this {model_name} feeds its vision tower "
+                f"AnyRes crops of {crop_size} px; {redo}"
+            )
         found = (self.inputs["crop_size"], [list(p) for p in self.inputs["image_grid_pinpoints"]])
         if found != (crop_size, [list(p) for p in pinpoints]):
             raise ValueError(
                 f"{where}calibrated on AnyRes crops of {found[0]} px on grid pinpoints {found[1]}, but this "
                 f"{model_name} cuts crops of {crop_size} px on {[list(p) for p in pinpoints]}; {redo}"
+            )
+
+    def check_native(self, model_name: str) -> None:
+        """For a model (``model_name``) whose tower takes images at their native sizes (Qwen2-VL,
+        Qwen2.5-VL): raise ValueError for thresholds calibrated on AnyRes crops, and warn (UserWarning)
+        for square images resized to ``image_size``, whose edges are ranked at one size only."""
+        where = f"{self.origin}: " if self.origin else ""
+        redo = "recalibrate with data.crops=native"
+        kind = None if self.inputs is None else self.inputs["kind"]
+        if kind == "anyres_crops":
+            raise ValueError(
+                f"{where}calibrated on AnyRes crops, but this {model_name} feeds its vision tower whole images "
+                f"at their native sizes; {redo}"
+            )
+        if kind is None:
+            warnings.warn(
+                f"{where}calibrated on square images of {self.image_size} px, not at the native sizes this "
+                f"{model_name} feeds its vision tower; {redo}",
+                UserWarning,
+                stacklevel=4,  # the caller of apply_dymu
             )
 
     def policy(self, **caps: int | None) -> MergePolicy:
@@ -227,6 +255,7 @@ _REQUIRED = ("backbone", "num_layers", "image_size", "thresholds", "r", "schedul
 _INPUTS_KEYS = {
     "anyres_crops": {"kind", "processor", "crop_size", "image_grid_pinpoints"},
     "video_frames": {"kind", "processor", "frame_size", "num_frames"},
+    "native": {"kind", "min_pixels", "max_pixels"},
 }
 # A threshold is a cosine similarity, clamped at 0 by calibration; the slack admits rounding in
 # low-precision encoders (a similarity of a vector with itself may round to just above 1).

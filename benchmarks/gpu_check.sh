@@ -17,7 +17,7 @@
 #      timeout_s: 600
 #
 #    $OUT then holds log.txt, gpu_attention.md, cudnn_cache.log, engine_paths.md/.json, gpu_profile.md,
-#    encoder_speed.md/.json, calibration_speed.md and llava_generate.md.
+#    qwen_vl_prefill.md, encoder_speed.md/.json, calibration_speed.md and llava_generate.md.
 #
 # Dry run here, on the CPU with tiny sizes (installs, imports and paths; no CUDA, the gpu tests skip;
 # a few minutes on 2 cores). PYTHON defaults to .venv/bin/python in a dry run, python3 otherwise:
@@ -150,6 +150,8 @@ step "tests/test_gpu.py" 120 "$PYTHON" -P -m pytest -m gpu -q -rs --durations=5 
 BENCH=(--device cuda --dtype bfloat16)
 if [[ $DRY == 1 ]]; then  # the same scripts and options, tiny: only the plumbing is checked
     BENCH=(--device cpu --dtype float32)
+    step "qwen_vl_prefill" 300 "$PYTHON" benchmarks/qwen_vl_prefill.py "${BENCH[@]}" --geometry tiny \
+        --batch 1 --repeats 1 --out "$OUT/qwen_vl_prefill"
     step "encoder_speed" 300 "$PYTHON" benchmarks/encoder_speed.py "${BENCH[@]}" --geometry b16_224 \
         --batch 1 2 --repeats 1 --out "$OUT/encoder_speed"
     step "calibration_speed" 120 "$PYTHON" benchmarks/calibration_speed.py "${BENCH[@]}" --geometry b16_224 \
@@ -157,6 +159,10 @@ if [[ $DRY == 1 ]]; then  # the same scripts and options, tiny: only the plumbin
     step "llava_generate" 120 "$PYTHON" benchmarks/llava_generate.py --model llava15-7b --tiny "${BENCH[@]}" \
         --batch 1 2 --repeats 1 --new-tokens 2 --out "$OUT/llava_generate"
 else
+    # issue 15: Qwen2.5-VL-7B's geometry, random weights (16 GiB in bf16, built on the GPU): the tower
+    # and the whole prefill against stock at batch 1 and 8, images of 256 and 384 cells.
+    step "qwen_vl_prefill" 90 "$PYTHON" benchmarks/qwen_vl_prefill.py "${BENCH[@]}" --geometry qwen2.5-vl-7b \
+        --batch 1 8 --repeats 3 --out "$OUT/qwen_vl_prefill"
     step "encoder_speed" 200 "$PYTHON" benchmarks/encoder_speed.py "${BENCH[@]}" --geometry siglip_b16_384 l14_336 \
         --batch 1 64 --repeats 3 --out "$OUT/encoder_speed"
     step "calibration_speed" 90 "$PYTHON" benchmarks/calibration_speed.py "${BENCH[@]}" --geometry l14_336 \

@@ -137,7 +137,8 @@ def test_recipe_calibrates_on_the_crops_and_records_them(setting, tmp_path):
 
 def test_recipe_errors(setting, tmp_path):
     path = recipe(setting, tmp_path)
-    with pytest.raises(ConfigError, match=r"data.crops='tiles'; expected one of \('whole', 'anyres', 'frames'\)"):
+    expected = r"data.crops='tiles'; expected one of \('whole', 'anyres', 'frames', 'native'\)"
+    with pytest.raises(ConfigError, match=expected):
         check(load_recipe(path, ["data.crops=tiles"]))
     with pytest.raises(ConfigError, match=r"data.crops=anyres needs data.processor=<a LLaVA-NeXT or OneVision"):
         check(load_recipe(path, ["data.crops=anyres"]))

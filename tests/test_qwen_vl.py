@@ -2,7 +2,8 @@
 cannot see. Native-resolution packing of images of different sizes, the processor's patch layout,
 windows (2.5), the patch merger's fold, the exact rotary path against a naive per-image reference
 built on the host's own attention modules, the mean-position approximation's measured gap, and
-calibration over images of different cell counts. Tiny random towers, float64 where exactness matters.
+calibration over images of different cell counts, and videos (merged slice by slice). Tiny random
+towers, float64 where exactness matters.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from functools import cache
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2VLImageProcessor
+from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
@@ -72,6 +73,61 @@ def test_patchify_matches_the_hf_processor_layout():
     assert torch.equal(ours, theirs["pixel_values"])
 
 
+def test_patchify_videos_matches_the_hf_video_processor_layout():
+    backbone, model = _tower("hf_qwen2_vl", torch.float32)
+    processor = Qwen2VLVideoProcessor(
+        patch_size=4,
+        merge_size=2,
+        temporal_patch_size=2,
+        do_resize=False,
+        do_rescale=False,
+        do_normalize=False,
+        do_sample_frames=False,
+    )
+    videos = [torch.randn(4, 3, 16, 24, generator=torch.Generator().manual_seed(0)), _video((24, 8), 6, torch.float32)]
+    ours, grid = backbone.patchify_videos(model, videos)
+    theirs = processor(videos=videos, return_tensors="pt", input_data_format="channels_first")
+    assert grid.tolist() == theirs["video_grid_thw"].tolist() == [[2, 4, 6], [3, 6, 2]]
+    assert torch.equal(ours, theirs["pixel_values_videos"])
+
+
+def test_native_size_is_the_hf_processors_resize_rule():
+    """Every size of a sweep (odd sides, extreme aspect ratios, images above and below the pixel
+    budget) resizes as transformers' own rule does, with the defaults and with a tight budget; the
+    images preprocess_native makes cut into the processor's grids."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    backbone, model = _tower("hf_qwen2_vl")
+    sides = [1, 13, 27, 28, 41, 55, 100, 333, 640, 1000, 1999, 4000]
+    budgets = [{}, {"min_pixels": 28 * 28 * 16, "max_pixels": 28 * 28 * 64}]
+    unit = backbone.cell_pixels(model)
+    for budget in budgets:
+        for height in sides:
+            for width in sides:
+                if max(height, width) > 200 * min(height, width):
+                    with pytest.raises(ValueError, match=r"over 200 times as long as wide"):
+                        backbone.native_size(model, height, width, **budget)
+                    continue
+                expected = smart_resize(height, width, factor=unit, **budget)
+                assert backbone.native_size(model, height, width, **budget) == expected, (height, width, budget)
+    photos = [Image.new("RGB", (640, 480), (10, 200, 30)), Image.new("RGB", (100, 333), (90, 20, 250))]
+    budget = {"min_pixels": 256, "max_pixels": 8192}  # 4 to 128 cells of 8 px
+    processor = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, **budget)
+    expected = processor(images=photos, return_tensors="pt")["image_grid_thw"]
+    _, grid = backbone.patchify(model, backbone.preprocess_native(model, photos, **budget))
+    assert grid.tolist() == expected.tolist() == [[1, 18, 26], [1, 40, 12]]  # 72 x 104 and 160 x 48 px
+
+
+def _video(size, frames: int, dtype=torch.float64, seed: int = 5) -> torch.Tensor:
+    """``[frames, 3, H, W]``: a smooth scene drifting from frame to frame (so slices differ)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, 3, 2, 2, generator=generator, dtype=torch.float64)
+    drift = torch.randn(1, 3, 2, 2, generator=generator, dtype=torch.float64)
+    steps = torch.arange(frames, dtype=torch.float64)[:, None, None, None] * 0.3
+    return F.interpolate(coarse + steps * drift, size=size, mode="bilinear").to(dtype)
+
+
 # ----- merging off equals the stock tower -------------------------------------------------------------------
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("rotary", ["exact", "mean"])
@@ -89,6 +145,47 @@ def test_infinite_thresholds_equal_stock_for_packed_images_of_different_sizes(na
         assert (sizes == 1).all() and torch.equal(group, torch.arange(expected.shape[0]))
         assert (counts == expected.shape[0]).all()
         assert (merged.group[b, expected.shape[0] :] == -1).all()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_infinite_thresholds_equal_stock_for_videos_packed_with_images(name):
+    """A video (3 slices) between two images: one output row per slice, each the stock tower's."""
+    backbone, model = _tower(name)
+    image_patches, image_grid = backbone.patchify(model, _images([(24, 40), (40, 72)]))
+    video_patches, video_grid = backbone.patchify_videos(model, [_video((40, 32), 6)])
+    patches = torch.cat([image_patches[:60], video_patches, image_patches[60:]])
+    grid = torch.cat([image_grid[:1], video_grid, image_grid[1:]])
+    policy = MergePolicy(thresholds=[math.inf] * backbone.num_layers(model))
+    with torch.no_grad():
+        stock = backbone.stock_features_patches(model, patches, grid)
+        merged = backbone.merged_forward_patches(model, patches, grid, policy)
+    assert [s.shape[0] for s in stock] == merged.lengths.tolist() == [15, 20, 20, 20, 45]
+    for b, expected in enumerate(stock):
+        tokens, sizes, group, _ = _image(merged, b)
+        torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-10)
+        assert (sizes == 1).all() and torch.equal(group, torch.arange(expected.shape[0]))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_video_merges_slice_by_slice_whatever_its_batch_mates(name):
+    """A video's slices merge on their own: a 3-slice video packed after an image gives, slice by
+    slice, what each 2-frame piece of it gives alone as a one-slice video (groups, sizes, tokens)."""
+    backbone, model = _tower(name)
+    video = _video((40, 32), 6)
+    policy = MergePolicy(thresholds=_thresholds(name))
+    with torch.no_grad():
+        image_patches, image_grid = backbone.patchify(model, _images([(24, 40)]))
+        video_patches, video_grid = backbone.patchify_videos(model, [video])
+        packed = backbone.merged_forward_patches(
+            model, torch.cat([image_patches, video_patches]), torch.cat([image_grid, video_grid]), policy
+        )
+        assert (packed.tokens_per_layer[1:, -1] < 20).all(), "every slice must merge something"
+        for piece in range(3):
+            alone = backbone.merged_forward_patches(
+                model, *backbone.patchify_videos(model, [video[2 * piece : 2 * piece + 2]]), policy
+            )
+            for ours, theirs in zip(_image(packed, 1 + piece), _image(alone, 0), strict=True):
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
 
 
 # ----- an image's result does not depend on its batch-mates -------------------------------------------------
@@ -311,8 +408,10 @@ def test_calibration_ranks_all_edges_of_all_images_whatever_the_batch_order(name
 def test_unsupported_parts_are_clear_errors():
     backbone, model = _tower("hf_qwen2_vl")
     patches, grid = backbone.patchify(model, _images([(16, 16)]))
-    with pytest.raises(NotImplementedError, match=r"videos \(grid t > 1\) are not supported yet"):
-        backbone.unit_batch(model, torch.cat([patches, patches]), torch.tensor([[2, 4, 4]]))
+    with pytest.raises(ValueError, match=r"backbone 'hf_qwen2_vl': 16 patches, but grid_thw describes 32"):
+        backbone.unit_batch(model, patches, torch.tensor([[2, 4, 4]]))
+    with pytest.raises(ValueError, match=r"frames a multiple of temporal_patch_size 2, got \[3, 3, 16, 16\]"):
+        backbone.patchify_videos(model, [torch.zeros(3, 3, 16, 16)])
     with pytest.raises(NotImplementedError, match=r"rotate q and k by 2D positions"):
         backbone.blocks(model)
     with pytest.raises(ValueError, match=r"has only the dynamic engine path"):

@@ -15,6 +15,7 @@ from dymu_lightning.backbones.hf_llava import apply_dymu, is_dymu, last_prefill,
 from dymu_lightning.backbones.thresholds import ThresholdsFile
 from dymu_lightning.core import MergePolicy
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 NEW_TOKENS = 4
 
 
@@ -107,12 +108,12 @@ def test_beams_copy_each_prompt_with_its_own_images():
     assert torch.equal(expanded["pixel_values"], torch.cat([a, b, a, b, c, c]))
 
 
-def test_videos_and_training_are_clear_errors():
+def test_training_and_a_missing_grid_are_clear_errors():
     model = build()
     apply_dymu(model, infinite(model))
     batch = inputs(model)
-    with pytest.raises(NotImplementedError, match=r"DyMU in Qwen2-VL does not take videos yet"):
-        model(**batch, pixel_values_videos=batch["pixel_values"], video_grid_thw=batch["image_grid_thw"])
+    with pytest.raises(ValueError, match=r"needs pixel_values_videos and video_grid_thw together"):
+        model(**batch, pixel_values_videos=batch["pixel_values"])
     with pytest.raises(NotImplementedError, match=r"DyMU computes no training loss"):
         model(**batch, labels=batch["input_ids"])
 

@@ -20,7 +20,9 @@ from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.hf_qwen_vl_lm import next_positions, qwen_vl_decode, qwen_vl_prefill
 from dymu_lightning.core import MergePolicy
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 IMAGE = 60
+VIDEO = 61
 HIDDEN = 32
 
 
@@ -48,6 +50,7 @@ def build(family: str = "qwen2_vl") -> Qwen2VLForConditionalGeneration:
         text_config=text,
         vision_config={**tower, output_width: HIDDEN},
         image_token_id=IMAGE,
+        video_token_id=VIDEO,
         eos_token_id=0,
         pad_token_id=0,
     )

@@ -38,11 +38,14 @@ class DataConfig:
     strict: bool = False  # a corrupt image is an error (true) or is skipped and reported (false)
     shard_size: int = 1000  # images per shard when writing shards from `images`
     # whole (images resized to the tower's side) | anyres (the crops an AnyRes processor makes) |
-    # frames (the frames a video processor makes of video shards)
+    # frames (the frames a video processor makes of video shards) | native (each image at the tower's
+    # native size, Qwen-VL towers: images of different cell counts)
     crops: str = "whole"
     # anyres: a LLaVA-NeXT/OneVision save_pretrained folder (its image processor); frames: a OneVision
     # folder (its video processor)
     processor: str | None = None
+    min_pixels: int | None = None  # native: area bounds of the resize rule (None: the tower's defaults)
+    max_pixels: int | None = None
 
 
 @dataclass

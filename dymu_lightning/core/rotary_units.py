@@ -19,7 +19,7 @@ Such a tower differs from a plain ViT in three ways, and each has an answer here
   run the projections and the MLP on merged rows.
 * **Windows.** Blocks may attend only inside windows of units (Qwen2.5). Units carry a window id;
   matching pairs units of the same window only, so no group crosses a window, and windowed blocks
-  mask attention to the query's window.
+  run every window of every image as its own attention sequence (as the host's window lengths do).
 
 Images of different unit counts share one packed batch; each image merges on its own (matching,
 ranking and caps are per image), so its result does not depend on its batch-mates.
@@ -259,15 +259,14 @@ def _grid_attention(
     Returns:
         ``[T, H, d]``.
     """
+    if windows is not None:
+        return _window_attention(q, k, v, layout, key_bias, windows, scale, backend)
     q_g, k_g, v_g = layout.pad_stack([q, k, v]).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, d]
-    if windows is None and key_bias is None and layout.is_dense:
+    if key_bias is None and layout.is_dense:
         # no padding, no windows, no sizes: plain attention, as the stock tower runs it
         return layout.pack(attention(q_g, k_g, v_g, scale, None, backend).transpose(1, 2))
     valid = layout.valid_mask()  # [B, L]
     allowed = valid[:, None, :].expand(-1, layout.max_len, -1)
-    if windows is not None:
-        grid = layout.pad(windows, fill=-1)
-        allowed = allowed & (grid[:, :, None] == grid[:, None, :])
     # A padding query sees itself, so no softmax row is empty (its output is never read).
     allowed = allowed | torch.eye(layout.max_len, dtype=torch.bool, device=allowed.device)
     bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
@@ -275,6 +274,29 @@ def _grid_attention(
         bias = bias + layout.pad(key_bias.to(q.dtype))[:, None, :]
     out = attention(q_g, k_g, v_g, scale, bias[:, None], backend)  # [B, H, L, d]
     return layout.pack(out.transpose(1, 2))
+
+
+def _window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: TokenLayout,
+    key_bias: Tensor | None,
+    windows: Tensor,
+    scale: float,
+    backend: Backend,
+) -> Tensor:
+    """:func:`_grid_attention` within windows: every (image, window) becomes its own sequence, as the
+    host's ``cu_window_seqlens`` make them, so the cost is the sum of the windows' squares, not the
+    images' (a mask over the whole image would spend ``L^2`` on products it then discards). Tokens
+    are grouped by window stably, so each window keeps its tokens' order. Returns ``[T, H, d]``."""
+    segment = layout.batch_index * (int(windows.max()) + 1) + windows  # [T], one id per (image, window)
+    order = torch.argsort(segment, stable=True)
+    _, lengths = torch.unique_consecutive(segment[order], return_counts=True)
+    windowed = TokenLayout.from_lengths(lengths, int(lengths.max()), layout.total)
+    bias = None if key_bias is None else key_bias[order]
+    out = _grid_attention(q[order], k[order], v[order], windowed, bias, None, scale, backend)
+    return torch.empty_like(out).index_copy_(0, order, out)
 
 
 def _virtual_grid_attention(

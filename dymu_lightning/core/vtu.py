@@ -88,7 +88,8 @@ class VirtualLayout:
         batch, new = positions.shape[-2:]
         rows = self.num_rows + torch.arange(new, device=positions.device).expand(batch, -1)
         if valid is None:
-            valid = torch.cat([self.valid, torch.ones_like(positions, dtype=torch.bool)], dim=1)
+            # [B, t] even for [A, B, t] positions (M-RoPE)
+            valid = torch.cat([self.valid, positions.new_ones((batch, new), dtype=torch.bool)], dim=1)
         return VirtualLayout(
             torch.cat([self.expand, rows], dim=1),
             torch.cat([self.positions, positions], dim=-1),

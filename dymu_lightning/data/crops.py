@@ -23,7 +23,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 from dymu_lightning.data.parts import GlobalBatchParts
 from dymu_lightning.data.shards import ShardIndex
 
-CROPS_KINDS = ("whole", "anyres", "frames")
+CROPS_KINDS = ("whole", "anyres", "frames", "native")
 
 
 def crop_side(image_processor: Any) -> int:

@@ -91,6 +91,9 @@ class CalibrationModule(L.LightningModule):
         state: a saved state to continue from, or None.
         requeue_job: a Slurm job id: on the requeue signal, save the state at the next step boundary,
             requeue this job and stop (None: the signal is not handled here).
+        native: batches hold images of different sizes (``pixels`` a list of ``[3, H_i, W_i]``, packed
+            through the backbone's ``merged_forward_images``); ``full_tokens`` is then the most tokens an
+            image can have, and :attr:`full_tokens` counts each image's own unmerged tokens.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class CalibrationModule(L.LightningModule):
         full_tokens: int,
         state: dict[str, Any] | None = None,
         requeue_job: str | None = None,
+        native: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -116,6 +120,9 @@ class CalibrationModule(L.LightningModule):
         self.fingerprint = fingerprint
         self.thresholds = ThresholdStats(len(r))
         self.tokens = TokenStats(full_tokens)
+        self.native = native
+        #: native sizes: every image's own token count before merging (None: all have full_tokens)
+        self.full_tokens = TokenStats(full_tokens) if native else None
         self.steps_done = 0
         self.images_seen = 0
         self.images_skipped = 0
@@ -127,6 +134,8 @@ class CalibrationModule(L.LightningModule):
         if state is not None:
             self.thresholds.load_state_dict(state["thresholds"])
             self.tokens.load_state_dict(state["tokens"])
+            if self.full_tokens is not None:
+                self.full_tokens.load_state_dict(state["full_tokens"])
             self.steps_done = int(state["steps_done"])
             self.images_seen = int(state["images_seen"])
             self.images_skipped = int(state["images_skipped"])
@@ -149,7 +158,9 @@ class CalibrationModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._beat()
         valid = batch["valid"].bool()
-        pixels = batch["pixels"].to(next(self.encoder.parameters()).dtype)
+        dtype = next(self.encoder.parameters()).dtype
+        # native sizes: a list of images of different sizes, which the tower packs
+        pixels = [image.to(dtype) for image in batch["pixels"]] if self.native else batch["pixels"].to(dtype)
         # Real images, images skipped as undecodable (their rows keep their index but are invalid), and
         # whether this process got the requeue signal: riding on this gather, every process learns of a
         # signal at the same step boundary, so they all stop there together, between collectives.
@@ -166,7 +177,10 @@ class CalibrationModule(L.LightningModule):
 
         policy = MergePolicy(mode="batch_topk", r=self.r, batch_cut=cut, on_layer=record)
         with torch.no_grad():
-            out = self.backbone.merged_forward(self.encoder, pixels, policy, num_blocks=self.num_blocks)
+            if self.native:
+                out = self.backbone.merged_forward_images(self.encoder, pixels, policy, num_blocks=self.num_blocks)
+            else:
+                out = self.backbone.merged_forward(self.encoder, pixels, policy, num_blocks=self.num_blocks)
         if global_images > 0:
             for layer, threshold in batch_thresholds.items():
                 self.thresholds.add(layer, threshold)
@@ -174,6 +188,10 @@ class CalibrationModule(L.LightningModule):
         lengths = torch.where(valid, out.lengths, torch.full_like(out.lengths, -1))
         every_length = self._gather(lengths)
         self.tokens.add(every_length[every_length >= 0].cpu())
+        if self.full_tokens is not None:  # each image's own cells before merging (group -1 past them)
+            cells = (out.group >= 0).sum(dim=1)
+            every_full = self._gather(torch.where(valid, cells, torch.full_like(cells, -1)))
+            self.full_tokens.add(every_full[every_full >= 0].cpu())
         # Which images were seen, summarised: sum and sum of squares of their global indices.
         # A sample seen twice, or missed, changes them (the audit behind "exactly once").
         index = self._gather(torch.where(valid, batch["index"], torch.full_like(batch["index"], -1)))
@@ -185,7 +203,7 @@ class CalibrationModule(L.LightningModule):
         self.images_skipped += skipped
         self._images_this_run += global_images
         self.bytes_gathered_per_step = (
-            8 * len(local) + sum(cut.bytes_sent) + 2 * lengths.numel() * lengths.element_size()
+            8 * len(local) + sum(cut.bytes_sent) + (3 if self.native else 2) * lengths.numel() * lengths.element_size()
         )
         self.bytes_gathered_per_layer = list(cut.bytes_sent)
         self._step_ends.append(time.perf_counter())
@@ -303,6 +321,7 @@ class CalibrationModule(L.LightningModule):
             "fingerprint": self.fingerprint,
             "thresholds": self.thresholds.state_dict(),
             "tokens": self.tokens.state_dict(),
+            **({"full_tokens": self.full_tokens.state_dict()} if self.full_tokens is not None else {}),
             "steps_done": self.steps_done,
             "images_seen": self.images_seen,
             "images_skipped": self.images_skipped,

@@ -21,6 +21,7 @@ from dymu_lightning.config.schema import DataConfig
 from dymu_lightning.data import GlobalBatchShards, read_index
 from dymu_lightning.data.crops import GlobalBatchCrops
 from dymu_lightning.data.frames import GlobalBatchFrames
+from dymu_lightning.data.native import GlobalBatchNative
 from dymu_lightning.data.source import prepare_shards
 
 
@@ -39,6 +40,8 @@ class ShardsDataModule(L.LightningDataModule):
             samples are its frames of the videos (``data.crops=frames``, :class:`GlobalBatchFrames`);
             None: whole images through ``transform``.
         frames: ``image_processor`` is a video processor and the shards hold videos.
+        native_dummy: ``(3, H, W)`` of dummy rows when ``transform`` sizes each image natively
+            (``data.crops=native``, :class:`GlobalBatchNative`: rows of different sizes); None otherwise.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class ShardsDataModule(L.LightningDataModule):
         shard_size: int = 1000,
         image_processor: Any = None,
         frames: bool = False,
+        native_dummy: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         self.shards = Path(shards).expanduser()
@@ -67,6 +71,7 @@ class ShardsDataModule(L.LightningDataModule):
         self.shard_size = shard_size
         self.image_processor = image_processor
         self.frames = frames
+        self.native_dummy = native_dummy
         self.dataset: GlobalBatchShards | None = None
 
     @classmethod
@@ -76,6 +81,7 @@ class ShardsDataModule(L.LightningDataModule):
         transform: Callable[[Image.Image], Tensor],
         start_step: int = 0,
         image_processor: Any = None,
+        native_dummy: tuple[int, int, int] | None = None,
     ) -> ShardsDataModule:
         """The DataModule a recipe's ``data`` section describes."""
         return cls(
@@ -90,6 +96,7 @@ class ShardsDataModule(L.LightningDataModule):
             shard_size=data.shard_size,
             image_processor=image_processor,
             frames=data.crops == "frames",
+            native_dummy=native_dummy,
         )
 
     def prepare_data(self) -> None:
@@ -104,6 +111,19 @@ class ShardsDataModule(L.LightningDataModule):
                 read_index(self.shards),
                 self.global_batch_size,
                 **processor,
+                rank=rank,
+                world_size=world,
+                start_step=self.start_step,
+                strict=self.strict,
+                max_samples=self.max_images,
+            )
+            return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+        if self.native_dummy is not None:
+            self.dataset = GlobalBatchNative(
+                read_index(self.shards),
+                self.global_batch_size,
+                transform=self.transform,
+                dummy_shape=self.native_dummy,
                 rank=rank,
                 world_size=world,
                 start_step=self.start_step,

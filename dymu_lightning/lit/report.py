@@ -44,6 +44,13 @@ def write_report(result: ThresholdsFile, histogram: torch.Tensor, out_dir: Path,
         f"of {tokens['full']} tokens per image"
     )
     extra = result.extra
+    full = extra.get("full_tokens")
+    if tokens["mean"] is not None and full is not None:  # data.crops=native: each image its own full count
+        summary = (
+            f"{tokens['mean']:.1f} ± {tokens['std']:.1f} (min {tokens['min']}, max {tokens['max']}) per image, "
+            f"of {full['mean']:.1f} on average before merging (min {full['min']}, max {full['max']}: images at "
+            "their native sizes)"
+        )
     if result.partial:
         done = (
             f"**partial**: {extra.get('steps')} of {extra.get('total_steps')} global steps (trainer.max_steps); "

@@ -7,6 +7,8 @@ outputs.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import logging
 import os
@@ -31,6 +33,7 @@ from dymu_lightning.core.schedule import SCHEDULES, merges_per_layer
 from dymu_lightning.data import GlobalBatchShards
 from dymu_lightning.data.crops import CROPS_KINDS, anyres_inputs
 from dymu_lightning.data.frames import frames_inputs
+from dymu_lightning.data.native import GlobalBatchNative
 from dymu_lightning.data.parts import GlobalBatchParts
 from dymu_lightning.data.source import check_shards
 from dymu_lightning.files import check_writable_dir
@@ -175,17 +178,63 @@ def check_crops(cfg: CalibrationRecipe, path: Path) -> None:
             f"{path}: data.crops=frames needs data.processor=<a LLaVA-OneVision save_pretrained folder>, "
             "whose video processor samples and resizes the frames"
         )
-    if data.crops == "whole" and data.processor is not None:
+    if data.crops not in ("anyres", "frames") and data.processor is not None:
         raise ConfigError(
             f"{path}: data.processor={data.processor!r} is read only with data.crops=anyres or data.crops=frames"
         )
+    for key in ("min_pixels", "max_pixels"):
+        value = getattr(data, key)
+        if value is not None and data.crops != "native":
+            raise ConfigError(f"{path}: data.{key}={value} is read only with data.crops=native")
+        if value is not None and value < 1:
+            raise ConfigError(f"{path}: data.{key} must be >= 1, got {value}")
+    if data.min_pixels is not None and data.max_pixels is not None and data.min_pixels > data.max_pixels:
+        raise ConfigError(f"{path}: data.min_pixels={data.min_pixels} is above data.max_pixels={data.max_pixels}")
+    if data.crops == "native" and cfg.schedule.tokens_left is not None:
+        raise ConfigError(
+            f"{path}: schedule.tokens_left counts the tokens of one image size; with data.crops=native (images "
+            "of different sizes) set schedule.r, the merges per image and layer"
+        )
+
+
+def native_inputs(
+    cfg: CalibrationRecipe, path: Path, backbone: Backbone, model: torch.nn.Module
+) -> tuple[Callable[[Image.Image], torch.Tensor], dict[str, Any], int, tuple[int, int, int]] | None:
+    """With ``data.crops=native``: (the transform sizing each image by the tower's native rule,
+    thresholds.json's ``inputs``, the most cells an image can have, the shape of dummy rows);
+    None otherwise. A ConfigError for a backbone without a native rule."""
+    if cfg.data.crops != "native":
+        return None
+    if not callable(getattr(backbone, "native_size", None)):
+        raise ConfigError(
+            f"{path}: data.crops=native needs a backbone that takes images at their native size (hf_qwen2_vl, "
+            f"hf_qwen2_5_vl); backbone '{backbone.name}' has no native resize rule: use data.crops=whole"
+        )
+    defaults = inspect.signature(backbone.native_size).parameters
+    bounds = {
+        key: int(getattr(cfg.data, key) if getattr(cfg.data, key) is not None else defaults[key].default)
+        for key in ("min_pixels", "max_pixels")
+    }
+    if bounds["min_pixels"] > bounds["max_pixels"]:
+        raise ConfigError(f"{path}: min_pixels {bounds['min_pixels']} is above max_pixels {bounds['max_pixels']}")
+    unit = backbone.cell_pixels(model)
+    transform = functools.partial(_native_pixels, backbone, model, bounds)
+    inputs = {"kind": "native", **bounds}
+    return transform, inputs, bounds["max_pixels"] // (unit * unit), (3, 2 * unit, 2 * unit)
+
+
+def _native_pixels(
+    backbone: Backbone, model: torch.nn.Module, bounds: dict[str, int], image: Image.Image
+) -> torch.Tensor:
+    """``[3, H, W]``: one image at the tower's native size (a module-level function: it pickles)."""
+    return backbone.preprocess_native(model, [image], **bounds)[0]
 
 
 def load_crops_processor(cfg: CalibrationRecipe, path: Path, image_size: int) -> tuple[Any, dict[str, Any] | None]:
     """(image or video processor, thresholds.json's ``inputs``) of ``data.crops=anyres`` or
     ``data.crops=frames``; (None, None) for whole images. The crops or frames must have the side the
     encoder is fed (``image_size``)."""
-    if cfg.data.crops == "whole":
+    if cfg.data.crops not in ("anyres", "frames"):
         return None, None
     from transformers import AutoImageProcessor, AutoVideoProcessor
 
@@ -265,7 +314,10 @@ def calibrate(recipe: Recipe) -> Path:
     r = check_schedule(cfg, recipe.path, shape)  # before any compute
     r_value, tokens_left = target_r(cfg, recipe.path)
     image_processor, inputs = load_crops_processor(cfg, recipe.path, shape.image_size)
-    full_tokens = shape.tokens
+    full_tokens, native_dummy = shape.tokens, None
+    native = native_inputs(cfg, recipe.path, backbone, model)
+    if native is not None:  # each image at its own size: tokens are counted up to the largest image's cells
+        transform, inputs, full_tokens, native_dummy = native
     fingerprint = _fingerprint(cfg, r)
     # Under Slurm our module handles the requeue signal (save at a step boundary, requeue, stop) in
     # place of Lightning's handler, which would checkpoint the whole encoder from inside the handler.
@@ -288,8 +340,9 @@ def calibrate(recipe: Recipe) -> Path:
         full_tokens,
         state,
         requeue_job=_slurm_job() if slurm else None,
+        native=native is not None,
     )
-    datamodule = ShardsDataModule.from_config(cfg.data, transform, start_step, image_processor)
+    datamodule = ShardsDataModule.from_config(cfg.data, transform, start_step, image_processor, native_dummy)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -341,6 +394,7 @@ def calibrate(recipe: Recipe) -> Path:
                 "recipe": str(recipe.path),
                 "overrides": list(recipe.overrides),
                 "fingerprint": fingerprint,
+                **({"full_tokens": module.full_tokens.summary()} if module.full_tokens is not None else {}),
             },
             partial=module.steps_done < total_steps,
             inputs=inputs,
@@ -364,8 +418,8 @@ def _draw_merges(
     out_dir: Path,
 ) -> Path | None:
     """merges.png: the first decodable images of the data under the final thresholds, simplest first."""
-    if dataset is None or result.images_seen == 0:
-        return None
+    if dataset is None or result.images_seen == 0 or isinstance(dataset, GlobalBatchNative):
+        return None  # native sizes: no panel of equal-size images to draw (yet)
     parameter = next(model.parameters())
     if isinstance(dataset, GlobalBatchParts):  # the crops or frames calibrated on, as the processor made them
         rows = (dataset.part(i) for i in range(dataset.num_samples))
@@ -427,11 +481,22 @@ def _fingerprint(cfg: CalibrationRecipe, r: list[int]) -> dict[str, Any]:
         "max_images": cfg.data.max_images,
         "seed": cfg.seed,
         # only when set: states saved before data.crops existed stay resumable
-        **({"crops": cfg.data.crops, "processor": cfg.data.processor} if cfg.data.crops != "whole" else {}),
+        **(
+            {"crops": cfg.data.crops, "processor": cfg.data.processor} if cfg.data.crops in ("anyres", "frames") else {}
+        ),
+        **(
+            {"crops": "native", "min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels}
+            if cfg.data.crops == "native"
+            else {}
+        ),
     }
 
 
-_INPUTS_SEEN = {"anyres_crops": "AnyRes crops", "video_frames": "video frames"}  # by thresholds.json's inputs kind
+_INPUTS_SEEN = {
+    "anyres_crops": "AnyRes crops",
+    "video_frames": "video frames",
+    "native": "images at native size",
+}  # by thresholds.json's inputs kind
 
 
 def _print_summary(result: ThresholdsFile, path: Path) -> None:
@@ -441,7 +506,13 @@ def _print_summary(result: ThresholdsFile, path: Path) -> None:
     seen = _INPUTS_SEEN[result.inputs["kind"]] if result.inputs is not None else "images"
     print(f"calibrated {result.backbone}: {result.images_seen} {seen}, world size {result.world_size}")
     print(f"thresholds: {shown}")
-    if tokens["mean"] is not None:
+    full = result.extra.get("full_tokens")
+    if tokens["mean"] is not None and full is not None:  # native sizes: each image has its own full count
+        print(
+            f"tokens per image: {tokens['mean']:.1f} ± {tokens['std']:.1f} (min {tokens['min']}, "
+            f"max {tokens['max']}) of {full['mean']:.1f} on average unmerged (min {full['min']}, max {full['max']})"
+        )
+    elif tokens["mean"] is not None:
         print(
             f"tokens per image: {tokens['mean']:.1f} ± {tokens['std']:.1f} (min {tokens['min']}, "
             f"max {tokens['max']}) of {tokens['full']}"
