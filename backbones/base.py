@@ -122,6 +122,7 @@ class Backbone(ABC):
         num_blocks: int | None = None,
         path: str = "auto",
         compile_merge: bool = False,
+        widened: bool | None = None,
     ) -> MergedTokens:
         """Run the encoder with DToMe, without patching the model.
 
@@ -135,6 +136,9 @@ class Backbone(ABC):
                 as a CUDA graph, for CUDA batches up to ``STATIC_BATCH_CUTOFF``).
             compile_merge: matching and merging through ``torch.compile`` (opt-in; the first call
                 compiles, see ``dymu_lightning.core.encoder.compiled_merge_steps``).
+            widened: proportional attention as widened heads folded into the projections (True)
+                or as a log-size bias on a padded grid (False); None: widened where ``varlen_attn``
+                runs (CUDA, half precision, ``"sdpa"``).
         """
         if path not in PATHS:
             raise ValueError(f"unknown engine path {path!r}; expected one of {PATHS}")
@@ -158,6 +162,7 @@ class Backbone(ABC):
             graphs=_GRAPHS.setdefault(model, GraphCache()) if pixels.device.type == "cuda" else None,
             graph_key=(num_blocks, next(model.parameters()).data_ptr()),
             compile_merge=compile_merge,
+            widened=widened,
         )
 
     def patch(

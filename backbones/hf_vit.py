@@ -31,6 +31,7 @@ from transformers import (
 from dymu_lightning.assets.paths import dinov2_small_dir
 from dymu_lightning.backbones.base import Backbone, TinyConfig, local_dir
 from dymu_lightning.core import BlockParts
+from dymu_lightning.core.widened import AttentionLinears, plain_linears
 
 _TINY = {
     "hidden_size": 48,
@@ -140,7 +141,23 @@ def _clip_like_parts(layer: nn.Module) -> BlockParts:
         attn_out=attn.out_proj,
         mlp=lambda x: layer.mlp(layer.layer_norm2(x)),
         scale=attn.scale,
+        linears=_linears(layer.layer_norm1, attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, None, attn.head_dim),
     )
+
+
+def _linears(
+    norm: Callable[[Tensor], Tensor],
+    q: nn.Module,
+    k: nn.Module,
+    v: nn.Module,
+    out: nn.Module,
+    after_out: Callable[[Tensor], Tensor] | None,
+    head_dim: int,
+) -> AttentionLinears | None:
+    """The attention as plain linears (widened heads fold into them), or None for wrapped ones (LoRA)."""
+    if not plain_linears(q, k, v, out):
+        return None
+    return AttentionLinears(norm=norm, qkv=(q, k, v), out=out, after_out=after_out, head_dim=head_dim)
 
 
 class HFCLIPVision(HFVisionBackbone):
@@ -222,11 +239,13 @@ class HFDinov2(HFVisionBackbone):
             h = layer.norm1(x)
             return q(h), k(h), v(h)
 
+        after_out = lambda y: layer.drop_path(layer.layer_scale1(y))  # noqa: E731
         return BlockParts(
             attn_in=attn_in,
-            attn_out=lambda o: layer.drop_path(layer.layer_scale1(attn.o_proj(o))),
+            attn_out=lambda o: after_out(attn.o_proj(o)),
             mlp=lambda x: layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))),
             scale=attn.scaling,
+            linears=_linears(layer.norm1, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, after_out, attn.head_dim),
         )
 
     def final_norm(self, model: nn.Module) -> Callable[[Tensor], Tensor] | None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from dymu_lightning.backbones.base import Backbone, TinyConfig, local_dir
 from dymu_lightning.core import BlockParts
+from dymu_lightning.core.widened import AttentionLinears, plain_linears
 
 _TINY = {"embed_dim": 48, "depth": 3, "num_heads": 3, "img_size": 64, "patch_size": 8}
 
@@ -113,10 +114,25 @@ def _block_parts(block: nn.Module, index: int) -> BlockParts:
         q, k, v = qkv.unbind(dim=1)
         return attn.q_norm(q), attn.k_norm(k), v
 
+    def after_proj(y: Tensor) -> Tensor:
+        return block.drop_path1(block.ls1(attn.proj_drop(y)))
+
     def attn_out(o: Tensor) -> Tensor:
-        return block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(o)))))
+        return after_proj(attn.proj(attn.norm(o)))
 
     def mlp(x: Tensor) -> Tensor:
         return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
-    return BlockParts(attn_in=attn_in, attn_out=attn_out, mlp=mlp, scale=attn.scale)
+    linears = None
+    # A norm between the heads and the projection (scale_norm) sees all of o: no folding there.
+    if plain_linears(attn.qkv, attn.proj) and isinstance(attn.norm, nn.Identity):
+        linears = AttentionLinears(
+            norm=block.norm1,
+            qkv=(attn.qkv,),
+            out=attn.proj,
+            after_out=after_proj,
+            head_dim=attn.head_dim,
+            q_norm=None if isinstance(attn.q_norm, nn.Identity) else attn.q_norm,
+            k_norm=None if isinstance(attn.k_norm, nn.Identity) else attn.k_norm,
+        )
+    return BlockParts(attn_in=attn_in, attn_out=attn_out, mlp=mlp, scale=attn.scale, linears=linears)

@@ -20,6 +20,9 @@ engine before capacity buffers) at each budget, interleaved with the current one
 static, replayed as a CUDA graph, for CUDA batches up to STATIC_BATCH_CUTOFF, else dynamic).
 "--compile-merge" adds the 33% budget with matching and the merge step through torch.compile, once per
 forced path (or once, on the automatic path); the warm-up call compiles.
+"--bias-heads" adds the 33% budget with proportional attention as a log-size bias on the padded grid
+(SDPA) instead of widened heads folded into the projections (``varlen_attn``, the default on CUDA in
+half precision), once per forced path.
     python benchmarks/encoder_speed.py --device cuda --dtype bfloat16 --geometry siglip_b16_384 l14_336 --batch 1 64
 
 Prints a markdown table and writes it, with the raw numbers as JSON, next to --out.
@@ -157,6 +160,7 @@ def run_geometry(
     budgets: tuple[float, ...] = BUDGETS,
     paths: tuple[str, ...] = (),
     compile_merge: bool = False,
+    bias_heads: bool = False,
 ) -> list[Row]:
     backbone = get_backbone("timm_vit")
     model_name, kwargs = GEOMETRIES[name]
@@ -189,11 +193,11 @@ def run_geometry(
         # Every batch size sees the same images, as consecutive batches of that size.
         chunks = images.split(batch)
 
-        def run(policy, chunks=chunks, path="auto", compile_merge=False):
+        def run(policy, chunks=chunks, path="auto", compile_merge=False, widened=None):
             if policy is None:
                 return [backbone.stock_features(model, chunk) for chunk in chunks]
             return [
-                backbone.merged_forward(model, chunk, policy, path=path, compile_merge=compile_merge)
+                backbone.merged_forward(model, chunk, policy, path=path, compile_merge=compile_merge, widened=widened)
                 for chunk in chunks
             ]
 
@@ -219,6 +223,13 @@ def run_geometry(
             variants.update({variant: partial(run_padded, policies[of]) for variant, of in padded.items()})
             for path in paths:  # the engine's paths forced, at the limit's budget
                 variants[f"{limit_of}, {path} path"] = partial(run, policies[limit_of], path=path)
+            biased = {  # variant -> path, with proportional attention as a bias on the padded grid
+                f"{limit_of}, {path + ' path, ' if path != 'auto' else ''}bias heads": path
+                for path in (paths or ("auto",))
+                if bias_heads
+            }
+            for variant, path in biased.items():
+                variants[variant] = partial(run, policies[limit_of], path=path, widened=False)
             compiled = {  # variant -> path, with the compiled merge
                 f"{limit_of}, {path + ' path, ' if path != 'auto' else ''}compiled merge": path
                 for path in (paths or ("auto",))
@@ -243,7 +254,7 @@ def run_geometry(
                     counts_of[variant] = torch.cat([out.tokens_per_layer.cpu() for out in run(policy)])
             counts_of.update({variant: counts_of[of] for variant, of in padded.items()})
             counts_of.update({f"{limit_of}, {path} path": counts_of[limit_of] for path in paths})
-            counts_of.update({variant: counts_of[limit_of] for variant in compiled})
+            counts_of.update({variant: counts_of[limit_of] for variant in (*compiled, *biased)})
             for variant in variants:
                 counts = counts_of[variant]
                 final = counts[:, -1].double()
@@ -284,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", nargs="*", default=[], choices=["dynamic", "static"], help="force engine paths")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="fractions of tokens left")
     parser.add_argument("--compile-merge", action="store_true", help="also time the compiled merge step")
+    parser.add_argument("--bias-heads", action="store_true", help="also time the log-size bias on the padded grid")
     add_run_arguments(parser, "encoder_speed")
     args = parser.parse_args(argv)
 
@@ -294,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     rows = []
     for geometry in args.geometry:
-        options = (args.compare_padded, tuple(args.budgets), tuple(args.paths), args.compile_merge)
+        options = (args.compare_padded, tuple(args.budgets), tuple(args.paths), args.compile_merge, args.bias_heads)
         rows += run_geometry(geometry, args.batch, args.repeats, device, dtype, *options)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

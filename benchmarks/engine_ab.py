@@ -9,11 +9,14 @@ machine that makes absolute times and even interleaved medians unreliable. The o
 * ``--compile-merge``: the capacity engine with matching and the merge step through ``torch.compile``
   (compiled before the timed rounds);
 * ``--against-commit REV``: the capacity engine of ``dymu_lightning/core`` at git revision REV,
-  imported as a package of its own (the same backbone, blocks and policy).
+  imported as a package of its own (the same backbone, blocks and policy);
+* ``--widened``: the capacity engine with proportional attention as widened heads folded into the
+  projection weights (on the CPU the widened grid reference; the form ``varlen_attn`` runs on a GPU).
 
     python benchmarks/encoder_speed.py ...   # the full table; this script is the focused A/B
     python benchmarks/engine_ab.py --geometry b16_224 --batch 8 1 --rounds 9
     python benchmarks/engine_ab.py --batch 8 1 --rounds 9 --against-commit e9bef3a --compile-merge
+    python benchmarks/engine_ab.py --batch 8 1 --rounds 7 --against-commit 41ed74b --widened
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_ab"))
     parser.add_argument("--compile-merge", action="store_true", help="add the engine with a compiled merge")
     parser.add_argument("--against-commit", metavar="REV", help="add the capacity engine at a git revision")
+    parser.add_argument("--widened", action="store_true", help="add the engine with folded widened heads")
     args = parser.parse_args(argv)
 
     backbone = get_backbone("timm_vit")
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         others["compiled merge"] = lambda *a, **k: run_blocks(*a, compile_merge=True, **k)
     if args.against_commit:
         others[f"capacity at {args.against_commit}"] = run_blocks_at(args.against_commit)
+    if args.widened:
+        others["widened heads"] = lambda *a, **k: run_blocks(*a, widened=True, **k)
     print("\n".join(lines), flush=True)
     with torch.inference_mode():
         for batch in args.batch:

@@ -18,7 +18,9 @@ run-ahead and CUDA graphs) or when it launches many small kernels. Both show on 
     python benchmarks/engine_proxies.py --batch 8 --breakdown   # + every op of a merging block, by purpose
 
 ``--breakdown`` lists the non-view ops of the static block loop's merging blocks (every block after
-the first is the same sequence there) by purpose and by source line, per merging block.
+the first is the same sequence there) by purpose and by source line, per merging block: on the CPU's
+bias grid, and on the GPU's form (widened heads folded into the projections, ``varlen_attn``) with a
+CPU stand-in for the kernel that the counters see as one op.
 
 Counts only: no timing, so a noisy machine does not change them.
 """
@@ -41,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dymu_lightning.backbones import get_backbone
 from dymu_lightning.backbones.thresholds import batch_thresholds
-from dymu_lightning.core import LaggedCounts, MergePolicy
+from dymu_lightning.core import LaggedCounts, MergePolicy, encoder, packed_attention
 from dymu_lightning.core.encoder import run_blocks, run_capacity_blocks
 from dymu_lightning.core.padded_engine import run_blocks_padded
 
@@ -96,6 +98,38 @@ def counting(counts: Counts):
         torch.Tensor.tolist = original
 
 
+@torch.library.custom_op("dymu_proxy::varlen_attn", mutates_args=())
+def _varlen_stand_in(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``varlen_attn`` on the CPU: bias-free SDPA per image. One dispatcher op, as the kernel is one
+    launch; the counters never see inside it (a dispatch mode is off while it handles an op)."""
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens.numpy()  # host memory of a CPU tensor: no dispatcher op, no Tensor.tolist
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        segment = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(*segment, scale=scale).transpose(0, 1)
+    return out
+
+
+@contextmanager
+def varlen_stand_in():
+    """Run the engine's CUDA branch on the CPU: widened heads and ``varlen_attn`` (the stand-in)."""
+    import torch.nn.attention.varlen as varlen_module
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, num_splits=None):
+        return _varlen_stand_in(q, k, v, cu_q, scale)
+
+    saved = varlen_module.varlen_attn, encoder.varlen_available
+    varlen_module.varlen_attn, encoder.varlen_available = varlen_attn, lambda device, dtype: True
+    packed_attention._varlen_options.cache_clear()
+    try:
+        yield
+    finally:
+        varlen_module.varlen_attn, encoder.varlen_available = saved
+        packed_attention._varlen_options.cache_clear()
+
+
 # Purpose of an op, from the repository function that issued it (merge_step: from its source line).
 _PURPOSES = {
     "attn_in": "host block: norm, qkv projection",
@@ -105,6 +139,12 @@ _PURPOSES = {
     "run_capacity_blocks": "host block: residual adds",
     "grid_attention": "attention grid (CPU reference; varlen on a GPU)",
     "scatter_to_grid": "attention grid (CPU reference; varlen on a GPU)",
+    "qkv": "host block: norm, qkv projection",
+    "out": "host block: output projection",
+    "after_proj": "host block: output projection",
+    "log_size_column": "widened heads: log(size)/scale into k's extra column",
+    "varlen_widened": "host block: attention kernel",
+    "cu_seqlens": "varlen: cu_seqlens",
     "valid_mask": "matching: masks",
     "bipartite_edges": "matching: cosine similarity, masks, best partner",
     "select": "matching: policy decision",
@@ -150,17 +190,22 @@ def _purpose(op: str, filename: str, function: str, line: int) -> str:
     return next(purpose for word, purpose in _MERGE_WORDS if word in source)
 
 
-def breakdown(backbone, model, policy: MergePolicy, pixels: torch.Tensor) -> list[str]:
-    """Markdown tables: the ops of one merging block of the static loop, by purpose and by line."""
+def breakdown(backbone, model, policy: MergePolicy, pixels: torch.Tensor, gpu_form: bool = False) -> list[str]:
+    """Markdown tables: the ops of one merging block of the static loop, by purpose and by line;
+    ``gpu_form``: widened heads and the varlen stand-in instead of the CPU's bias grid."""
+    if gpu_form:
+        with varlen_stand_in():
+            return breakdown(backbone, model, policy, pixels)
     prefix = backbone.num_prefix_tokens(model)
     blocks = backbone.blocks(model)
     merging = [layer for layer in range(1, len(blocks)) if policy.merges_at(layer)]
+    with torch.inference_mode():
+        x = backbone.embed(model, pixels)
+        run_capacity_blocks(x, blocks, policy, prefix, static=True)  # folds the weights once, if widened
     recorder = _Recorder()
     with torch.inference_mode(), recorder:
-        x = backbone.embed(model, pixels)
-        start = len(recorder.ops)
         run_capacity_blocks(x, blocks, policy, prefix, static=True)
-    ops = recorder.ops[start:]
+    ops = recorder.ops
     # Per merging block: every non-first block of the static loop runs the same sequence, the first
     # one (dense, views only) and the final stack are left out by counting the whole loop minus them.
     first = MergePolicy(thresholds=[policy.threshold(0)] + [float("inf")] * (len(blocks) - 1))
@@ -171,8 +216,9 @@ def breakdown(backbone, model, policy: MergePolicy, pixels: torch.Tensor) -> lis
     per_block = len(ops) / len(merging)
     by_purpose = Counter(_purpose(*op) for op in ops)
     by_line = Counter((name, line, op) for op, _, name, line in ops)
+    form = "widened heads, varlen stand-in" if encoder.varlen_available(x.device, x.dtype) else "CPU bias grid"
     lines = [
-        f"## one merging block, static path ({len(merging)} merging blocks after the first, "
+        f"## one merging block, static path, {form} ({len(merging)} merging blocks after the first, "
         f"batch {pixels.shape[0]}): {per_block:.1f} non-view ops per block",
         "",
         "| purpose | ops per merging block |",
@@ -221,6 +267,13 @@ def _variants(backbone, model, policy: MergePolicy) -> dict[str, tuple[Forward, 
 
         return forward
 
+    def on_gpu_form(forward):
+        def run(pixels):
+            with varlen_stand_in():
+                return forward(pixels)
+
+        return run
+
     variants = {"stock": (stock, None), "DToMe, padded engine (before)": (padded, None)}
     for name, path, make_reader in (
         ("dynamic, counts at once (CPU)", "dynamic", LaggedCounts),
@@ -228,6 +281,9 @@ def _variants(backbone, model, policy: MergePolicy) -> dict[str, tuple[Forward, 
         ("static", "static", None),
     ):
         variants[f"DToMe, {name}"] = (engine(path, make_reader, True), engine(path, make_reader, False))
+    for name, path, make_reader in (("dynamic, one merge late", "dynamic", one_merge_late), ("static", "static", None)):
+        whole, loop = engine(path, make_reader, True), engine(path, make_reader, False)
+        variants[f"DToMe, {name}, GPU form (widened heads, varlen stand-in)"] = (on_gpu_form(whole), on_gpu_form(loop))
     return variants
 
 
@@ -277,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         stock_ops = None
         with torch.inference_mode():
             for variant, (forward, loop) in forwards.items():
+                forward(first)  # uncounted: the widened variants fold the projection weights once
                 whole, late = measure(forward, first)
                 again, _ = measure(forward, second)
                 capturable = whole.syncs == 0 and whole.trace == again.trace
@@ -293,9 +350,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(row, flush=True)
     if args.breakdown:
         for batch in args.batch:
-            table = breakdown(backbone, model, policy, pixels_all[:batch])
-            print("\n".join(["", *table]), flush=True)
-            lines += ["", *table]
+            for gpu_form in (False, True):
+                table = breakdown(backbone, model, policy, pixels_all[:batch], gpu_form)
+                print("\n".join(["", *table]), flush=True)
+                lines += ["", *table]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0

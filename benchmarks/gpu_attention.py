@@ -10,6 +10,11 @@ float64 reference:
 * the same with cuDNN disabled (FA2 if the routing honours the flag: the report says which ran);
 * FlexAttention, compiled, with a document mask and a ``log(size)`` score_mod (d stays 64).
 
+Then the whole attention sublayer (norm, qkv projection, attention, output projection) of a random
+block at the same shapes, as the engine runs it: bias SDPA on the grid; widened heads made per call
+(a zero-padded copy of q, k, v) with ``varlen_attn``; widened heads folded into the projection
+weights with ``varlen_attn`` (issue 12's "fold the extra columns into the weights").
+
     python benchmarks/gpu_attention.py --dtype bfloat16 --batch 64 --heads 16
 
 With ``--cudnn-cache`` it instead runs the padded engine 20 times on a random CLIP-L/14-336 tower
@@ -29,7 +34,9 @@ from pathlib import Path
 import torch
 
 from dymu_lightning.core.capacity import CapacityState
-from dymu_lightning.core.packed_attention import grid_attention, varlen_attention
+from dymu_lightning.core.encoder import BlockParts, widened_attention
+from dymu_lightning.core.packed_attention import grid_attention, varlen_attention, varlen_widened
+from dymu_lightning.core.widened import AttentionLinears
 
 
 def packed_batch(batch: int, heads: int, head_dim: int, full: int, dtype: torch.dtype, seed: int = 0):
@@ -144,6 +151,7 @@ def kernels(args: argparse.Namespace) -> list[str]:
         baseline = baseline or ms
         lines.append(f"| {name} | {ms:.3f} | {baseline / ms:.2f}x | {error:.2e} |")
         print(lines[-1], flush=True)
+    lines += sublayers(args, state, dtype)
     if args.profile:  # which kernels each variant launched (cuDNN vs flash)
         for name, fn in variants.items():
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
@@ -151,6 +159,61 @@ def kernels(args: argparse.Namespace) -> list[str]:
                 torch.cuda.synchronize()
             names = sorted({event.name[:60] for event in profiler.events() if event.device_type.name == "CUDA"})
             lines.append(f"- {name}: {', '.join(names[:6])}")
+    return lines
+
+
+def sublayers(args: argparse.Namespace, state: CapacityState, dtype: torch.dtype) -> list[str]:
+    """The attention sublayer with proportional attention in each form, timed and checked."""
+    channels = args.heads * args.head_dim
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(channels).cuda()
+    qkv, proj = torch.nn.Linear(channels, 3 * channels).cuda(), torch.nn.Linear(channels, channels).cuda()
+    scale = args.head_dim**-0.5
+
+    def attn_in(x):
+        return qkv(norm(x)).view(x.shape[0], 3, args.heads, args.head_dim).unbind(1)
+
+    parts = BlockParts(attn_in, proj, lambda x: x, scale, AttentionLinears(norm, (qkv,), proj, None, args.head_dim))
+    per_call = BlockParts(attn_in, proj, lambda x: x, scale)
+    x = torch.randn(state.capacity, channels, device="cuda")
+    cu_seqlens = state.cu_seqlens()
+
+    def bias():
+        q, k, v = attn_in(x)
+        grid = (state.sizes, state.slot, state.batch, state.max_len, scale)
+        return proj(grid_attention(q, k, v, *grid).flatten(1))
+
+    def widened(parts):
+        attention = widened_attention(parts)
+        h, d = attention.qkv(x, state.sizes)
+        return attention.out(varlen_widened(h, d, cu_seqlens, state.max_len, scale))
+
+    with torch.no_grad():
+        for module in (norm, qkv, proj):
+            module.double()
+        x = x.double()
+        exact = bias()
+        for module in (norm, qkv, proj):
+            module.to(dtype)
+        x = x.to(dtype)
+        variants = {
+            "sublayer, bias SDPA on the grid": bias,
+            "sublayer, widened per call, varlen": lambda: widened(per_call),
+            "sublayer, widened folded into the weights, varlen": lambda: widened(parts),
+        }
+        lines = ["", "| attention sublayer (norm, qkv, attention, out) | ms | vs bias | max error vs float64 |"]
+        lines.append("|---|---|---|---|")
+        baseline = None
+        for name, fn in variants.items():
+            try:
+                error = (fn().double() - exact).abs().max().item()
+                ms = time_cuda(fn, args.repeats)
+            except Exception as failure:  # noqa: BLE001 - one form failing must not hide the others
+                lines.append(f"| {name} | failed: {type(failure).__name__}: {str(failure)[:80]} | | |")
+                continue
+            baseline = baseline or ms
+            lines.append(f"| {name} | {ms:.3f} | {baseline / ms:.2f}x | {error:.2e} |")
+            print(lines[-1], flush=True)
     return lines
 
 

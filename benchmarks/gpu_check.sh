@@ -133,14 +133,17 @@ if [[ $DRY != 1 ]]; then
     step "cuDNN plan cache (8.2)" 5 cudnn_cache 90
     # --compile-merge: both paths again with matching and the merge step through torch.compile (the
     # warm-up call compiles: about a minute on the machine's 16 cores, inside this step's cap).
+    # --bias-heads: both paths again with the log-size bias on the padded grid instead of the widened
+    # heads folded into the projections (varlen_attn), the default there. Step 8.1 also times the
+    # attention sublayer with the heads widened per call against folded into the weights.
     step "engine paths (8.3)" 210 "$PYTHON" benchmarks/encoder_speed.py --device cuda --dtype bfloat16 \
         --geometry l14_336 --batch 1 64 --repeats 3 --budgets 0.33 --paths dynamic static --compare-padded \
-        --compile-merge --out "$OUT/engine_paths"
+        --compile-merge --bias-heads --out "$OUT/engine_paths"
     step "encoder profile (8.4)" 60 "$PYTHON" benchmarks/gpu_profile.py --encoder-only --out "$OUT/gpu_profile"
 else
     step "engine paths (8.3)" 300 "$PYTHON" benchmarks/encoder_speed.py --device cpu --dtype float32 \
         --geometry b16_224 --batch 1 2 --repeats 1 --budgets 0.33 --paths dynamic static --compare-padded \
-        --compile-merge --out "$OUT/engine_paths"
+        --compile-merge --bias-heads --out "$OUT/engine_paths"
 fi
 
 # -P (here and above): the checkout's dymu_lightning/, without its subpackages, must not come first on

@@ -2,7 +2,9 @@
 
 ``check_backbone`` asserts the properties that every built-in adapter is tested for (see
 tests/test_backbones.py for the full versions): merging off equals the stock model, unpatching
-restores it, an image's result does not depend on its batch-mates, and sizes equal group counts.
+restores it, an image's result does not depend on its batch-mates, sizes equal group counts, and
+proportional attention as widened heads (folded into the projections where ``BlockParts.linears``
+describes them: the form GPUs run) equals the bias form.
 """
 
 from __future__ import annotations
@@ -50,3 +52,9 @@ def check_backbone(backbone: Backbone, model: nn.Module, pixels: Tensor, r: int 
             counts = torch.bincount(batch.group[b], minlength=n).float()
             counts[: batch.num_prefix] += 1
             assert torch.equal(batch.sizes[b, :n], counts), f"image {b}: sizes are not the group counts"
+
+        bias = backbone.merged_forward(model, pixels, policy, widened=False)
+        widened = backbone.merged_forward(model, pixels, policy, widened=True)
+        assert torch.equal(widened.tokens_per_layer, bias.tokens_per_layer), "widened heads merge differently"
+        error = (widened.tokens - bias.tokens).abs().max().item()
+        assert error <= atol, f"widened heads differ from the bias form by {error:.2e}: check BlockParts.linears"

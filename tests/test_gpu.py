@@ -406,6 +406,39 @@ def test_bfloat16_image_result_is_independent_of_batch_mates_on_cuda(tiny):
                 print(f"{path} image {b}: max feature difference alone vs in batch {difference:.2e}")
 
 
+def test_cuda_graph_replays_folded_heads_with_the_current_weights(tiny):
+    """A captured static loop holds the folded projection weights (widened heads, bfloat16): after an
+    in-place update of the host's weights a replay computes what an eager forward with the new weights
+    computes, and the folded form merges like the bias form."""
+    if not tiny.backbone.plain_blocks:
+        pytest.skip(f"{tiny.backbone.name}: rotary blocks run their own forward, not the BlockParts engine")
+    from dymu_lightning.core.cuda_graph import GraphCache
+
+    pixels = blocky_images(tiny.image_size).to(CUDA)
+    model = on_cuda(tiny.model)
+    thresholds, margin = spaced_thresholds(tiny.backbone, model, pixels, farthest_from_every_score)
+    policy = MergePolicy(thresholds=thresholds)
+    model, pixels = model.to(torch.bfloat16), pixels.to(torch.bfloat16)
+    graphs = GraphCache()
+    outs = [parts.linears.out for parts in tiny.backbone.blocks(model) if parts.linears is not None]
+    assert outs, f"{tiny.backbone.name}: no block describes its projections as plain linears"
+    with torch.inference_mode():
+        replay = _engine_run(tiny.backbone, model, pixels, policy, path="static", graphs=graphs, graph_key="t")
+        bias = _engine_run(tiny.backbone, model, pixels, policy, path="static", widened=False)
+        assert_same_merges(replay, bias)
+        assert (replay.tokens.float() - bias.tokens.float()).abs().max().item() <= 6e-2
+        try:
+            for out in outs:
+                out.weight.mul_(0.5)
+            replay = _engine_run(tiny.backbone, model, pixels, policy, path="static", graphs=graphs, graph_key="t")
+            eager = _engine_run(tiny.backbone, model, pixels, policy, path="static")
+        finally:
+            for out in outs:
+                out.weight.mul_(2.0)
+    assert len(graphs.graphs) == 1
+    assert torch.equal(replay.tokens, eager.tokens)
+
+
 def test_varlen_widened_heads_equal_bias_path_on_cuda():
     """bfloat16 varlen with widened heads is as close to a float64 reference as the bias path."""
     from dymu_lightning.core.capacity import CapacityState

@@ -12,6 +12,7 @@ from dymu_lightning.core.matching import Edges, bipartite_edges
 from dymu_lightning.core.merge import TokenState, merge_tokens
 from dymu_lightning.core.policy import MODES, LayerMerges, MergePolicy, local_batch_cut, rank_within_image
 from dymu_lightning.core.rotary_units import ROTARY_MODES, Rotary, RotaryBlockParts, UnitBatch, run_unit_blocks
+from dymu_lightning.core.widened import AttentionLinears
 
 __all__ = [
     "BACKENDS",
@@ -19,6 +20,7 @@ __all__ = [
     "PATHS",
     "ROTARY_MODES",
     "STATIC_BATCH_CUTOFF",
+    "AttentionLinears",
     "BlockParts",
     "CapacityState",
     "Edges",

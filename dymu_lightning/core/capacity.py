@@ -37,6 +37,8 @@ class CapacityState:
             :meth:`group_positions` gives positions within each image).
         max_len: ``Lc``, a host upper bound on ``lengths.max()``.
         dense: host flag, True while nothing has merged (row ``b * Lc + p`` is image b's token p).
+        bounds: ``[B + 1]`` long, the image boundaries ``[0, cumsum(lengths)]`` when the merge
+            that made this state had them for free (None: :meth:`cu_seqlens` computes them).
     """
 
     x: Tensor
@@ -46,6 +48,7 @@ class CapacityState:
     group: Tensor
     max_len: int
     dense: bool = False
+    bounds: Tensor | None = None
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int) -> CapacityState:
@@ -104,7 +107,8 @@ class CapacityState:
 
     def cu_seqlens(self) -> Tensor:
         """``[B + 1]`` int32, image boundaries in the buffer (for varlen attention)."""
-        return torch.nn.functional.pad(self.lengths.cumsum(0), (1, 0)).int()
+        bounds = torch.nn.functional.pad(self.lengths.cumsum(0), (1, 0)) if self.bounds is None else self.bounds
+        return bounds.int()
 
     def shrink(self, capacity: int, max_len: int) -> CapacityState:
         """Drop dead rows past ``capacity`` and narrow the grid to ``max_len``: views, no copy.
@@ -123,6 +127,7 @@ class CapacityState:
             group=self.group,
             max_len=max_len,
             dense=self.dense and capacity == self.capacity and max_len == self.max_len,
+            bounds=self.bounds,  # live rows do not move
         )
 
 
@@ -145,14 +150,19 @@ def merge_step(state: CapacityState, partner: Tensor, merge: Tensor, valid: Tens
     image its new position.
     """
     batch, max_len, capacity = state.batch, state.max_len, state.capacity
-    # One cell more than the grid, never kept: dead rows (grid slot B * Lc) read their new row there.
-    cells = torch.nn.functional.pad((state.valid_mask() if valid is None else valid).reshape(-1), (0, 1))
-    keep = cells[:-1].view(batch, max_len)
+    # The flattened grid with one empty cell before it and one after it: the one after is where dead
+    # rows' slot (B * Lc) points, the one before makes the survivor count up to each cell's
+    # predecessor (its new row) a view of one cumsum.
+    valid = state.valid_mask() if valid is None else valid
+    cells = torch.nn.functional.pad(valid.reshape(-1), (1, 1))  # [B * Lc + 2]
+    keep = cells[1:-1].view(batch, max_len)
     keep[:, 0::2].masked_fill_(merge, False)
     kept = keep.cumsum(dim=-1)  # [B, Lc] long: survivors up to and including each cell
     new_lengths = kept[:, -1]
-    # Each survivor's new row; every other cell (and the extra one) points at the trash row.
-    row = torch.where(cells, cells.cumsum(dim=0) - 1, capacity)  # [B * Lc + 1]
+    count = cells.cumsum(dim=0)  # [B * Lc + 2]: survivors up to and including each padded cell
+    # Each survivor's new row is the count before it; every other cell (and the extra one) points
+    # at the trash row. Indexed by grid slot: row[b * Lc + p].
+    row = torch.where(cells[1:], count[:-1], capacity)  # [B * Lc + 1]
     # A survivor's new cell is b * Lc + (its new position); the -1 turns a count into a position.
     cell = kept + torch.arange(-1, batch * max_len - 1, max_len, device=keep.device)[:, None]
     slot = torch.full((capacity + 1,), batch * max_len, device=keep.device)
@@ -167,11 +177,11 @@ def merge_step(state: CapacityState, partner: Tensor, merge: Tensor, valid: Tens
     destination = row[state.slot]  # [Tc]: each buffer row's new row
 
     # One scatter carries the size-weighted sums and the sizes, accumulated in at least float32
-    # (bf16 sums of several tokens lose the weights' precision).
+    # (bf16 sums of several tokens lose the weights' precision). A half-precision x times float32
+    # sizes promotes to float32 in the multiply itself: no separate cast.
     channels = state.x.shape[1]
-    accumulate = accumulation_dtype(state.x.dtype)
-    sizes = state.sizes.to(accumulate)[:, None]
-    weighted = torch.cat([state.x.to(accumulate) * sizes, sizes], dim=1)  # [Tc, C + 1], differentiable
+    sizes = state.sizes.to(accumulation_dtype(state.x.dtype))[:, None]
+    weighted = torch.cat([state.x * sizes, sizes], dim=1)  # [Tc, C + 1], differentiable
     summed = weighted.new_zeros(capacity + 1, channels + 1).index_add_(0, destination, weighted)[:capacity]
     sizes = summed[:, channels]
     # Rows nobody lands in are dead: size 0, value 0 (the clamp only guards the division; a NaN
@@ -185,6 +195,7 @@ def merge_step(state: CapacityState, partner: Tensor, merge: Tensor, valid: Tens
         lengths=new_lengths,
         group=destination[state.group],
         max_len=max_len,
+        bounds=count[0 : batch * max_len + 1 : max_len],  # [0, end of image 0, ...]: a view, no op
     )
 
 

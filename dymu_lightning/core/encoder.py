@@ -31,10 +31,18 @@ from dymu_lightning.core.matching import Edges, bipartite_edges
 from dymu_lightning.core.packed_attention import (
     grid_attention,
     scatter_to_grid,
-    varlen_attention,
     varlen_available,
+    varlen_widened,
+    widened_grid_attention,
 )
 from dymu_lightning.core.policy import MergePolicy
+from dymu_lightning.core.widened import (
+    AttentionLinears,
+    WidenedAttention,
+    fold_attention,
+    folded_weights,
+    widen_per_call,
+)
 
 EnginePath = Literal["auto", "dynamic", "static"]
 PATHS: tuple[str, ...] = ("auto", "dynamic", "static")
@@ -56,12 +64,16 @@ class BlockParts:
             branch (output norm and projection, layer scale, drop path).
         mlp: ``[T, C] -> [T, C]``: the whole second residual branch (norm, MLP, layer scale, drop path).
         scale: the attention logit scale.
+        linears: the same attention as plain linear maps, when the host's are, so that widened
+            heads fold into the projection weights (:mod:`dymu_lightning.core.widened`); None
+            widens per call.
     """
 
     attn_in: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
     attn_out: Callable[[Tensor], Tensor]
     mlp: Callable[[Tensor], Tensor]
     scale: float
+    linears: AttentionLinears | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +129,7 @@ def run_blocks(
     graphs: GraphCache | None = None,
     graph_key: Hashable = None,
     compile_merge: bool = False,
+    widened: bool | None = None,
 ) -> MergedTokens:
     """Run ``blocks`` on embedded tokens, merging as ``policy`` says.
 
@@ -133,20 +146,30 @@ def run_blocks(
             names what else fixes a graph besides the policy and the input (the model, the blocks).
         compile_merge: run matching and the merge step through ``torch.compile`` (see
             :func:`compiled_merge_steps`); the first forward pays the compilation.
+        widened: proportional attention as widened heads (folded into the projection weights)
+            instead of a log-size bias on the grid; None: where ``varlen_attn`` runs (CUDA, half
+            precision, ``"sdpa"``). Elsewhere True runs the widened grid reference.
 
     The blocks run without a host read; building the returned :class:`MergedTokens` (exact host
     sizes) reads the final counts once, unless nothing merged.
     """
     static = choose_path(path, x.shape[0], x.device) == "static"
+    widened = use_widened(widened, backend, x)
     if static and graphs is not None and can_capture(policy, x):
 
         def loop(x: Tensor) -> tuple[CapacityState, Tensor]:
-            return run_capacity_blocks(x, blocks, policy, num_prefix, backend, static=True, compile_merge=compile_merge)
+            return run_capacity_blocks(
+                x, blocks, policy, num_prefix, backend, static=True, compile_merge=compile_merge, widened=widened
+            )
 
-        state, counts = graphs.run(policy_key(policy, (graph_key, backend, compile_merge)), loop, x)
+        if widened:  # a graph holds the folded weights' addresses: refresh them in place first
+            for parts in blocks:
+                if parts.linears is not None:
+                    folded_weights(parts.linears)
+        state, counts = graphs.run(policy_key(policy, (graph_key, backend, compile_merge, widened)), loop, x)
     else:
         state, counts = run_capacity_blocks(
-            x, blocks, policy, num_prefix, backend, static, counts_reader, compile_merge
+            x, blocks, policy, num_prefix, backend, static, counts_reader, compile_merge, widened
         )
     return merged_tokens(state, counts, num_prefix, final)
 
@@ -160,14 +183,16 @@ def run_capacity_blocks(
     static: bool = False,
     counts_reader: LaggedCounts | None = None,
     compile_merge: bool = False,
+    widened: bool | None = None,
 ) -> tuple[CapacityState, Tensor]:
     """The block loop on capacity buffers. Sync-free: on the static path it runs under
     ``FakeTensorMode`` (tests/test_engine.py); the dynamic path only reads counts whose copy finished.
-    ``compile_merge``: see :func:`run_blocks`.
+    ``compile_merge``, ``widened``: see :func:`run_blocks`.
 
     Returns:
         The final :class:`CapacityState` and ``[B, num_blocks + 1]`` token counts per image.
     """
+    widened = use_widened(widened, backend, x)
     state = CapacityState.start(x, num_prefix)
     reader = None if static else (counts_reader or LaggedCounts())
     if reader is not None:
@@ -177,7 +202,7 @@ def run_capacity_blocks(
     for layer, parts in enumerate(blocks):
         state = _maybe_shrink(state, reader)
         merges = policy.merges_at(layer) and state.max_len >= 2
-        branch, keys = _attention_branch(parts, state, backend, merges)
+        branch, keys = _attention_branch(parts, state, backend, merges, widened)
         state = replace(state, x=state.x + branch)
         if merges:
             edges, valid = match(state, keys, num_prefix)
@@ -193,6 +218,11 @@ def run_capacity_blocks(
         state = replace(state, x=state.x + parts.mlp(state.x))
         counts.append(state.lengths)
     return state, torch.stack(counts, dim=1)
+
+
+def use_widened(widened: bool | None, backend: Backend, x: Tensor) -> bool:
+    """Resolve ``widened=None``: widened heads exactly where ``varlen_attn`` runs them."""
+    return backend == "sdpa" and varlen_available(x.device, x.dtype) if widened is None else widened
 
 
 def match_edges(state: CapacityState, keys: Tensor, num_prefix: int) -> tuple[Edges, Tensor]:
@@ -254,7 +284,7 @@ def merged_tokens(
 
 
 def _attention_branch(
-    parts: BlockParts, state: CapacityState, backend: Backend, with_keys: bool
+    parts: BlockParts, state: CapacityState, backend: Backend, with_keys: bool, widened: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """The attention residual branch on the buffer's rows.
 
@@ -262,22 +292,32 @@ def _attention_branch(
         ``[Tc, C]`` branch output, and (if ``with_keys``) the similarity metric for matching: the
         keys averaged over heads in the padded grid, ``[B, Lc, d]``, zero in empty cells.
     """
-    q, k, v = parts.attn_in(state.x)
     batch, length = state.batch, state.max_len
-    keys = None
     if state.dense:
         # Nothing merged yet: every size is 1 and no image is padded, so plain attention on views is
         # exact and lets SDPA pick its fastest kernel (the memory layout the stock attention gets).
+        q, k, v = parts.attn_in(state.x)
         q_g, k_g, v_g = (t.view(batch, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         out = attention(q_g, k_g, v_g, parts.scale, None, backend).transpose(1, 2)
-        out = out.reshape(state.capacity, -1)
-        keys = k_g.mean(dim=1) if with_keys else None
-    elif backend == "sdpa" and varlen_available(q.device, q.dtype):
-        out = varlen_attention(q, k, v, state.sizes, state.cu_seqlens(), length, parts.scale).flatten(1)
-        keys = scatter_to_grid(k.mean(dim=1), state.slot, batch, length) if with_keys else None
-    else:
-        # The reference grid already holds the keys: matching reads them there, no second scatter.
-        out, k_g = grid_attention(q, k, v, state.sizes, state.slot, batch, length, parts.scale, backend, with_keys=True)
-        out = out.flatten(1)
-        keys = k_g.mean(dim=1) if with_keys else None
-    return parts.attn_out(out), keys
+        return parts.attn_out(out.reshape(state.capacity, -1)), (k_g.mean(dim=1) if with_keys else None)
+    if widened:
+        attn = widened_attention(parts)
+        h, d = attn.qkv(state.x, state.sizes)  # [Tc, 3, H, dw]
+        if backend == "sdpa" and varlen_available(h.device, h.dtype):
+            out = varlen_widened(h, d, state.cu_seqlens(), length, parts.scale)
+            keys = scatter_to_grid(h[:, 1, :, :d].mean(dim=1), state.slot, batch, length) if with_keys else None
+        else:
+            out, k_g = widened_grid_attention(h, d, state.slot, batch, length, parts.scale, backend)
+            keys = k_g[..., :d].mean(dim=1) if with_keys else None
+        return attn.out(out), keys
+    # The bias form on the reference grid, which already holds the keys: matching reads them there.
+    q, k, v = parts.attn_in(state.x)
+    out, k_g = grid_attention(q, k, v, state.sizes, state.slot, batch, length, parts.scale, backend, with_keys=True)
+    return parts.attn_out(out.flatten(1)), (k_g.mean(dim=1) if with_keys else None)
+
+
+def widened_attention(parts: BlockParts) -> WidenedAttention:
+    """``parts`` in widened heads: folded into the weights where the adapter describes its linears."""
+    if parts.linears is not None:
+        return fold_attention(parts.linears, parts.scale)
+    return widen_per_call(parts.attn_in, parts.attn_out, parts.scale)

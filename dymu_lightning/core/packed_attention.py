@@ -112,6 +112,37 @@ def grid_attention(
     return (out, k_g) if with_keys else out
 
 
+def widened_grid_attention(
+    h: Tensor,
+    head_dim: int,
+    slots: Tensor,
+    batch: int,
+    max_len: int,
+    scale: float,
+    backend: Backend = "sdpa",
+) -> tuple[Tensor, Tensor]:
+    """The reference for widened heads: bias-free attention per image on a padded grid.
+
+    Args:
+        h: ``[T, 3, H, dw]`` q', k', v' packed rows (k's column ``head_dim`` holds ``log(s)/scale``).
+        slots, batch, max_len, scale, backend: as for :func:`grid_attention`.
+
+    Returns:
+        ``[T, H, dw]`` (dead rows hold a copy of some live row's output) and the keys
+        ``[B, H, Lc, dw]``.
+    """
+    heads, width = h.shape[2:]
+    cells = batch * max_len
+    stacked = h.new_zeros(cells + 1, 3, heads, width)
+    # Empty cells are keys that draw nothing: the dead logit in k's extra column (the grid's bias
+    # of -inf in the other form).
+    stacked[:, 1, :, head_dim] = DEAD_LOGIT / scale
+    stacked.index_copy_(0, slots, h)
+    q_g, k_g, v_g = stacked[:-1].view(batch, max_len, 3, heads, width).permute(2, 0, 3, 1, 4).unbind(0)
+    out = attention(q_g, k_g, v_g, scale, None, backend).transpose(1, 2)  # [B, Lc, H, dw]
+    return out.reshape(cells, heads, width)[slots.clamp(max=cells - 1)], k_g
+
+
 #: What the flash and cuDNN varlen kernels take; float32/float64 stay on the grid reference.
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -130,9 +161,10 @@ def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
 def varlen_attention(
     q: Tensor, k: Tensor, v: Tensor, sizes: Tensor, cu_seqlens: Tensor, max_len: int, scale: float
 ) -> Tensor:
-    """CUDA: packed attention with widened heads and ``varlen_attn``. ``max_len`` may be an upper
-    bound on the longest image; rows past ``cu_seqlens[-1]`` are not inputs and their outputs are
-    never read as live data.
+    """CUDA: packed attention with heads widened per call and ``varlen_attn``. ``max_len`` may be
+    an upper bound on the longest image; rows past ``cu_seqlens[-1]`` are not inputs and their
+    outputs are never read as live data. (The engine folds the widening into the projection weights
+    instead, :mod:`dymu_lightning.core.widened`, and calls :func:`varlen_widened`.)
 
     Args:
         q, k, v: ``[T, H, d]`` packed rows.
@@ -142,25 +174,38 @@ def varlen_attention(
     Returns:
         ``[T, H, d]``.
     """
+    head_dim = q.shape[-1]
+    widened = torch.stack(widen_heads(q, k, v, sizes, scale), dim=1)
+    return varlen_widened(widened, head_dim, cu_seqlens, max_len, scale)[..., :head_dim]
+
+
+def varlen_widened(h: Tensor, head_dim: int, cu_seqlens: Tensor, max_len: int, scale: float) -> Tensor:
+    """CUDA: ``varlen_attn`` on widened heads.
+
+    Args:
+        h: ``[T, 3, H, dw]`` q', k', v' (k's column ``head_dim`` holds ``log(s)/scale``).
+        head_dim: the real head dim ``d``.
+        cu_seqlens: ``[B + 1]`` int32; ``max_len`` any upper bound on the longest image.
+
+    Returns:
+        ``[T, H, dw]``; the columns past ``d`` are zero.
+    """
     from torch.nn.attention.varlen import varlen_attn
 
-    head_dim = q.shape[-1]
     options = _varlen_options()
-    kernel_scale = scale
-    if "scale" not in options:  # torch 2.10/2.11: the kernel applies dw ** -0.5; rescale q to match
-        kernel_scale = widened_head_dim(head_dim) ** -0.5
-    q_w, k_w, v_w = widen_heads(q, k, v, sizes, scale)
-    if kernel_scale != scale:
-        q_w = q_w * (scale / kernel_scale)
-        q_w[..., head_dim] = 1.0
-        k_w[..., head_dim] = k_w[..., head_dim] * (scale / kernel_scale)
+    q_w, k_w, v_w = h.unbind(1)
     kwargs = {}
     if "scale" in options:
         kwargs["scale"] = scale
+    else:  # torch 2.10/2.11: the kernel applies dw ** -0.5; rescale q (and the log-size column) to match
+        ratio = scale / h.shape[-1] ** -0.5
+        q_w = q_w * ratio
+        q_w[..., head_dim] = 1.0
+        k_w = k_w.clone()
+        k_w[..., head_dim] *= ratio
     if "num_splits" in options:
         kwargs["num_splits"] = 1  # one sequence's output does not depend on its batch-mates
-    out = varlen_attn(q_w, k_w, v_w, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
-    return out[..., :head_dim]
+    return varlen_attn(q_w, k_w, v_w, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
 
 
 @functools.cache
