@@ -33,7 +33,9 @@ TRAIN_IMAGES = 384  # the first N training images of Fashion-MNIST
 TEST_IMAGES = 200  # the first N test images, for the recorded accuracy
 IMAGE_SIZE = 112
 BATCH_SIZE = 8
-LEARNING_RATE = 1e-3
+LEARNING_RATE = 5e-3
+SCHEDULE = "cosine"  # to 0 over the run, after WARMUP_STEPS of linear warm-up
+WARMUP_STEPS = 4
 
 
 def align_dir() -> Path:
@@ -57,7 +59,14 @@ def align_small_llava(
 
     from dymu_lightning.assets.small_llava import materialise_small_llava
     from dymu_lightning.backbones.hf_vit import dinov2_image_processor
-    from dymu_lightning.vlm.align import AlignConfig, CaptionedImages, fit_align, pixel_tensor
+    from dymu_lightning.vlm.align import (
+        AlignConfig,
+        CaptionedImages,
+        fit_align,
+        init_projector,
+        pixel_tensor,
+        tower_features,
+    )
     from dymu_lightning.vlm.captions import answer_ids, caption_set, prompt_ids
     from dymu_lightning.vlm.evaluate import Reduction, classify
 
@@ -65,16 +74,24 @@ def align_small_llava(
     source = materialise_small_llava()
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
+    init_projector(model, SEED)  # not the folder's projector: --force must start where the first run did
     processor = dinov2_image_processor(IMAGE_SIZE, shortest_edge=IMAGE_SIZE)
     patches = (IMAGE_SIZE // model.config.vision_config.patch_size) ** 2
     prompt = prompt_ids(tokenizer, model.config.image_token_id, patches)
     captions = caption_set(f"fashion_mnist:train:{train}", seed=SEED).require("train", "alignment")
-    dataset = CaptionedImages(
-        pixel_tensor(captions.paths, processor), answer_ids(tokenizer, captions.captions, prompt.end)
-    )
+    # The tower is frozen and nothing merges: its features are read once, not at every step.
+    features = tower_features(model, pixel_tensor(captions.paths, processor))
+    dataset = CaptionedImages(features, answer_ids(tokenizer, captions.captions, prompt.end), features=True)
     work = align_dir()
     cfg = AlignConfig(
-        out_dir=work, seed=SEED, batch_size=BATCH_SIZE, lr=LEARNING_RATE, progress_bar=progress_bar, resume=not force
+        out_dir=work,
+        seed=SEED,
+        batch_size=BATCH_SIZE,
+        lr=LEARNING_RATE,
+        schedule=SCHEDULE,
+        warmup_steps=WARMUP_STEPS,
+        progress_bar=progress_bar,
+        resume=not force,
     )
     if force:
         shutil.rmtree(work, ignore_errors=True)
@@ -96,6 +113,9 @@ def align_small_llava(
         "image_size": IMAGE_SIZE,
         "batch_size": BATCH_SIZE,
         "learning_rate": LEARNING_RATE,
+        "schedule": f"{SCHEDULE}, {WARMUP_STEPS} warm-up steps",
+        "projector_init": f"normal(0, 0.02), zero biases, seed {SEED}",
+        "tower_features": "read once (frozen tower), then cached",
         "epochs": cfg.epochs,
         "accuracy": accuracy,
         "tokens_mean": float(found["visual_rows"].double().mean()),
@@ -141,8 +161,8 @@ def report(result: dict[str, Any]) -> str:
             f"Command: `{result['command']}` (seed {result['seed']})",
             "",
             f"- training: {result['train']}, {result['epochs']} epoch(s) at {result['image_size']} px, "
-            f"{result['global_steps']} steps of {result['batch_size']}; "
-            + (f"{speed:.1f} images/s" if speed else "not run in this invocation"),
+            f"{result['global_steps']} steps of {result['batch_size']}, AdamW lr {result['learning_rate']} "
+            f"({result['schedule']}); " + (f"{speed:.1f} images/s" if speed else "not run in this invocation"),
             f"- trainable parameters: {result['trainable_parameters']:,} of {result['total_parameters']:,}",
             f"- zero-shot accuracy on {result['test']}: {result['accuracy']:.4f} "
             f"at {result['tokens_mean']:.0f} visual tokens per image",
