@@ -48,9 +48,19 @@ def is_aligned(directory: Path | None = None) -> bool:
 
 
 def align_small_llava(
-    force: bool = False, train: int = TRAIN_IMAGES, test: int = TEST_IMAGES, progress_bar: bool = True
+    force: bool = False,
+    train: int = TRAIN_IMAGES,
+    test: int = TEST_IMAGES,
+    lr: float = LEARNING_RATE,
+    schedule: str = SCHEDULE,
+    warmup: int = WARMUP_STEPS,
+    progress_bar: bool = True,
 ) -> int:
     """The ``align_small_llava`` command: align the projector (once) and install it in the cache."""
+    if not lr > 0:
+        raise ValueError(f"--lr must be > 0, got {lr}")
+    if warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {warmup}")
     target = small_llava_dir()
     if is_aligned(target) and not force:
         print(f"small llava: already aligned ({target / ALIGNMENT_FILE})")
@@ -87,9 +97,9 @@ def align_small_llava(
         out_dir=work,
         seed=SEED,
         batch_size=BATCH_SIZE,
-        lr=LEARNING_RATE,
-        schedule=SCHEDULE,
-        warmup_steps=WARMUP_STEPS,
+        lr=lr,
+        schedule=schedule,
+        warmup_steps=warmup,
         progress_bar=progress_bar,
         resume=not force,
     )
@@ -102,7 +112,8 @@ def align_small_llava(
     found = classify(model, tokenizer, pixel_tensor(evaluation.paths, processor), [Reduction("full")])["full"]
     accuracy = float((found["predicted"] == evaluation.labels).double().mean())
     options = ["--force"] * force + ["--train", str(train)] * (train != TRAIN_IMAGES)
-    options += ["--test", str(test)] * (test != TEST_IMAGES)
+    options += ["--test", str(test)] * (test != TEST_IMAGES) + ["--lr", str(lr)] * (lr != LEARNING_RATE)
+    options += ["--schedule", schedule] * (schedule != SCHEDULE) + ["--warmup", str(warmup)] * (warmup != WARMUP_STEPS)
     command = shlex.join(["python", "-m", "dymu_lightning", "align_small_llava", *options])
     result: dict[str, Any] = {
         "task": "align_small_llava",
@@ -112,8 +123,8 @@ def align_small_llava(
         "test": f"fashion_mnist:test:{test}",
         "image_size": IMAGE_SIZE,
         "batch_size": BATCH_SIZE,
-        "learning_rate": LEARNING_RATE,
-        "schedule": f"{SCHEDULE}, {WARMUP_STEPS} warm-up steps",
+        "learning_rate": lr,
+        "schedule": f"{schedule}, {warmup} warm-up steps",
         "projector_init": f"normal(0, 0.02), zero biases, seed {SEED}",
         "tower_features": "read once (frozen tower), then cached",
         "epochs": cfg.epochs,
