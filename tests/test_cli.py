@@ -93,3 +93,15 @@ def test_an_image_count_below_one_is_refused_before_any_work(argv, flag, problem
         main(argv)
     assert stopped.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {problem}")
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        (["align_small_llava", "--force", "--lr", "0"], "--lr must be > 0, got 0.0"),
+        (["align_small_llava", "--force", "--warmup", "-2"], "--warmup must be >= 0, got -2"),
+    ],
+)
+def test_bad_alignment_settings_are_refused_before_any_work(argv, problem, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {problem}")

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 # Pages whose examples need the real offline weights (slow; `make assets` provides them).
-NEEDS_ASSETS = {"assets.md", "calibration.md", "inference.md", "quickstart.md"}
+NEEDS_ASSETS = {"assets.md", "calibration.md", "finetune.md", "inference.md", "quickstart.md"}
 
 
 def python_blocks(page: Path) -> list[str]:

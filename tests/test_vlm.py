@@ -10,7 +10,15 @@ from tests_support import IMAGE_TOKEN, PATCHES, llava_images, merging_policy, ti
 
 from dymu_lightning.backbones.hf_llava import apply_dymu, dymu_inputs
 from dymu_lightning.core import MergePolicy
-from dymu_lightning.vlm.align import AlignConfig, CaptionedImages, fit_align, set_trainable
+from dymu_lightning.vlm.align import (
+    AlignConfig,
+    AlignModule,
+    CaptionedImages,
+    fit_align,
+    init_projector,
+    set_trainable,
+    tower_features,
+)
 from dymu_lightning.vlm.captions import CLASS_NAMES, TEMPLATES, CaptionSet, PromptIds, make_captions
 from dymu_lightning.vlm.scoring import score_classes
 
@@ -67,9 +75,11 @@ def _dataset(count: int = 8) -> tuple[CaptionedImages, PromptIds]:
     return CaptionedImages(llava_images(count).float(), answers), prompt
 
 
-def _fit(tmp_path, **config):
+def _fit(tmp_path, features: bool = False, **config):
     model = tiny_llava().float()
     dataset, prompt = _dataset()
+    if features:
+        dataset = CaptionedImages(tower_features(model, dataset.images), dataset.answers, features=True)
     cfg = AlignConfig(out_dir=tmp_path, batch_size=2, lr=1e-2, progress_bar=False, **config)
     module, trainer, facts = fit_align(model, dataset, prompt, 0, cfg)
     return model, module, facts
@@ -102,6 +112,57 @@ def test_resume_from_a_mid_run_checkpoint_equals_an_uninterrupted_run(tmp_path):
     assert facts["global_steps"] == 8 and resumed.train_images == 2 * 5  # it continued, not restarted
     for name, value in whole.trainable_state().items():
         torch.testing.assert_close(resumed.trainable_state()[name], value, rtol=0, atol=0)
+
+
+def test_training_on_cached_tower_features_equals_training_on_the_pixels(tmp_path):
+    model, dataset = tiny_llava(), _dataset()[0]
+    features = tower_features(model, dataset.images.double())
+    assert features.shape == (8, PATCHES, model.config.vision_config.hidden_size)
+    # The embeddings LLaVA builds from the pixels, rebuilt from the cached features.
+    ids = PROMPT[None].expand(2, -1)
+    projected = model.model.get_image_features(
+        dataset.images[:2].double(), vision_feature_layer=-2, vision_feature_select_strategy="default"
+    ).pooler_output  # one [P, D] per image
+    stock = model.model.get_input_embeddings()(ids).masked_scatter(
+        (ids == IMAGE_TOKEN)[..., None], torch.cat(projected)
+    )
+    ours = AlignModule(model, 1e-3).embed_features(ids, features[:2])
+    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-12)
+    config = {"schedule": "cosine", "warmup_steps": 1}
+    _, from_pixels, facts = _fit(tmp_path / "pixels", **config)
+    _, from_features, _ = _fit(tmp_path / "features", features=True, **config)
+    _, again, _ = _fit(tmp_path / "again", features=True, **config)
+    assert facts["global_steps"] == 4
+    for name, value in from_pixels.trainable_state().items():
+        torch.testing.assert_close(from_features.trainable_state()[name], value, rtol=1e-4, atol=1e-6)
+        assert torch.equal(again.trainable_state()[name], from_features.trainable_state()[name])  # seeded
+
+
+def test_the_warmup_cosine_schedule_and_a_seeded_projector():
+    module = AlignModule(tiny_llava().float(), lr=1.0, schedule="cosine", warmup_steps=2, total_steps=6)
+    set_trainable(module.model, "projector")
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(7):
+        rates.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert rates[:3] == [0.5, 1.0, 1.0] and rates[4] == pytest.approx(0.5) and rates[6] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="unknown schedule 'linear'; expected one of constant, cosine"):
+        AlignModule(tiny_llava(), lr=1.0, schedule="linear")
+    first, second = tiny_llava(), tiny_llava()
+    second.model.multi_modal_projector.linear_1.weight.data.add_(1.0)  # another starting point
+    init_projector(first, seed=3), init_projector(second, seed=3)
+    assert torch.equal(
+        first.model.multi_modal_projector.linear_1.weight, second.model.multi_modal_projector.linear_1.weight
+    )
+    assert not torch.equal(
+        first.model.multi_modal_projector.linear_1.weight, tiny_llava().model.multi_modal_projector.linear_1.weight
+    )
+    with pytest.raises(ValueError, match="cached tower features train the stock model"):
+        model = tiny_llava()
+        apply_dymu(model, MergePolicy(thresholds=[math.inf] * 3))
+        AlignModule(model, 1e-3).embed_features(PROMPT[None], torch.zeros(1, PATCHES, 8))
 
 
 def test_bad_adaptations_are_one_line_errors():

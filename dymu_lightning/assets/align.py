@@ -34,6 +34,8 @@ TEST_IMAGES = 200  # the first N test images, for the recorded accuracy
 IMAGE_SIZE = 112
 BATCH_SIZE = 8
 LEARNING_RATE = 1e-3
+SCHEDULE = "constant"  # or cosine: to 0 over the run, after WARMUP_STEPS of linear warm-up
+WARMUP_STEPS = 0
 
 
 def align_dir() -> Path:
@@ -46,9 +48,19 @@ def is_aligned(directory: Path | None = None) -> bool:
 
 
 def align_small_llava(
-    force: bool = False, train: int = TRAIN_IMAGES, test: int = TEST_IMAGES, progress_bar: bool = True
+    force: bool = False,
+    train: int = TRAIN_IMAGES,
+    test: int = TEST_IMAGES,
+    lr: float = LEARNING_RATE,
+    schedule: str = SCHEDULE,
+    warmup: int = WARMUP_STEPS,
+    progress_bar: bool = True,
 ) -> int:
     """The ``align_small_llava`` command: align the projector (once) and install it in the cache."""
+    if not lr > 0:
+        raise ValueError(f"--lr must be > 0, got {lr}")
+    if warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {warmup}")
     target = small_llava_dir()
     if is_aligned(target) and not force:
         print(f"small llava: already aligned ({target / ALIGNMENT_FILE})")
@@ -62,7 +74,9 @@ def align_small_llava(
     from dymu_lightning.vlm.evaluate import Reduction, classify
 
     started = time.perf_counter()
-    source = materialise_small_llava()
+    # --force rebuilds the folder first: alignment starts from its seeded random projector, not from
+    # the projector an earlier alignment left there.
+    source = materialise_small_llava(force=force)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
     processor = dinov2_image_processor(IMAGE_SIZE, shortest_edge=IMAGE_SIZE)
@@ -74,7 +88,14 @@ def align_small_llava(
     )
     work = align_dir()
     cfg = AlignConfig(
-        out_dir=work, seed=SEED, batch_size=BATCH_SIZE, lr=LEARNING_RATE, progress_bar=progress_bar, resume=not force
+        out_dir=work,
+        seed=SEED,
+        batch_size=BATCH_SIZE,
+        lr=lr,
+        schedule=schedule,
+        warmup_steps=warmup,
+        progress_bar=progress_bar,
+        resume=not force,
     )
     if force:
         shutil.rmtree(work, ignore_errors=True)
@@ -85,7 +106,8 @@ def align_small_llava(
     found = classify(model, tokenizer, pixel_tensor(evaluation.paths, processor), [Reduction("full")])["full"]
     accuracy = float((found["predicted"] == evaluation.labels).double().mean())
     options = ["--force"] * force + ["--train", str(train)] * (train != TRAIN_IMAGES)
-    options += ["--test", str(test)] * (test != TEST_IMAGES)
+    options += ["--test", str(test)] * (test != TEST_IMAGES) + ["--lr", str(lr)] * (lr != LEARNING_RATE)
+    options += ["--schedule", schedule] * (schedule != SCHEDULE) + ["--warmup", str(warmup)] * (warmup != WARMUP_STEPS)
     command = shlex.join(["python", "-m", "dymu_lightning", "align_small_llava", *options])
     result: dict[str, Any] = {
         "task": "align_small_llava",
@@ -95,7 +117,9 @@ def align_small_llava(
         "test": f"fashion_mnist:test:{test}",
         "image_size": IMAGE_SIZE,
         "batch_size": BATCH_SIZE,
-        "learning_rate": LEARNING_RATE,
+        "learning_rate": lr,
+        "schedule": f"{schedule}, {warmup} warm-up steps",
+        "projector_init": "the small LLaVA's seeded random projector (dymu_provenance.json)",
         "epochs": cfg.epochs,
         "accuracy": accuracy,
         "tokens_mean": float(found["visual_rows"].double().mean()),
@@ -141,8 +165,8 @@ def report(result: dict[str, Any]) -> str:
             f"Command: `{result['command']}` (seed {result['seed']})",
             "",
             f"- training: {result['train']}, {result['epochs']} epoch(s) at {result['image_size']} px, "
-            f"{result['global_steps']} steps of {result['batch_size']}; "
-            + (f"{speed:.1f} images/s" if speed else "not run in this invocation"),
+            f"{result['global_steps']} steps of {result['batch_size']}, AdamW lr {result['learning_rate']} "
+            f"({result['schedule']}); " + (f"{speed:.1f} images/s" if speed else "not run in this invocation"),
             f"- trainable parameters: {result['trainable_parameters']:,} of {result['total_parameters']:,}",
             f"- zero-shot accuracy on {result['test']}: {result['accuracy']:.4f} "
             f"at {result['tokens_mean']:.0f} visual tokens per image",

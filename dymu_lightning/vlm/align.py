@@ -8,12 +8,17 @@ projector (and LoRA adapters), and a run is reproducible from its seed.
 With a merging policy the model trains as it will run: DyMU (or ToMe) in the tower and VTU in the
 language model, gradients reaching the projector through the merged rows.
 
+Without merging the tower's output does not change while the projector trains, so alignment can
+read it once (:func:`tower_features`) and train on the cached features (``CaptionedImages(...,
+features=True)``): the same loss as from the pixels, without running the tower every step.
+
 ``fit_align`` runs Lightning's ``fit``: ``checkpoints/last.ckpt`` (trainable parameters only, and the
 loader's position, so a resumed run continues with the next batch), CSV logs in ``logs/``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -38,6 +43,7 @@ from dymu_lightning.vlm.captions import PromptIds
 
 ADAPTATIONS = ("projector", "lora")
 LORA_TARGETS = ("lm", "both")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class AlignConfig:
         lora_target: ``lm`` (the language model's attention projections) or ``both`` (and the tower's).
         lora_modules: regexes naming the linear modules LoRA goes on (None: attention projections).
         policy: the tower's merging while training (None: all visual tokens).
+        schedule: ``constant``, or ``cosine`` (to 0 over the run's steps, after ``warmup_steps`` of
+            linear warm-up from ``lr / warmup_steps``).
     """
 
     out_dir: Path
@@ -57,6 +65,8 @@ class AlignConfig:
     batch_size: int = 8
     epochs: int = 1
     lr: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
     adaptation: str = "projector"
     lora_target: str = "lm"
     lora_modules: tuple[str, ...] | None = None
@@ -74,24 +84,45 @@ def pixel_tensor(paths: Sequence[Path], processor: Any) -> Tensor:
     return processor(images, return_tensors="pt")["pixel_values"]
 
 
-class CaptionedImages(Dataset):
-    """Item ``i``: ``{"pixels": [3, S, S], "answer": [A_i] long, "index": i}``."""
+def tower_features(model: nn.Module, pixels: Tensor, batch_size: int = 64) -> Tensor:
+    """``[n, P, C]``: what the frozen tower hands the projector for ``pixels`` ``[n, 3, S, S]`` (the
+    feature layer's patch tokens, CLS dropped: LLaVA's ``default`` strategy), without merging."""
+    if is_dymu(model):
+        raise ValueError("tower_features reads the stock tower; remove DyMU first")
+    if model.config.vision_feature_select_strategy != "default" or not isinstance(
+        model.config.vision_feature_layer, int
+    ):
+        raise ValueError("tower_features supports one vision_feature_layer with the 'default' strategy")
+    tower, layer = model.model.vision_tower, model.config.vision_feature_layer
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            batch = pixels[start : start + batch_size].to(model.dtype)
+            out.append(tower(batch, output_hidden_states=True).hidden_states[layer][:, 1:].clone())
+    return torch.cat(out) if out else pixels.new_zeros(0)
 
-    def __init__(self, pixels: Tensor, answers: Sequence[Tensor]) -> None:
-        if len(pixels) != len(answers):
-            raise ValueError(f"{len(pixels)} images but {len(answers)} captions")
-        self.pixels, self.answers = pixels, list(answers)
+
+class CaptionedImages(Dataset):
+    """Item ``i``: ``{"pixels": [3, S, S], "answer": [A_i] long, "index": i}``, or with ``features``
+    ``{"features": [P, C], ...}`` where ``images`` holds :func:`tower_features` rather than pixels."""
+
+    def __init__(self, images: Tensor, answers: Sequence[Tensor], features: bool = False) -> None:
+        if len(images) != len(answers):
+            raise ValueError(f"{len(images)} images but {len(answers)} captions")
+        self.images, self.answers = images, list(answers)
+        self.key = "features" if features else "pixels"
 
     def __len__(self) -> int:
         return len(self.answers)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"pixels": self.pixels[i], "answer": self.answers[i], "index": i}
+        return {self.key: self.images[i], "answer": self.answers[i], "index": i}
 
 
 def collate(items: list[dict[str, Any]], prompt: PromptIds, pad_id: int) -> dict[str, Tensor]:
     """Prompt + answer per image, right-padded: ``input_ids`` / ``attention_mask`` / ``labels``
-    ``[B, N + A]`` (labels are -100 outside the answers) and ``pixels`` ``[B, 3, S, S]``."""
+    ``[B, N + A]`` (labels are -100 outside the answers) and ``pixels`` ``[B, 3, S, S]`` (or
+    ``features`` ``[B, P, C]``)."""
     longest = max(len(item["answer"]) for item in items)
     batch, length = len(items), len(prompt.prompt) + longest
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -103,8 +134,21 @@ def collate(items: list[dict[str, Any]], prompt: PromptIds, pad_id: int) -> dict
         input_ids[b, :n], input_ids[b, n : n + len(answer)] = prompt.prompt, answer
         labels[b, n : n + len(answer)] = answer
         mask[b, : n + len(answer)] = 1
-    pixels = torch.stack([item["pixels"] for item in items])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixels": pixels}
+    key = "features" if "features" in items[0] else "pixels"
+    images = torch.stack([item[key] for item in items])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, key: images}
+
+
+def init_projector(model: nn.Module, seed: int) -> None:
+    """Draw the projector's weights afresh from ``seed`` (normal, std 0.02; zero biases), so that an
+    alignment starts from the same weights whatever projector the folder held before."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.model.multi_modal_projector.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.02)
+                if module.bias is not None:
+                    module.bias.zero_()
 
 
 def set_trainable(model: nn.Module, adaptation: str, lora_target: str = "lm", **lora: Any) -> nn.Module:
@@ -136,13 +180,20 @@ class AlignModule(L.LightningModule):
     Args:
         model: the LLaVA (DyMU applied when the run merges).
         lr: AdamW's learning rate (no weight decay: the projector starts from a random init).
+        schedule: ``constant`` or ``cosine`` over ``total_steps`` optimiser steps, after
+            ``warmup_steps`` of linear warm-up.
     """
 
     strict_loading = False  # checkpoints leave out the frozen weights
 
-    def __init__(self, model: nn.Module, lr: float) -> None:
+    def __init__(
+        self, model: nn.Module, lr: float, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1
+    ) -> None:
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
         self.model, self.lr = model, lr
+        self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, max(total_steps, 1)
         self.train_seconds, self.train_images, self._start = 0.0, 0, 0.0
 
     def train(self, mode: bool = True) -> AlignModule:
@@ -154,15 +205,25 @@ class AlignModule(L.LightningModule):
         """Mean cross-entropy of the answer tokens."""
         labels = batch["labels"]
         keep = labels.shape[1] - int((labels != -100).any(0).nonzero()[0]) + 1  # from the token before the answers
+        if "features" in batch:
+            images = {"inputs_embeds": self.embed_features(batch["input_ids"], batch["features"])}
+        else:
+            images = {"input_ids": batch["input_ids"], "pixel_values": batch["pixels"].to(self.model.dtype)}
         logits = self.model(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixels"].to(self.model.dtype),
-            attention_mask=batch["attention_mask"],
-            use_cache=False,
-            logits_to_keep=keep,
+            **images, attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=keep
         ).logits  # [B, keep, V]
         targets = labels[:, -keep + 1 :]
         return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def embed_features(self, input_ids: Tensor, features: Tensor) -> Tensor:
+        """``[B, N, D]``: the text's embeddings with the image placeholders replaced by the projected
+        ``features`` ``[B, P, C]`` (what LLaVA does with the tower's output)."""
+        if is_dymu(self.model):
+            raise ValueError("cached tower features train the stock model; a merging run needs the pixels")
+        embeds = self.model.get_input_embeddings()(input_ids)
+        placeholders = (input_ids == self.model.config.image_token_id)[..., None]
+        projected = self.model.model.multi_modal_projector(features.to(embeds.dtype))
+        return embeds.masked_scatter(placeholders, projected.to(embeds.dtype))
 
     def training_step(self, batch: dict[str, Tensor], batch_index: int) -> Tensor:
         loss = self.caption_loss(batch)
@@ -174,10 +235,23 @@ class AlignModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_index: int) -> None:
         self.train_seconds += time.perf_counter() - self._start
-        self.train_images += int(batch["pixels"].shape[0])
+        self.train_images += int(batch["labels"].shape[0])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
+        if self.schedule == "constant" and not self.warmup_steps:
+            return optimizer
+        warmup, total, cosine = self.warmup_steps, self.total_steps, self.schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
@@ -221,7 +295,10 @@ def fit_align(
     set_trainable(model, cfg.adaptation, cfg.lora_target, modules=cfg.lora_modules, r=cfg.lora_r)
     if cfg.policy is not None and not is_dymu(model):
         apply_dymu(model, cfg.policy)
-    module = AlignModule(model, cfg.lr)
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    total_steps = cfg.epochs * (len(dataset) // cfg.batch_size)
+    module = AlignModule(model, cfg.lr, cfg.schedule, cfg.warmup_steps, total_steps)
     last = Path(cfg.out_dir) / "checkpoints" / "last.ckpt"
     callbacks: list[Callback] = [
         ModelCheckpoint(
