@@ -27,7 +27,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from dymu_lightning.backbones.hf_llava_inputs import STATE_ATTRIBUTE, LlavaPatch, dymu_inputs
 from dymu_lightning.backbones.hf_llava_next import crops_per_image, image_lengths, is_anyres
-from dymu_lightning.backbones.hf_llm import HFCompactCache, positions_kept, vtu_decode, vtu_prefill
+from dymu_lightning.backbones.hf_llm import positions_kept, stock_unless_dymu, vtu_decode, vtu_prefill
 
 # generate()'s hook that copies each sample for beams and returned sequences (see its override below).
 # It is private: the override is written against this version's parameters, checked by apply_dymu and
@@ -147,24 +147,21 @@ def dymu_forward(
     if batch_num_images is not None:
         kwargs["batch_num_images"] = batch_num_images
     visual = pixel_values is not None or pixel_values_videos is not None
-    if not visual and not isinstance(cache, HFCompactCache):
-        # Text only, or decoding with the expanded cache: exactly the stock model.
-        return type(self).forward(
-            self,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            use_cache=use_cache,
-            **kwargs,
-        )
-    if labels is not None:
-        raise NotImplementedError("DyMU computes no training loss; remove_dymu() before training")
-    if input_ids is None:
-        raise ValueError("DyMU needs input_ids (with the image placeholders), not inputs_embeds")
+    stock = stock_unless_dymu(
+        self,
+        visual,
+        cache,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        inputs_embeds=inputs_embeds,
+        labels=labels,
+        logits_to_keep=logits_to_keep,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    if stock is not None:
+        return stock
 
     if not visual:  # decoding with the compact cache
         positions = position_ids

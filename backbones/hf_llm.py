@@ -20,7 +20,7 @@ Generation has two caches:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -93,6 +93,19 @@ def _finish(layer: nn.Module, rows: Tensor, attended: Tensor) -> Tensor:
     """The rest of the decoder layer after the attention product, on rows."""
     rows = rows + layer.self_attn.o_proj(attended)
     return rows + layer.mlp(layer.post_attention_layernorm(rows))
+
+
+def stock_unless_dymu(model: nn.Module, visual: bool, cache: Any, **arguments: Any) -> Any:
+    """The stock forward's output of a patched VLM when DyMU has nothing to do: no pixels to merge and
+    no compact cache to decode from (text only, or decoding with the expanded cache); None when DyMU
+    runs, after refusing what it cannot do. ``arguments`` are the forward's keywords."""
+    if not visual and not isinstance(cache, HFCompactCache):
+        return type(model).forward(model, cache=cache, **arguments)
+    if arguments.get("labels") is not None:
+        raise NotImplementedError("DyMU computes no training loss; remove_dymu() before training")
+    if arguments.get("input_ids") is None:
+        raise ValueError("DyMU needs input_ids (with the image placeholders), not inputs_embeds")
+    return None
 
 
 def positions_kept(length: int, logits_to_keep: int | Tensor, device: torch.device) -> Tensor:

@@ -31,7 +31,14 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 
 from dymu_lightning.backbones.base import Backbone
-from dymu_lightning.backbones.hf_llm import CacheKind, HFCompactCache, positions_kept, vtu_decode, vtu_prefill
+from dymu_lightning.backbones.hf_llm import (
+    CacheKind,
+    HFCompactCache,
+    positions_kept,
+    stock_unless_dymu,
+    vtu_decode,
+    vtu_prefill,
+)
 from dymu_lightning.backbones.hf_qwen_vl_lm import next_positions, qwen_dymu_inputs
 from dymu_lightning.core import MergePolicy
 
@@ -87,25 +94,22 @@ def qwen_methods(state: QwenPatch) -> tuple[Callable[..., object], Callable[...,
         if second_per_grid_ts is not None:  # only Qwen2.5-VL's forward knows it
             kwargs["second_per_grid_ts"] = second_per_grid_ts
         prefill = pixel_values is not None or pixel_values_videos is not None
-        if not prefill and not isinstance(cache, HFCompactCache):
-            # Text only, or decoding with the expanded cache: exactly the stock model.
-            return type(self).forward(
-                self,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                mm_token_type_ids=mm_token_type_ids,
-                logits_to_keep=logits_to_keep,
-                **kwargs,
-            )
-        if labels is not None:
-            raise NotImplementedError("DyMU computes no training loss; remove_dymu() before training")
-        if input_ids is None:
-            raise ValueError("DyMU needs input_ids (with the image placeholders), not inputs_embeds")
+        stock = stock_unless_dymu(
+            self,
+            prefill,
+            cache,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            mm_token_type_ids=mm_token_type_ids,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        if stock is not None:
+            return stock
         language = self.model.language_model
         if not prefill:  # decoding with the compact cache
             positions = _decode_positions(position_ids, cache, input_ids.shape[1])
