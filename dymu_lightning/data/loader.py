@@ -149,10 +149,14 @@ class GlobalBatchShards(IterableDataset):
             else:
                 indices.append(-1)
                 rows.append(None)
-        template = self._check_shapes(rows, indices)
-        pixels = torch.stack([row if row is not None else torch.zeros_like(template) for row in rows])
         valid = torch.tensor([row is not None for row in rows], dtype=torch.bool)
+        pixels = self._pixels(rows, indices)
         return {"pixels": pixels, "valid": valid, "index": torch.tensor(indices, dtype=torch.long), "step": step}
+
+    def _pixels(self, rows: list[Tensor | None], indices: list[int]) -> Tensor | list[Tensor]:
+        """``[b, 3, H, W]``: the rows stacked, zeros shaped like a real row in place of each missing one."""
+        template = self._check_shapes(rows, indices)
+        return torch.stack([row if row is not None else torch.zeros_like(template) for row in rows])
 
     def key(self, i: int) -> str:
         """The sample key of global sample ``i`` (its file stem when the shards were written here)."""

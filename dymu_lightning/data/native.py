@@ -11,11 +11,10 @@ tensors instead of one stacked tensor.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from dymu_lightning.data.loader import GlobalBatchShards, Transform, local_slice
+from dymu_lightning.data.loader import GlobalBatchShards, Transform
 from dymu_lightning.data.shards import ShardIndex
 
 
@@ -56,13 +55,6 @@ class GlobalBatchNative(GlobalBatchShards):
         )
         self.dummy_shape = tuple(dummy_shape)
 
-    def batch(self, step: int) -> dict[str, Any]:
-        rows: list[torch.Tensor | None] = []
-        indices: list[int] = []
-        for i in local_slice(step, self.global_batch_size, self.rank, self.world_size):
-            real = i < self.num_samples
-            indices.append(i if real else -1)
-            rows.append(self._load(i) if real else None)
-        pixels = [row if row is not None else torch.zeros(self.dummy_shape) for row in rows]
-        valid = torch.tensor([row is not None for row in rows], dtype=torch.bool)
-        return {"pixels": pixels, "valid": valid, "index": torch.tensor(indices, dtype=torch.long), "step": step}
+    def _pixels(self, rows: list[torch.Tensor | None], indices: list[int]) -> list[torch.Tensor]:
+        """``b`` tensors ``[3, H_i, W_i]``, each at its own size; zeros of ``dummy_shape`` for missing rows."""
+        return [row if row is not None else torch.zeros(self.dummy_shape) for row in rows]

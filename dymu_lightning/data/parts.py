@@ -13,6 +13,8 @@ checked against that count.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +63,7 @@ class GlobalBatchParts(GlobalBatchShards):
         )
         self.num_wholes = self.num_samples  # images or videos
         self.part_counts = [self._count(i) for i in range(self.num_wholes)]
-        self.part_starts = [0]
-        for count in self.part_counts:
-            self.part_starts.append(self.part_starts[-1] + count)
+        self.part_starts = [0, *itertools.accumulate(self.part_counts)]
         self.num_samples = self.part_starts[-1]
         self.num_steps = -(-self.num_samples // global_batch_size)
         if not 0 <= start_step <= self.num_steps:
@@ -89,11 +89,8 @@ class GlobalBatchParts(GlobalBatchShards):
 
     def part_of(self, i: int) -> tuple[int, int]:
         """(sample, part within it) of global part ``i``."""
-        low, high = 0, self.num_wholes
-        while high - low > 1:  # the last sample whose first part is <= i
-            middle = (low + high) // 2
-            low, high = (middle, high) if self.part_starts[middle] <= i else (low, middle)
-        return low, i - self.part_starts[low]
+        sample = bisect.bisect_right(self.part_starts, i) - 1  # the last sample whose first part is <= i
+        return sample, i - self.part_starts[sample]
 
     def part(self, i: int) -> Tensor | None:
         """``[3, S, S]``: global part ``i``; None when its sample is undecodable (and skipped)."""
