@@ -25,8 +25,7 @@ cross slices, and :class:`MergedTokens` has one row per slice.
 The whole model (tower, then VTU over M-RoPE in the language model) is in
 :mod:`dymu_lightning.backbones.hf_qwen_vl_lm`.
 
-Not done yet: loading the tower out of a whole model by hub id (a local directory of a whole model
-works), the static engine path and the CUDA varlen kernels (attention runs on a padded grid per image
+Not done yet: the static engine path and the CUDA varlen kernels (attention runs on a padded grid per image
 or slice).
 """
 
@@ -41,8 +40,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import Qwen2_5_VLVisionConfig, Qwen2VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
@@ -61,6 +62,42 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 #: The pixel budget of Qwen's image processor by default: 4 to 1280 cells of 28 x 28 px.
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+#: Where a whole model keeps its tower's weights: transformers 5.x, and checkpoints written by 4.x.
+TOWER_PREFIXES = ("model.visual.", "visual.")
+#: A sharded checkpoint's map from each weight to its file (transformers' name for it).
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _tower_prefix(key: str) -> str | None:
+    """The prefix under which ``key`` is a tower weight, or None for any other weight."""
+    return next((prefix for prefix in TOWER_PREFIXES if key.startswith(prefix)), None)
+
+
+def _tower_weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a whole model that hold tower weights: those the shard index names for
+    them, or every file where there is no index."""
+    index = directory / SHARD_INDEX
+    if not index.is_file():
+        return sorted(directory.glob("*.safetensors"))
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return [directory / name for name in sorted({f for key, f in weight_map.items() if _tower_prefix(key)})]
+
+
+def _download_tower_files(repo_id: str) -> Path:
+    """A hub repository's local snapshot folder with ``config.json`` and, for a whole model, only the
+    safetensors files that hold the tower (a few hundred MB of a 7B model's 16 GB); a saved tower's
+    repository is fetched whole by ``from_pretrained``."""
+    directory = Path(hf_hub_download(repo_id, "config.json")).parent
+    if "vision_config" not in json.loads((directory / "config.json").read_text()):
+        return Path(snapshot_download(repo_id))
+    try:
+        index = json.loads(Path(hf_hub_download(repo_id, SHARD_INDEX)).read_text())
+    except EntryNotFoundError:  # one unsharded file
+        hf_hub_download(repo_id, "model.safetensors")
+        return directory
+    for name in sorted({f for key, f in index["weight_map"].items() if _tower_prefix(key)}):
+        hf_hub_download(repo_id, name)
+    return directory
 
 
 class HFQwen2VLVision(Backbone):
@@ -78,28 +115,33 @@ class HFQwen2VLVision(Backbone):
     # ----- building and loading ---------------------------------------------------------------------
     def load(self, source: str | os.PathLike[str] | None = None) -> nn.Module:
         """A vision tower from a hub id or a local directory: a saved tower (``save_pretrained`` of the
-        tower itself), or a whole Qwen2-VL / Qwen2.5-VL directory, of which only the tower's config
-        and weights are read (the language model's weights are never loaded)."""
+        tower itself), or a whole Qwen2-VL / Qwen2.5-VL, of which only the tower's config and weights
+        are read (the language model's weights are never loaded; from the hub, only the safetensors
+        files that hold tower weights are downloaded)."""
         source = source if source is not None else self.default_source
         if source is None:
             raise ValueError(f"backbone '{self.name}' needs a hub id or a local directory to load from")
         directory = local_dir(source)
-        if directory is not None and "vision_config" in json.loads((directory / "config.json").read_text()):
+        if directory is None:
+            directory = _download_tower_files(str(source))
+        if "vision_config" in json.loads((directory / "config.json").read_text()):
             return self._tower_of_whole_model(directory)
-        return self.model_class.from_pretrained(str(directory or source), attn_implementation="sdpa").eval()
+        return self.model_class.from_pretrained(str(directory), attn_implementation="sdpa").eval()
 
     def _tower_of_whole_model(self, directory: Path) -> nn.Module:
         """The tower of a whole saved model: its ``vision_config``, and the weights under ``model.visual.``
-        (transformers 5.x) or ``visual.`` (checkpoints written by 4.x), from the safetensors files."""
+        (transformers 5.x) or ``visual.`` (checkpoints written by 4.x), read tensor by tensor from the
+        safetensors files that hold them (a 7B checkpoint is never read whole)."""
         config = self.config_class.from_dict(json.loads((directory / "config.json").read_text())["vision_config"])
         config._attn_implementation = "sdpa"
         model = self.model_class(config)
         state = {}
-        for file in sorted(directory.glob("*.safetensors")):
-            for key, value in load_file(str(file)).items():
-                for prefix in ("model.visual.", "visual."):
-                    if key.startswith(prefix):
-                        state[key[len(prefix) :]] = value
+        for file in _tower_weight_files(directory):
+            with safe_open(str(file), framework="pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                    prefix = _tower_prefix(key)
+                    if prefix is not None:
+                        state[key[len(prefix) :]] = weights.get_tensor(key)
         if not state:
             raise FileNotFoundError(f"backbone '{self.name}': no vision tower weights in {directory}/*.safetensors")
         model.load_state_dict(state, strict=True)

@@ -4,10 +4,12 @@ three images of different sizes."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from huggingface_hub.errors import EntryNotFoundError
 from tests_support import naive_reference
 from transformers import (
     Qwen2_5_VLConfig,
@@ -16,7 +18,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from dymu_lightning.backbones import get_backbone
+from dymu_lightning.backbones import get_backbone, hf_qwen_vl
 from dymu_lightning.backbones.hf_qwen_vl_lm import next_positions, qwen_vl_decode, qwen_vl_prefill
 from dymu_lightning.core import MergePolicy
 
@@ -218,3 +220,63 @@ def test_the_tower_loads_out_of_a_whole_saved_model(family, tmp_path):
             strict=True,
         ):
             assert torch.equal(ours, theirs)
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    ours, theirs = a.state_dict(), b.state_dict()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+class FakeHub:
+    """``hf_hub_download`` and ``snapshot_download`` over a local folder standing for a hub repository:
+    each fetched file is copied into a snapshot folder, and its name is remembered."""
+
+    def __init__(self, remote, snapshot):
+        self.remote, self.snapshot, self.fetched = remote, snapshot, []
+
+    def hf_hub_download(self, repo_id, filename):
+        assert repo_id == "Qwen/tiny"
+        if not (self.remote / filename).is_file():
+            raise EntryNotFoundError(f"{filename} is not in {repo_id}")
+        self.fetched.append(filename)
+        self.snapshot.mkdir(exist_ok=True)
+        (self.snapshot / filename).write_bytes((self.remote / filename).read_bytes())
+        return str(self.snapshot / filename)
+
+    def snapshot_download(self, repo_id):
+        for file in self.remote.iterdir():
+            self.hf_hub_download(repo_id, file.name)
+        return str(self.snapshot)
+
+
+@pytest.mark.parametrize("shard_size", ["40KB", None])
+def test_the_tower_loads_from_a_whole_model_on_the_hub(shard_size, tmp_path, monkeypatch):
+    """By hub id, `load` fetches the config and only the safetensors shards that hold tower weights
+    (the shard index says which), and gives the whole model's tower exactly; an unsharded checkpoint
+    is its one file."""
+    model = build("qwen2_5_vl")
+    model.save_pretrained(tmp_path / "remote", **({"max_shard_size": shard_size} if shard_size else {}))
+    hub = FakeHub(tmp_path / "remote", tmp_path / "snapshot")
+    monkeypatch.setattr(hf_qwen_vl, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(hf_qwen_vl, "snapshot_download", hub.snapshot_download)
+    tower = get_backbone("hf_qwen2_5_vl").load("Qwen/tiny")
+    assert same_weights(tower, model.model.visual)
+    shards = sorted(p.name for p in (tmp_path / "remote").glob("*.safetensors"))
+    fetched = sorted(name for name in hub.fetched if name.endswith(".safetensors"))
+    if shard_size is None:
+        assert fetched == shards == ["model.safetensors"]
+    else:
+        index = json.loads((tmp_path / "remote" / "model.safetensors.index.json").read_text())["weight_map"]
+        assert fetched == sorted({f for key, f in index.items() if key.startswith(("model.visual.", "visual."))})
+        assert len(fetched) < len(shards)  # the language model's shards stay on the hub
+
+
+def test_a_saved_tower_on_the_hub_loads_with_from_pretrained(tmp_path, monkeypatch):
+    """A repository holding only a tower (no vision_config: its own config) is fetched whole."""
+    model = build("qwen2_vl")
+    model.model.visual.save_pretrained(tmp_path / "remote")
+    hub = FakeHub(tmp_path / "remote", tmp_path / "snapshot")
+    monkeypatch.setattr(hf_qwen_vl, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(hf_qwen_vl, "snapshot_download", hub.snapshot_download)
+    tower = get_backbone("hf_qwen2_vl").load("Qwen/tiny")
+    assert same_weights(tower, model.model.visual)
