@@ -36,6 +36,27 @@ def token_groups(
     return group.reshape(-1, side, side), out.lengths.cpu()
 
 
+def native_token_groups(
+    backbone: Backbone,
+    model: nn.Module,
+    images: Sequence[Tensor],
+    policy: MergePolicy,
+    num_blocks: int | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """(each image's ``[h, w]`` group of each cell, ``[B]`` output tokens per image) for a tower that
+    takes images at their own size (``merged_forward_images``, the Qwen-VL towers): ``images`` are
+    ``[3, H, W]`` each, and a cell is ``cell_pixels`` px on a side, one language-model token."""
+    with torch.inference_mode():
+        out = backbone.merged_forward_images(model, list(images), policy, num_blocks=num_blocks)
+    unit = backbone.cell_pixels(model)
+    group = out.group.cpu()
+    maps = []
+    for i, image in enumerate(images):
+        h, w = image.shape[1] // unit, image.shape[2] // unit
+        maps.append(group[i, : h * w].reshape(h, w))  # cells in raster order, as the tower packs them
+    return maps, out.lengths.cpu()
+
+
 def group_colours(groups: Tensor, seed: int = 0) -> Tensor:
     """``[h, w, 3]`` float colours in [0, 1]: one random colour per group (fixed by ``seed``)."""
     generator = torch.Generator().manual_seed(seed)
@@ -43,10 +64,19 @@ def group_colours(groups: Tensor, seed: int = 0) -> Tensor:
     return palette[groups]
 
 
-def draw_merges(pixels: Tensor, groups: Tensor, lengths: Tensor, path: Path, title: str = "", columns: int = 4) -> Path:
-    """Save a panel to ``path``: each image as the encoder sees it (``pixels``, ``[B, 3, H, W]``, after
-    preprocessing, contrast stretched) beside its coloured groups, ordered by token count (the simplest
-    image first), titled with the count."""
+def draw_merges(
+    pixels: Tensor | Sequence[Tensor],
+    groups: Tensor | Sequence[Tensor],
+    lengths: Tensor,
+    path: Path,
+    title: str = "",
+    columns: int = 4,
+    unit: str = "patches",
+) -> Path:
+    """Save a panel to ``path``: each image as the encoder sees it (``pixels``, ``[B, 3, H, W]`` or one
+    ``[3, H_i, W_i]`` each, after preprocessing, contrast stretched) beside its coloured groups
+    (``[B, h, w]`` or one ``[h_i, w_i]`` each, over ``unit``: patches, or cells), ordered by token
+    count (the simplest image first), titled with the count."""
     plt = pyplot()
     order = torch.argsort(lengths, stable=True).tolist()
     columns = max(1, min(columns, len(order)))
@@ -54,7 +84,6 @@ def draw_merges(pixels: Tensor, groups: Tensor, lengths: Tensor, path: Path, tit
     figure, axes = plt.subplots(rows, 2 * columns, figsize=(2.2 * 2 * columns, 2.4 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    side = groups.shape[-1]
     for slot, i in enumerate(order):
         row, column = divmod(slot, columns)
         picture = pixels[i].detach().float().cpu().permute(1, 2, 0)
@@ -62,7 +91,8 @@ def draw_merges(pixels: Tensor, groups: Tensor, lengths: Tensor, path: Path, tit
         axes[row, 2 * column].imshow(picture.numpy())
         axes[row, 2 * column + 1].imshow(group_colours(groups[i]).numpy(), interpolation="nearest")
         axes[row, 2 * column + 1].set_title(f"{int(lengths[i])} tokens", fontsize=9)
-        axes[row, 2 * column].set_title(f"{side}x{side} patches", fontsize=9)
+        height, width = groups[i].shape
+        axes[row, 2 * column].set_title(f"{height}x{width} {unit}", fontsize=9)
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
@@ -103,13 +133,20 @@ def merges_command(
         )
     files = image_files(resolve_images(images))[:max_images]
     model = backbone.load(weights).float().eval()
-    transform = ResizedTransform(backbone.image_transform(model), calibrated.image_size)
     pictures = [Image.open(f).convert("RGB") for f in files]
-    chosen, pixels = pick_images(pictures, transform, max_images)
-    groups, lengths = token_groups(backbone, model, pixels, calibrated.policy(), calibrated.num_blocks)
-    full = groups.shape[-1] ** 2
-    title = f"{calibrated.backbone} at {calibrated.image_size} px, {thresholds}: {full} patches"
-    draw_merges(pixels, groups, lengths, out, title)
+    if calibrated.inputs is not None and calibrated.inputs["kind"] == "native":  # each image at its own size
+        bounds = {key: calibrated.inputs[key] for key in ("min_pixels", "max_pixels")}
+        pixels = backbone.preprocess_native(model, pictures, **bounds)
+        groups, lengths = native_token_groups(backbone, model, pixels, calibrated.policy(), calibrated.num_blocks)
+        title = f"{calibrated.backbone} at native size, {thresholds}: cells of {backbone.cell_pixels(model)} px"
+        draw_merges(pixels, groups, lengths, out, title, unit="cells")
+    else:
+        transform = ResizedTransform(backbone.image_transform(model), calibrated.image_size)
+        _, pixels = pick_images(pictures, transform, max_images)
+        groups, lengths = token_groups(backbone, model, pixels, calibrated.policy(), calibrated.num_blocks)
+        full = groups.shape[-1] ** 2
+        title = f"{calibrated.backbone} at {calibrated.image_size} px, {thresholds}: {full} patches"
+        draw_merges(pixels, groups, lengths, out, title)
     for file, length in zip(files, lengths.tolist(), strict=True):
         print(f"{file.name}: {length} tokens")
     print(f"wrote {out}")

@@ -27,6 +27,7 @@ from dymu_lightning.data import write_shards
 from dymu_lightning.data.native import GlobalBatchNative
 from dymu_lightning.lit.run import calibrate, check
 from dymu_lightning.loading import load_encoder
+from dymu_lightning.merges import native_token_groups
 
 # (height, width) in px: the tiny tower's cells are 8 px (patch 4 x merge 2); with the bounds below
 # they resize to 40 x 72, 80 x 40, 64 x 64, 32 x 96, 24 x 24 (grown to min_pixels) and 64 x 56 px.
@@ -132,6 +133,24 @@ def test_native_calibration_equals_a_naive_reference_and_records_its_inputs(sett
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"of {sum(cells) / 6:.1f} on average before merging (min 9, max 64: images at their native sizes)" in report
     assert ThresholdsFile.load(result.save(tmp_path / "again.json")) == result
+    assert "![what merged](merges.png)" in report and (tmp_path / "out" / "merges.png").stat().st_size > 1000
+
+
+def test_native_groups_are_each_images_cells_in_its_own_grid(setting):
+    """The panel's group maps: one ``[h, w]`` map per image in its own cell grid, numbering exactly
+    the image's output tokens, and equal to the tower's group map cell by cell."""
+    backbone = get_backbone("hf_qwen2_5_vl")
+    model = backbone.build(backbone.tiny_configs()[0].config)
+    images = backbone.preprocess_native(model, setting.photos, **BOUNDS)
+    policy = MergePolicy(mode="batch_topk", r=[3] * backbone.num_layers(model))
+    groups, lengths = native_token_groups(backbone, model, images, policy)
+    assert [tuple(g.shape) for g in groups] == [(5, 9), (10, 5), (8, 8), (4, 12), (3, 3), (8, 7)]
+    for group, length in zip(groups, lengths.tolist(), strict=True):
+        assert sorted(group.unique().tolist()) == list(range(length))  # every output token holds a cell
+    with torch.no_grad():
+        out = backbone.merged_forward_images(model, images, policy)
+    assert all(torch.equal(g.flatten(), out.group[i, : g.numel()]) for i, g in enumerate(groups))
+    assert lengths.tolist() == out.lengths.tolist() and min(lengths) < max(lengths)
 
 
 @pytest.mark.distributed
@@ -213,3 +232,26 @@ def test_a_resumed_native_run_equals_an_uninterrupted_one(setting, tmp_path):
     resumed = ThresholdsFile.load(calibrate(load_recipe(path, NATIVE)))
     assert not resumed.partial and resumed.thresholds == pytest.approx(whole.thresholds, abs=1e-12)
     assert resumed.tokens == whole.tokens and resumed.extra["full_tokens"] == whole.extra["full_tokens"]
+
+
+def test_the_merges_command_draws_native_thresholds_at_each_images_size(setting, tmp_path, capsys):
+    """`dymu merges` on native thresholds sizes each image by the tower's rule within the recorded
+    bounds, and prints each image's token count: those of the tower on the same images."""
+    from dymu_lightning.cli import main
+
+    backbone = get_backbone("hf_qwen2_vl")
+    model = backbone.build(backbone.tiny_configs()[0].config)
+    model.save_pretrained(tmp_path / "tower")
+    images = backbone.preprocess_native(model, setting.photos, **BOUNDS)
+    layers = backbone.num_layers(model)
+    found = naive_thresholds(backbone, model, images, [2] * layers)
+    path = ThresholdsFile(
+        "hf_qwen2_vl", layers, 64, found, [2] * layers, {"kind": "constant"}, 6, GLOBAL_BATCH, 1, {},
+        source=str(tmp_path / "tower"), inputs={"kind": "native", **BOUNDS},
+    ).save(tmp_path / "thresholds.json")  # fmt: skip
+    out = tmp_path / "merges.png"
+    assert main(["merges", str(path), "--images", str(setting.root / "images"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"wrote {out}" and out.stat().st_size > 1000
+    _, lengths = native_token_groups(backbone, model, images, ThresholdsFile.load(path).policy())
+    assert printed[:-1] == [f"img{i}.png: {n} tokens" for i, n in enumerate(lengths.tolist())]

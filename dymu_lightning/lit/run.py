@@ -48,7 +48,7 @@ from dymu_lightning.lit.datamodule import ShardsDataModule
 from dymu_lightning.lit.progress import CalibrationProgressBar
 from dymu_lightning.lit.report import write_report
 from dymu_lightning.loading import EncoderShape, check_model_and_data, encoder_shape, load_encoder, probe_shape
-from dymu_lightning.merges import draw_merges, pick_images, token_groups
+from dymu_lightning.merges import draw_merges, native_token_groups, pick_images, token_groups
 
 log = logging.getLogger(__name__)
 
@@ -418,8 +418,8 @@ def _draw_merges(
     out_dir: Path,
 ) -> Path | None:
     """merges.png: the first decodable images of the data under the final thresholds, simplest first."""
-    if dataset is None or result.images_seen == 0 or isinstance(dataset, GlobalBatchNative):
-        return None  # native sizes: no panel of equal-size images to draw (yet)
+    if dataset is None or result.images_seen == 0:
+        return None
     parameter = next(model.parameters())
     if isinstance(dataset, GlobalBatchParts):  # the crops or frames calibrated on, as the processor made them
         rows = (dataset.part(i) for i in range(dataset.num_samples))
@@ -438,6 +438,11 @@ def _draw_merges(
             continue
         if len(pictures) == MERGES_IMAGES:
             break
+    if isinstance(dataset, GlobalBatchNative):  # each image at its own size, over cells
+        images = [transform(picture).to(parameter.device, parameter.dtype) for picture in pictures]
+        groups, lengths = native_token_groups(backbone, model, images, result.policy(), result.num_blocks)
+        title = f"{result.backbone}: final groups at native size under the calibrated thresholds, simplest image first"
+        return draw_merges(images, groups, lengths, out_dir / "merges.png", title, unit="cells")
     _, pixels = pick_images(pictures, transform, MERGES_IMAGES)
     groups, lengths = token_groups(
         backbone, model, pixels.to(parameter.device, parameter.dtype), result.policy(), result.num_blocks
