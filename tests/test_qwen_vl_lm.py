@@ -14,6 +14,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 from dymu_lightning.backbones import get_backbone
@@ -29,11 +31,13 @@ HIDDEN = 32
 FAMILIES = {
     "qwen2_vl": ("hf_qwen2_vl", Qwen2VLConfig, Qwen2VLForConditionalGeneration, "hidden_size"),
     "qwen2_5_vl": ("hf_qwen2_5_vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, "out_hidden_size"),
+    # interleaved M-RoPE, q/k norms in the language model; DeepStack after tower blocks 0 and 1
+    "qwen3_vl": ("hf_qwen3_vl", Qwen3VLConfig, Qwen3VLForConditionalGeneration, "out_hidden_size"),
 }
 
 
 def build(family: str = "qwen2_vl") -> Qwen2VLForConditionalGeneration:
-    """A tiny random Qwen2-VL (or 2.5-VL): the adapter's tiny tower and a 2-layer M-RoPE language model."""
+    """A tiny random Qwen2-VL (2.5-VL, 3-VL): the adapter's tiny tower and a 2-layer M-RoPE language model."""
     name, config_class, model_class, output_width = FAMILIES[family]
     tower = dict(get_backbone(name).tiny_configs()[0].config)
     tower.pop("img_size")
@@ -44,6 +48,7 @@ def build(family: str = "qwen2_vl") -> Qwen2VLForConditionalGeneration:
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
+        "head_dim": HIDDEN // 4,
         "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
     }
     config = config_class(
@@ -126,23 +131,31 @@ def test_merged_rows_are_the_merged_tokens_and_attend_as_the_naive_reference(fam
 
     # the same rows, expanded and run through the host's own attention at the full prompt's positions
     hidden_rows = _rows(model, input_ids, images, ours)
+    # Qwen3-VL: each visual row also gets its merged token's DeepStack features after the first layers
+    deepstack = [_rows(model, input_ids, images, ours, tap) for tap in range(len(ours.merged.taps))]
+    assert len(deepstack) == (2 if family == "qwen3_vl" else 0)
     with torch.no_grad():
-        reference = model.lm_head(naive_reference(model.model.language_model, hidden_rows, ours.layout))
+        language = model.model.language_model
+        reference = model.lm_head(naive_reference(language, hidden_rows, ours.layout, deepstack))
     valid_rows = ours.layout.counts() > 0
     torch.testing.assert_close(ours.logits[valid_rows], reference[valid_rows], rtol=0, atol=1e-6)
 
 
-def _rows(model, input_ids, images, prefill) -> torch.Tensor:
+def _rows(model, input_ids, images, prefill, tap: int | None = None) -> torch.Tensor:
     """The prefill's input rows, rebuilt with Python loops: a text position's row is its embedding, an
-    image placeholder's row is its cell's merged token."""
+    image placeholder's row is its cell's merged token. With ``tap``: the DeepStack rows of that tap
+    instead (the merged token's tap feature; zeros for text)."""
     embeds = model.get_input_embeddings()(input_ids)
+    features = prefill.merged.tokens
+    if tap is not None:
+        features, embeds = prefill.merged.layout.pad(prefill.merged.taps[tap]), torch.zeros_like(embeds)
     rows = torch.zeros(input_ids.shape[0], prefill.layout.num_rows, HIDDEN, dtype=embeds.dtype)
     image, cell = 0, 0
     for b in range(input_ids.shape[0]):
         for n in range(input_ids.shape[1]):
             if input_ids[b, n] == IMAGE:
                 token = int(prefill.merged.group[image, cell])
-                rows[b, prefill.layout.expand[b, n]] = prefill.merged.tokens[image, token]
+                rows[b, prefill.layout.expand[b, n]] = features[image, token]
                 cell += 1
                 if cell == int((prefill.merged.group[image] >= 0).sum()):
                     image, cell = image + 1, 0
