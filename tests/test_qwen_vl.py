@@ -164,6 +164,11 @@ def test_infinite_thresholds_equal_stock_for_videos_packed_with_images(name):
         tokens, sizes, group, _ = _image(merged, b)
         torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-10)
         assert (sizes == 1).all() and torch.equal(group, torch.arange(expected.shape[0]))
+    # Qwen3-VL's DeepStack features: the host's own, cell for cell (none for the others)
+    stock_taps = backbone.stock_taps_patches(model, patches, grid) if name == "hf_qwen3_vl" else []
+    assert len(merged.taps) == len(stock_taps) == (2 if name == "hf_qwen3_vl" else 0)
+    for ours, theirs in zip(merged.taps, stock_taps, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -193,14 +193,17 @@ def test_greedy_decoding_at_infinite_thresholds_is_the_stock_model(family, cache
             torch.testing.assert_close(logits, stock, rtol=0, atol=1e-8)
 
 
-def test_merged_decoding_compact_equals_expanded_and_the_naive_reference():
-    model = build()
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_merged_decoding_compact_equals_expanded_and_the_naive_reference(family):
+    model = build(family)
     input_ids, attention_mask, images = prompts()
     policy = MergePolicy(mode="fixed_r", r=2)
     with torch.no_grad():
         compact = qwen_vl_prefill(model, input_ids, images, policy, attention_mask, cache="compact")
         expanded = qwen_vl_prefill(model, input_ids, images, policy, attention_mask, cache="expanded")
         rows, layout = _rows(model, input_ids, images, compact), compact.layout
+        # Qwen3-VL's DeepStack rows of the prompt (new tokens are text: zeros)
+        deepstack = [_rows(model, input_ids, images, compact, tap) for tap in range(len(compact.merged.taps))]
         for new in (2, 1):
             ids = torch.randint(1, 50, (2, new), generator=torch.Generator().manual_seed(new))
             positions = next_positions(layout.positions, layout.valid, new)
@@ -209,8 +212,10 @@ def test_merged_decoding_compact_equals_expanded_and_the_naive_reference():
             theirs = qwen_vl_decode(model, expanded.cache, ids, positions, valid)
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
             rows = torch.cat([rows, model.get_input_embeddings()(ids)], 1)
+            deepstack = [torch.cat([tap, torch.zeros(2, new, HIDDEN, dtype=tap.dtype)], 1) for tap in deepstack]
             layout = layout.extend(positions, valid)
-            reference = model.lm_head(naive_reference(model.model.language_model, rows, layout))[:, -new:]
+            reference = naive_reference(model.model.language_model, rows, layout, deepstack)
+            reference = model.lm_head(reference)[:, -new:]
             torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
 
 
