@@ -55,7 +55,7 @@ class QwenPatch:
     """What :func:`~dymu_lightning.backbones.hf_llava.apply_dymu` attaches to a Qwen2-VL model.
 
     Attributes:
-        backbone: the tower's adapter (``hf_qwen2_vl`` or ``hf_qwen2_5_vl``).
+        backbone: the tower's adapter (``hf_qwen2_vl``, ``hf_qwen2_5_vl`` or ``hf_qwen3_vl``).
         policy: DToMe's merging policy for the tower.
         cache: ``"expanded"`` or ``"compact"``, the KV cache ``generate()`` decodes with.
         rotary: the tower's rotary mode for merged cells (``"exact"`` or ``"mean"``).
