@@ -86,14 +86,14 @@ def apply_dymu(
     max_merges: int | None = None,
     min_tokens: int | None = None,
 ) -> nn.Module:
-    """Make a LLaVA (or a Qwen2-VL) run with DyMU; returns the same model.
+    """Make a LLaVA (or a Qwen2-VL, 2.5-VL, 3-VL) run with DyMU; returns the same model.
 
     Args:
         model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` or
             ``LlavaOnevisionForConditionalGeneration`` (AnyRes crops, see
-            :mod:`~dymu_lightning.backbones.hf_llava_next`), or a ``Qwen2VLForConditionalGeneration`` /
-            ``Qwen2_5_VLForConditionalGeneration`` (images only; see
-            :mod:`~dymu_lightning.backbones.hf_qwen_vl_generate`).
+            :mod:`~dymu_lightning.backbones.hf_llava_next`), or a ``Qwen2VLForConditionalGeneration``,
+            ``Qwen2_5_VLForConditionalGeneration`` or ``Qwen3VLForConditionalGeneration`` (images and
+            videos; see :mod:`~dymu_lightning.backbones.hf_qwen_vl_generate`).
         thresholds: a ``thresholds.json`` path, a loaded :class:`ThresholdsFile`, or a ready policy.
         cache: the KV cache of ``generate()``: ``"expanded"`` (the stock cache of the full sequence;
             decoding is the stock model's) or ``"compact"`` (keys per position as stock, values once
@@ -175,7 +175,7 @@ def _apply_qwen(
     max_merges: int | None,
     min_tokens: int | None,
 ) -> nn.Module:
-    """:func:`apply_dymu` for a Qwen2-VL / Qwen2.5-VL: the whole tower merges (no feature layer to
+    """:func:`apply_dymu` for a Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the whole tower merges (no feature layer to
     read), at native resolution (no single image size to check the thresholds against)."""
     if isinstance(thresholds, ThresholdsFile):
         thresholds.check_matches(backbone, tower)

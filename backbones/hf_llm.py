@@ -20,6 +20,7 @@ Generation has two caches:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -83,10 +84,13 @@ class HFCompactCache(Cache):
 
 
 def _project(layer: nn.Module, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``[B, n, C]`` -> q ``[B, n, Hq, d]``, k and v ``[B, n, Hkv, d]``, before RoPE."""
+    """``[B, n, C]`` -> q ``[B, n, Hq, d]``, k and v ``[B, n, Hkv, d]``, before RoPE (after the per-head
+    q/k norms of Qwen3-family attention, where the host has them)."""
     attn = layer.self_attn
     x = layer.input_layernorm(rows)
-    return tuple(proj(x).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k, v = (proj(x).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    return q if q_norm is None else q_norm(q), k if k_norm is None else k_norm(k), v
 
 
 def _finish(layer: nn.Module, rows: Tensor, attended: Tensor) -> Tensor:
@@ -126,7 +130,11 @@ def _check_window(model: nn.Module, length: int) -> None:
 
 
 def vtu_prefill(
-    model: nn.Module, rows: Tensor, layout: VirtualLayout, cache: CacheKind | None = None
+    model: nn.Module,
+    rows: Tensor,
+    layout: VirtualLayout,
+    cache: CacheKind | None = None,
+    residuals: Sequence[Tensor] = (),
 ) -> tuple[Tensor, DynamicCache | HFCompactCache | None]:
     """The base model (``LlamaModel``, ``Qwen2Model``, ``MistralModel``) on embedded rows.
 
@@ -138,6 +146,8 @@ def vtu_prefill(
         rows: ``[B, N_un, C]`` input embeddings of the unique rows.
         layout: rows -> virtual positions, with the RoPE positions the full sequence would have.
         cache: None, ``"expanded"`` or ``"compact"`` (see the module docstring).
+        residuals: ``[B, N_un, C]`` each, added to the rows' hidden states after the first decoder
+            layers, one per layer (Qwen3-VL's DeepStack: zeros in text rows).
 
     Returns:
         ``[B, N_un, C]`` final hidden states of the rows (after ``model.norm``; zeros in rows no valid
@@ -163,6 +173,8 @@ def vtu_prefill(
             store.update(k_positions, v_positions, index)
         del k_positions, v_positions  # the cache holds copies; free these before the MLP runs
         hidden = _finish(layer, hidden, attended)
+        if index < len(residuals):
+            hidden = hidden + packed.pack(residuals[index].to(hidden.dtype))
     return packed.unpack(model.norm(hidden)), store
 
 

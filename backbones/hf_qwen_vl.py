@@ -304,9 +304,19 @@ class HFQwen2VLVision(Backbone):
 
     def embed(self, model: nn.Module, pixels: Tensor) -> Tensor:
         """``[B, 3, S, S]`` -> ``[B, cells, 4 * C]``: each cell's 4 patch embeddings side by side."""
-        patches, _ = self.patchify(model, list(pixels))
-        x = model.patch_embed(patches)
+        patches, grid = self.patchify(model, list(pixels))
+        x = self.embed_patches(model, patches, grid)
         return x.reshape(pixels.shape[0], -1, self.unit(model) * x.shape[-1])
+
+    def embed_patches(self, model: nn.Module, patches: Tensor, grid_thw: Tensor) -> Tensor:
+        """``[N, 3 * t * p * p]`` patches (``grid_thw`` ``[I, 3]``) -> ``[N, C]``: what the host adds up
+        before its first block (the patch embedding; Qwen3-VL adds position embeddings)."""
+        return model.patch_embed(patches)
+
+    def taps(self, model: nn.Module) -> dict[int, Callable[[Tensor], Tensor]]:
+        """Block index -> a map ``[T, 4 * C] -> [T, C_out]`` on cells read after that block (none here;
+        Qwen3-VL's DeepStack mergers)."""
+        return {}
 
     def blocks(self, model: nn.Module) -> list[BlockParts]:
         raise NotImplementedError(
@@ -455,7 +465,8 @@ class HFQwen2VLVision(Backbone):
                 )
             blocks, final = blocks[:num_blocks], None
         batch = self.unit_batch(model, patches, grid_thw)
-        return run_unit_blocks(batch, blocks, policy, self.rotary(model), rotary, final, backend)
+        taps = self.taps(model) if final is not None else None  # a truncated tower hands on no taps
+        return run_unit_blocks(batch, blocks, policy, self.rotary(model), rotary, final, backend, taps)
 
     def unit_batch(self, model: nn.Module, patches: Tensor, grid_thw: Tensor) -> UnitBatch:
         """The embedded tokens, rotary positions and windows of packed patches, one segment per
@@ -464,7 +475,7 @@ class HFQwen2VLVision(Backbone):
         found, expected = patches.shape[0], int(slices.prod(1).sum())
         if found != expected:
             raise ValueError(f"backbone '{self.name}': {found} patches, but grid_thw describes {expected}")
-        x = model.patch_embed(patches)
+        x = self.embed_patches(model, patches, slices)
         positions = get_vision_position_ids(slices, model.config.spatial_merge_size)
         cells = slices[:, 1] * slices[:, 2] // self.unit(model)
         return UnitBatch(x, cells, self.unit(model), positions, self.windows(model, slices))
@@ -474,10 +485,10 @@ class HFQwen2VLVision(Backbone):
         its rotation function."""
         embedding = model.rotary_pos_emb
         anchor = next(model.parameters())
-        return Rotary(
-            angles=lambda positions: embedding(anchor, positions),
-            rotate=apply_rotary_pos_emb_vision,
-        )
+        return Rotary(angles=lambda positions: embedding(anchor, positions), rotate=self.rotate)
+
+    #: the host's rotation of q and k by the rotary tables
+    rotate = staticmethod(apply_rotary_pos_emb_vision)
 
 
 def temporal_slices(grid_thw: Tensor) -> Tensor:

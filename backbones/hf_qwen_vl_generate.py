@@ -1,4 +1,5 @@
-"""``generate()`` with DyMU in ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``.
+"""``generate()`` with DyMU in ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
+``Qwen3VLForConditionalGeneration`` (whose DeepStack features the prefill adds as rows).
 
 :func:`~dymu_lightning.backbones.hf_llava.apply_dymu` dispatches a Qwen model here for its two methods
 (:func:`qwen_methods`) and sets them, with the patch state, as instance attributes, exactly as for a
@@ -27,7 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 
 from dymu_lightning.backbones.base import Backbone
@@ -42,7 +47,7 @@ from dymu_lightning.backbones.hf_llm import (
 from dymu_lightning.backbones.hf_qwen_vl_lm import next_positions, qwen_dymu_inputs
 from dymu_lightning.core import MergePolicy
 
-QWEN_MODELS = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+QWEN_MODELS = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class QwenPatch:
     """What :func:`~dymu_lightning.backbones.hf_llava.apply_dymu` attaches to a Qwen2-VL model.
 
     Attributes:
-        backbone: the tower's adapter (``hf_qwen2_vl`` or ``hf_qwen2_5_vl``).
+        backbone: the tower's adapter (``hf_qwen2_vl``, ``hf_qwen2_5_vl`` or ``hf_qwen3_vl``).
         policy: DToMe's merging policy for the tower.
         cache: ``"expanded"`` or ``"compact"``, the KV cache ``generate()`` decodes with.
         rotary: the tower's rotary mode for merged cells (``"exact"`` or ``"mean"``).
@@ -141,7 +146,9 @@ def qwen_methods(state: QwenPatch) -> tuple[Callable[..., object], Callable[...,
         # Later steps without position_ids (and the stock forward on the expanded cache) read these.
         self.model.rope_deltas = inputs.rope_deltas
         use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
-        hidden, store = vtu_prefill(language, inputs.rows, inputs.layout, state.cache if use_cache else None)
+        hidden, store = vtu_prefill(
+            language, inputs.rows, inputs.layout, state.cache if use_cache else None, inputs.deepstack
+        )
         kept = positions_kept(input_ids.shape[1], logits_to_keep, hidden.device)
         rows = inputs.layout.expand[:, kept]  # [B, K]: the row behind each kept position
         hidden = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))

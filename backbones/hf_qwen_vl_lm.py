@@ -1,4 +1,4 @@
-"""DyMU in a whole Qwen2-VL / Qwen2.5-VL, prefill only: the merged tower's tokens placed in the M-RoPE
+"""DyMU in a whole Qwen2-VL / Qwen2.5-VL / Qwen3-VL, prefill only: the merged tower's tokens placed in the M-RoPE
 language model with VTU.
 
 The prompt is the stock one (one image or video placeholder per cell, as Qwen's processor writes it).
@@ -12,6 +12,11 @@ Decoding (:func:`qwen_vl_decode`) continues from a prefill's cache, one or more 
 time: the compact cache through VTU's decoding, the expanded one through the stock language model.
 New text continues after the prompt's largest M-RoPE position, on all three axes, as the host's rope
 deltas say.
+
+Qwen3-VL: its interleaved M-RoPE is the host's own rotary module, so VTU needs nothing new; its
+DeepStack features (:attr:`MergedTokens.taps`, one per merged token) become rows added after the
+first decoder layers (:attr:`QwenDymuInputs.deepstack`), where the stock model adds them at the
+visual positions. Each row's feature is the mean of its positions' features (docs/concepts.md).
 
 :func:`qwen_dymu_inputs` is the shared first half (tower, rows, layout), on the processor's patches:
 ``generate()`` with DyMU (:mod:`~dymu_lightning.backbones.hf_qwen_vl_generate`, through ``apply_dymu``)
@@ -88,7 +93,7 @@ def qwen_vl_prefill(
     inputs = qwen_dymu_inputs(
         model, input_ids, *image_inputs, policy, attention_mask, rotary, *video_inputs, second_per_grid_ts
     )
-    hidden, store = vtu_prefill(model.model.language_model, inputs.rows, inputs.layout, cache)
+    hidden, store = vtu_prefill(model.model.language_model, inputs.rows, inputs.layout, cache, inputs.deepstack)
     return QwenDymuPrefill(model.lm_head(hidden), inputs.layout, inputs.merged, inputs.rope_deltas, store)
 
 
@@ -102,12 +107,15 @@ class QwenDymuInputs:
         layout: rows -> the N positions of the full prompt, with ``[3, B, N]`` M-RoPE positions.
         merged: the tower's output (cells as tokens; a row per image, then per video slice).
         rope_deltas: ``[B, 1]`` the host's M-RoPE offset of the next text position.
+        deepstack: Qwen3-VL's DeepStack features as rows, ``[B, N_un, C]`` each (zeros in text
+            rows), added after the language model's first layers; empty for Qwen2-VL and 2.5-VL.
     """
 
     rows: Tensor
     layout: VirtualLayout
     merged: MergedTokens
     rope_deltas: Tensor
+    deepstack: tuple[Tensor, ...] = ()
 
 
 def qwen_dymu_inputs(
@@ -184,7 +192,13 @@ def qwen_dymu_inputs(
     embeds = model.get_input_embeddings()(input_ids)  # the placeholders' embeddings go unused
     table = torch.cat([merged.packed.to(embeds.dtype), embeds.flatten(0, 1)])  # indexed by key
     rows = torch.where(row_key[..., None] >= 0, table[row_key.clamp(min=0)], 0)  # [B, N_un, C]
-    return QwenDymuInputs(rows, layout, merged, deltas)
+    # DeepStack (Qwen3-VL): a visual row reads its merged token's tap feature, a text row zeros.
+    visual = merged.packed.shape[0]
+    is_visual = ((row_key >= 0) & (row_key < visual))[..., None]
+    deepstack = tuple(
+        torch.where(is_visual, tap.to(embeds.dtype)[row_key.clamp(0, visual - 1)], 0) for tap in merged.taps
+    )
+    return QwenDymuInputs(rows, layout, merged, deltas, deepstack)
 
 
 def next_positions(positions: Tensor, valid: Tensor, new: int) -> Tensor:

@@ -37,6 +37,7 @@ _BUILTIN: dict[str, str] = {
     "dinov2_vits14_offline": "dymu_lightning.backbones.hf_vit:OfflineDinov2Small",
     "hf_qwen2_vl": "dymu_lightning.backbones.hf_qwen_vl:HFQwen2VLVision",
     "hf_qwen2_5_vl": "dymu_lightning.backbones.hf_qwen_vl:HFQwen25VLVision",
+    "hf_qwen3_vl": "dymu_lightning.backbones.hf_qwen3_vl:HFQwen3VLVision",
 }
 
 

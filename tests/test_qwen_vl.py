@@ -23,7 +23,7 @@ from dymu_lightning.backbones.thresholds import batch_thresholds
 from dymu_lightning.core import LayerMerges, MergePolicy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FAMILIES = ["hf_qwen2_vl", "hf_qwen2_5_vl"]
+FAMILIES = ["hf_qwen2_vl", "hf_qwen2_5_vl", "hf_qwen3_vl"]
 # (height, width) in px; multiples of 8 (patch 4 x merge 2). 2.5's windows are 32 px: partial ones too.
 SIZES = [(24, 40), (64, 64), (56, 32), (40, 72)]
 
@@ -164,6 +164,11 @@ def test_infinite_thresholds_equal_stock_for_videos_packed_with_images(name):
         tokens, sizes, group, _ = _image(merged, b)
         torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-10)
         assert (sizes == 1).all() and torch.equal(group, torch.arange(expected.shape[0]))
+    # Qwen3-VL's DeepStack features: the host's own, cell for cell (none for the others)
+    stock_taps = backbone.stock_taps_patches(model, patches, grid) if name == "hf_qwen3_vl" else []
+    assert len(merged.taps) == len(stock_taps) == (2 if name == "hf_qwen3_vl" else 0)
+    for ours, theirs in zip(merged.taps, stock_taps, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -274,9 +279,11 @@ def naive_exact(backbone, model, image: torch.Tensor, r: int):
     group's features, the host's own attention module runs on them (per window on windowed blocks)
     with the host's rotary at the original positions, each group takes its members' mean output;
     matching over whole cells (unrotated keys, mean over heads, 4 sub-tokens side by side),
-    same-window pairs only; size-weighted means; survivors in raster order."""
+    same-window pairs only; size-weighted means; survivors in raster order. Qwen3-VL's DeepStack: after
+    each tap block, every cell's tap feature is the tap merger on the row that holds it; the returned
+    features are their means over the final groups."""
     patches, grid = backbone.patchify(model, [image])
-    x = model.patch_embed(patches)  # [N, C]
+    x = _first_block_input(model, patches, grid) if hasattr(model, "pos_embed") else model.patch_embed(patches)
     cells, width = x.shape[0] // 4, x.shape[1]
     cos, sin = model.rotary_pos_emb(x, get_vision_position_ids(grid, 2))
     windows = backbone.windows(model, grid)
@@ -284,6 +291,7 @@ def naive_exact(backbone, model, image: torch.Tensor, r: int):
     windowed = backbone.windowed_layers(model)
     rows = x.view(cells, 4 * width)
     members = [[c] for c in range(cells)]
+    cell_features = []  # per DeepStack tap: [cells, C_out]
     for index, block in enumerate(model.blocks):
         expanded = torch.empty(cells, 4 * width, dtype=x.dtype)
         for row, group in enumerate(members):
@@ -325,11 +333,28 @@ def naive_exact(backbone, model, image: torch.Tensor, r: int):
             new_members.append(sum((members[g] for g in group), []))
         rows, members = torch.stack(new_rows), new_members
         rows = rows + block.mlp(block.norm2(rows.view(-1, width))).view(rows.shape)
+        if index in getattr(model.config, "deepstack_visual_indexes", ()):
+            merger = model.deepstack_merger_list[list(model.config.deepstack_visual_indexes).index(index)]
+            features = merger(rows.view(-1, width))
+            cell_features.append(torch.stack([features[[c in m for m in members].index(True)] for c in range(cells)]))
     group_map = torch.empty(cells, dtype=torch.long)
     for position, originals in enumerate(members):
         group_map[originals] = position
     sizes = torch.tensor([float(len(m)) for m in members])
-    return model.merger(rows.view(-1, width)), sizes, group_map
+    taps = [torch.stack([features[m].mean(0) for m in members]) for features in cell_features]
+    return model.merger(rows.view(-1, width)), sizes, group_map, taps
+
+
+def _first_block_input(model, patches: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``[N, C]``: what Qwen3-VL's own forward feeds its first block, position embeddings included.
+    (Qwen2.5-VL's forward feeds it in window order: not for that one.)"""
+    seen = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        model(hidden_states=patches, grid_thw=grid)
+    finally:
+        hook.remove()
+    return seen[0]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -341,10 +366,14 @@ def test_exact_rotary_equals_naive_reference(name):
         merged = backbone.merged_forward_images(model, images, MergePolicy(mode="fixed_r", r=r))
         for b, image in enumerate(images):
             tokens, sizes, group, _ = _image(merged, b)
-            ref_tokens, ref_sizes, ref_group = naive_exact(backbone, model, image, r)
+            ref_tokens, ref_sizes, ref_group, ref_taps = naive_exact(backbone, model, image, r)
             assert torch.equal(group, ref_group)
             assert torch.equal(sizes, ref_sizes)
             torch.testing.assert_close(tokens, ref_tokens, rtol=0, atol=1e-9)
+            taps = [merged.layout.pad(tap)[b, : tokens.shape[0]] for tap in merged.taps]
+            assert len(taps) == len(ref_taps) == (2 if name == "hf_qwen3_vl" else 0)
+            for tap, ref_tap in zip(taps, ref_taps, strict=True):
+                torch.testing.assert_close(tap, ref_tap, rtol=0, atol=1e-9)
 
 
 # ----- the mean-position approximation, measured against the exact path ----------------------------------------

@@ -1,4 +1,4 @@
-"""``apply_dymu`` / ``remove_dymu`` and ``generate()`` on a whole tiny Qwen2-VL / Qwen2.5-VL
+"""``apply_dymu`` / ``remove_dymu`` and ``generate()`` on a whole tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL
 (backbones/hf_qwen_vl_generate.py). Float64, the batch of tests/test_qwen_vl_lm.py: two prompts, one
 left-padded, three images of different sizes (two in the first prompt)."""
 
@@ -68,9 +68,10 @@ def test_generate_at_infinite_thresholds_is_the_stock_model(family, cache, num_b
     assert torch.equal(generate(model, num_beams=num_beams), stock)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 @pytest.mark.parametrize("num_beams", [1, 2])
-def test_merged_generate_compact_equals_expanded(num_beams):
-    model = build()
+def test_merged_generate_compact_equals_expanded(family, num_beams):
+    model = build(family)
     policy = MergePolicy(mode="fixed_r", r=2)
     out = {}
     for cache in ("expanded", "compact"):

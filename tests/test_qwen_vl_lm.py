@@ -16,6 +16,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 from dymu_lightning.backbones import get_backbone, hf_qwen_vl
@@ -31,11 +33,13 @@ HIDDEN = 32
 FAMILIES = {
     "qwen2_vl": ("hf_qwen2_vl", Qwen2VLConfig, Qwen2VLForConditionalGeneration, "hidden_size"),
     "qwen2_5_vl": ("hf_qwen2_5_vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, "out_hidden_size"),
+    # interleaved M-RoPE, q/k norms in the language model; DeepStack after tower blocks 0 and 1
+    "qwen3_vl": ("hf_qwen3_vl", Qwen3VLConfig, Qwen3VLForConditionalGeneration, "out_hidden_size"),
 }
 
 
 def build(family: str = "qwen2_vl") -> Qwen2VLForConditionalGeneration:
-    """A tiny random Qwen2-VL (or 2.5-VL): the adapter's tiny tower and a 2-layer M-RoPE language model."""
+    """A tiny random Qwen2-VL (2.5-VL, 3-VL): the adapter's tiny tower and a 2-layer M-RoPE language model."""
     name, config_class, model_class, output_width = FAMILIES[family]
     tower = dict(get_backbone(name).tiny_configs()[0].config)
     tower.pop("img_size")
@@ -46,6 +50,7 @@ def build(family: str = "qwen2_vl") -> Qwen2VLForConditionalGeneration:
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
+        "head_dim": HIDDEN // 4,
         "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
     }
     config = config_class(
@@ -128,23 +133,31 @@ def test_merged_rows_are_the_merged_tokens_and_attend_as_the_naive_reference(fam
 
     # the same rows, expanded and run through the host's own attention at the full prompt's positions
     hidden_rows = _rows(model, input_ids, images, ours)
+    # Qwen3-VL: each visual row also gets its merged token's DeepStack features after the first layers
+    deepstack = [_rows(model, input_ids, images, ours, tap) for tap in range(len(ours.merged.taps))]
+    assert len(deepstack) == (2 if family == "qwen3_vl" else 0)
     with torch.no_grad():
-        reference = model.lm_head(naive_reference(model.model.language_model, hidden_rows, ours.layout))
+        language = model.model.language_model
+        reference = model.lm_head(naive_reference(language, hidden_rows, ours.layout, deepstack))
     valid_rows = ours.layout.counts() > 0
     torch.testing.assert_close(ours.logits[valid_rows], reference[valid_rows], rtol=0, atol=1e-6)
 
 
-def _rows(model, input_ids, images, prefill) -> torch.Tensor:
+def _rows(model, input_ids, images, prefill, tap: int | None = None) -> torch.Tensor:
     """The prefill's input rows, rebuilt with Python loops: a text position's row is its embedding, an
-    image placeholder's row is its cell's merged token."""
+    image placeholder's row is its cell's merged token. With ``tap``: the DeepStack rows of that tap
+    instead (the merged token's tap feature; zeros for text)."""
     embeds = model.get_input_embeddings()(input_ids)
+    features = prefill.merged.tokens
+    if tap is not None:
+        features, embeds = prefill.merged.layout.pad(prefill.merged.taps[tap]), torch.zeros_like(embeds)
     rows = torch.zeros(input_ids.shape[0], prefill.layout.num_rows, HIDDEN, dtype=embeds.dtype)
     image, cell = 0, 0
     for b in range(input_ids.shape[0]):
         for n in range(input_ids.shape[1]):
             if input_ids[b, n] == IMAGE:
                 token = int(prefill.merged.group[image, cell])
-                rows[b, prefill.layout.expand[b, n]] = prefill.merged.tokens[image, token]
+                rows[b, prefill.layout.expand[b, n]] = features[image, token]
                 cell += 1
                 if cell == int((prefill.merged.group[image] >= 0).sum()):
                     image, cell = image + 1, 0
@@ -182,14 +195,17 @@ def test_greedy_decoding_at_infinite_thresholds_is_the_stock_model(family, cache
             torch.testing.assert_close(logits, stock, rtol=0, atol=1e-8)
 
 
-def test_merged_decoding_compact_equals_expanded_and_the_naive_reference():
-    model = build()
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_merged_decoding_compact_equals_expanded_and_the_naive_reference(family):
+    model = build(family)
     input_ids, attention_mask, images = prompts()
     policy = MergePolicy(mode="fixed_r", r=2)
     with torch.no_grad():
         compact = qwen_vl_prefill(model, input_ids, images, policy, attention_mask, cache="compact")
         expanded = qwen_vl_prefill(model, input_ids, images, policy, attention_mask, cache="expanded")
         rows, layout = _rows(model, input_ids, images, compact), compact.layout
+        # Qwen3-VL's DeepStack rows of the prompt (new tokens are text: zeros)
+        deepstack = [_rows(model, input_ids, images, compact, tap) for tap in range(len(compact.merged.taps))]
         for new in (2, 1):
             ids = torch.randint(1, 50, (2, new), generator=torch.Generator().manual_seed(new))
             positions = next_positions(layout.positions, layout.valid, new)
@@ -198,8 +214,10 @@ def test_merged_decoding_compact_equals_expanded_and_the_naive_reference():
             theirs = qwen_vl_decode(model, expanded.cache, ids, positions, valid)
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
             rows = torch.cat([rows, model.get_input_embeddings()(ids)], 1)
+            deepstack = [torch.cat([tap, torch.zeros(2, new, HIDDEN, dtype=tap.dtype)], 1) for tap in deepstack]
             layout = layout.extend(positions, valid)
-            reference = model.lm_head(naive_reference(model.model.language_model, rows, layout))[:, -new:]
+            reference = naive_reference(model.model.language_model, rows, layout, deepstack)
+            reference = model.lm_head(reference)[:, -new:]
             torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""Videos in a whole tiny Qwen2-VL / Qwen2.5-VL with DyMU (backbones/hf_qwen_vl_lm.py): the tower
+"""Videos in a whole tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL with DyMU (backbones/hf_qwen_vl_lm.py): the tower
 merges each temporal slice on its own, and VTU places a merged token's rows at its cells' (t, h, w)
 M-RoPE positions. Float64; a batch of two prompts (one left-padded) that mixes two videos of
 different lengths and sizes with two images."""
@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_qwen_vl_lm import FAMILIES, HIDDEN, IMAGE, VIDEO, build
+from test_qwen_vl_lm import HIDDEN, IMAGE, VIDEO, build
 from tests_support import naive_reference
 
 from dymu_lightning.backbones import get_backbone
@@ -21,6 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Qwen2.5-VL spaces a video's slices by tokens_per_second (4) x these seconds: t steps of 4 and 2.
 SECONDS = torch.tensor([1.0, 0.5])
+FAMILIES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
+#: Qwen3-VL's processor writes a timestamp (text) before each slice's placeholders: this one's id.
+TIMESTAMP = 10
 
 
 def _smooth(generator: torch.Generator, frames: int, size: tuple[int, int]) -> torch.Tensor:
@@ -31,10 +34,17 @@ def _smooth(generator: torch.Generator, frames: int, size: tuple[int, int]) -> t
     return torch.nn.functional.interpolate(coarse + steps * drift, size, mode="bilinear")
 
 
-def prompts(samples: tuple[int, ...] = (0, 1)):
+def _video(family: str, slices: int, cells: int) -> list[int]:
+    """A video's placeholders: Qwen3-VL's with a timestamp token before each slice's cells."""
+    if family == "qwen3_vl":
+        return [TIMESTAMP, *[VIDEO] * cells] * slices
+    return [VIDEO] * (slices * cells)
+
+
+def prompts(samples: tuple[int, ...] = (0, 1), family: str = "qwen2_vl"):
     """Sample 0: 2 text, video A (4 frames of 16 x 24 px: 2 slices of 6 cells), 1 text, image P
     (16 x 16: 4 cells), 1 text; sample 1, left-padded: 1 text, image Q (24 x 16: 6 cells), 2 text,
-    video B (6 frames of 16 x 16: 3 slices of 4 cells), 1 text.
+    video B (6 frames of 16 x 16: 3 slices of 4 cells), 1 text. Qwen3-VL: a timestamp before each slice.
 
     Returns ``input_ids``, ``attention_mask``, images, videos and Qwen2.5's seconds per slice of
     the chosen samples (the left padding is kept, so a sample reads the same alone as in the batch)."""
@@ -42,8 +52,8 @@ def prompts(samples: tuple[int, ...] = (0, 1)):
     video_a, video_b = _smooth(generator, 4, (16, 24)), _smooth(generator, 6, (16, 16))
     image_p = torch.randn(3, 16, 16, generator=generator, dtype=torch.float64)
     image_q = _smooth(generator, 1, (24, 16))[0]
-    first = [1, 2, *[VIDEO] * 12, 3, *[IMAGE] * 4, 5]
-    second = [6, *[IMAGE] * 6, 7, 8, *[VIDEO] * 12, 9]
+    first = [1, 2, *_video(family, 2, 6), 3, *[IMAGE] * 4, 5]
+    second = [6, *[IMAGE] * 6, 7, 8, *_video(family, 3, 4), 9]
     pad = len(second) - len(first)
     ids = [[0] * pad + first, second]
     masks = [[0] * pad + [1] * len(first), [1] * len(second)]
@@ -84,16 +94,16 @@ def stock_logits(model, family, input_ids, attention_mask, images, videos, secon
 
 
 def prefill(model, family, policy, samples=(0, 1), **options):
-    input_ids, attention_mask, images, videos, seconds = prompts(samples)
+    input_ids, attention_mask, images, videos, seconds = prompts(samples, family)
     return qwen_vl_prefill(
         model, input_ids, images, policy, attention_mask, videos=videos, **_seconds(family, seconds), **options
     )
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_infinite_thresholds_equal_the_stock_model(family):
     model = build(family)
-    input_ids, attention_mask, images, videos, seconds = prompts()
+    input_ids, attention_mask, images, videos, seconds = prompts(family=family)
     policy = MergePolicy(thresholds=[math.inf] * len(model.model.visual.blocks))
     with torch.no_grad():
         stock = stock_logits(model, family, input_ids, attention_mask, images, videos, seconds)
@@ -102,18 +112,26 @@ def test_infinite_thresholds_equal_the_stock_model(family):
     torch.testing.assert_close(ours.position_logits()[valid], stock[valid], rtol=0, atol=1e-8)
     # a row per image, then per video slice; a video's placeholders keep their slice's t position
     assert ours.merged.lengths.tolist() == [4, 6, 6, 6, 4, 4, 4]
+    if family == "qwen3_vl":  # 3 pads, 2 text, a timestamp, slice 1, a timestamp, slice 2
+        video_a = ours.layout.positions[0, 0, [*range(6, 12), *range(13, 19)]]
+        assert video_a.tolist() == [3] * 6 + [7] * 6  # each slice's t: one past its timestamp
+        return
     video_a = ours.layout.positions[0, 0, 4:16]  # sample 0: 2 pads, 2 text, then video A
     step = 4 if family == "qwen2_5_vl" else 1  # 2.5: tokens_per_second 4 x 1.0 s per slice
     assert video_a.tolist() == [2] * 6 + [2 + step] * 6
 
 
-def _rows(model, input_ids, result, images: int) -> torch.Tensor:
+def _rows(model, input_ids, result, images: int, tap: int | None = None) -> torch.Tensor:
     """The prefill's input rows, rebuilt with Python loops: a text position's row is its embedding, a
     placeholder's row is its cell's merged token (the tower's first ``images`` slices are the
-    images, the videos' slices follow)."""
+    images, the videos' slices follow). With ``tap``: Qwen3-VL's DeepStack rows of that tap instead
+    (the merged token's tap feature; zeros for text)."""
     embeds = model.get_input_embeddings()(input_ids)
     rows = torch.zeros(input_ids.shape[0], result.layout.num_rows, HIDDEN, dtype=embeds.dtype)
     merged = result.merged
+    features = merged.tokens
+    if tap is not None:
+        features, embeds = merged.layout.pad(merged.taps[tap]), torch.zeros_like(embeds)
     cells = (merged.group >= 0).sum(1).tolist()
     cursor = {IMAGE: (0, 0), VIDEO: (images, 0)}  # the (slice, cell) each kind reads next
     for b in range(input_ids.shape[0]):
@@ -121,19 +139,19 @@ def _rows(model, input_ids, result, images: int) -> torch.Tensor:
             token = int(input_ids[b, n])
             if token in cursor:
                 slice_, cell = cursor[token]
-                rows[b, result.layout.expand[b, n]] = merged.tokens[slice_, int(merged.group[slice_, cell])]
+                rows[b, result.layout.expand[b, n]] = features[slice_, int(merged.group[slice_, cell])]
                 cursor[token] = (slice_, cell + 1) if cell + 1 < cells[slice_] else (slice_ + 1, 0)
             else:
                 rows[b, result.layout.expand[b, n]] = embeds[b, n]
     return rows
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_merged_video_rows_attend_as_the_naive_reference(family):
     """First-layer (and every-layer) exactness of VTU over M-RoPE: the rows expanded to the full
     sequence and run through the host's own attention at the full prompt's (t, h, w) positions."""
     model = build(family)
-    input_ids = prompts()[0]
+    input_ids = prompts(family=family)[0]
     with torch.no_grad():
         ours = prefill(model, family, MergePolicy(mode="fixed_r", r=1))
         layers = len(model.model.visual.blocks)  # r = 1 a block, down to one token
@@ -142,12 +160,13 @@ def test_merged_video_rows_attend_as_the_naive_reference(family):
         for slice_ in range(2, 7):  # every video slice merged some of its own cells, none of another's
             assert (groups[slice_][groups[slice_] >= 0].bincount() > 1).any()
         rows = _rows(model, input_ids, ours, images=2)
-        reference = model.lm_head(naive_reference(model.model.language_model, rows, ours.layout))
+        deepstack = [_rows(model, input_ids, ours, 2, tap) for tap in range(len(ours.merged.taps))]
+        reference = model.lm_head(naive_reference(model.model.language_model, rows, ours.layout, deepstack))
     valid_rows = ours.layout.counts() > 0
     torch.testing.assert_close(ours.logits[valid_rows], reference[valid_rows], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_prompt_reads_the_same_alone_and_in_the_batch(family):
     model = build(family)
     policy = MergePolicy(mode="fixed_r", r=1)
@@ -161,7 +180,7 @@ def test_a_prompt_reads_the_same_alone_and_in_the_batch(family):
             )
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("cache", ["compact", "expanded"])
 def test_greedy_decoding_at_infinite_thresholds_is_the_stock_model(family, cache):
     """Two greedy steps after the prefill equal the stock model decoding on its own cache, as its
@@ -169,7 +188,7 @@ def test_greedy_decoding_at_infinite_thresholds_is_the_stock_model(family, cache
     sequence: Qwen2.5's video B spans t positions up to 4 past its start, and the host continues text
     one past the largest position, while a recompute would number the new text after the last text."""
     model = build(family)
-    input_ids, attention_mask, images, videos, seconds = prompts()
+    input_ids, attention_mask, images, videos, seconds = prompts(family=family)
     policy = MergePolicy(thresholds=[math.inf] * len(model.model.visual.blocks))
     backbone = get_backbone("hf_qwen2_vl")
     patches, grid = backbone.patchify(model.model.visual, images)
@@ -209,12 +228,13 @@ def test_greedy_decoding_at_infinite_thresholds_is_the_stock_model(family, cache
             torch.testing.assert_close(logits, stock.logits[:, -1], rtol=0, atol=1e-8)
 
 
-def test_merged_video_decoding_compact_equals_expanded():
-    model = build("qwen2_5_vl")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_merged_video_decoding_compact_equals_expanded(family):
+    model = build(family)
     policy = MergePolicy(mode="fixed_r", r=1)
     with torch.no_grad():
-        compact = prefill(model, "qwen2_5_vl", policy, cache="compact")
-        expanded = prefill(model, "qwen2_5_vl", policy, cache="expanded")
+        compact = prefill(model, family, policy, cache="compact")
+        expanded = prefill(model, family, policy, cache="expanded")
         layout = compact.layout
         for new in (2, 1):
             ids = torch.randint(1, 50, (2, new), generator=torch.Generator().manual_seed(new))
@@ -239,7 +259,7 @@ NEW_TOKENS = 3
 
 def processor_inputs(model, family) -> dict[str, torch.Tensor]:
     """The mixed prompts as Qwen's processors give them."""
-    input_ids, attention_mask, images, videos, seconds = prompts()
+    input_ids, attention_mask, images, videos, seconds = prompts(family=family)
     backbone = get_backbone("hf_qwen2_vl")
     patches, grid = backbone.patchify(model.model.visual, images)
     video_patches, video_grid = backbone.patchify_videos(model.model.visual, videos)
@@ -266,7 +286,7 @@ def generate(model, family, **options):
         )
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("cache", ["expanded", "compact"])
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_generate_with_videos_at_infinite_thresholds_is_the_stock_model(family, cache, num_beams):
@@ -274,7 +294,7 @@ def test_generate_with_videos_at_infinite_thresholds_is_the_stock_model(family, 
     stock = generate(model, family, num_beams=num_beams)
     apply_dymu(model, MergePolicy(thresholds=[math.inf] * len(model.model.visual.blocks)), cache=cache)
     ours = generate(model, family, num_beams=num_beams)
-    assert ours.shape == (2, 22 + NEW_TOKENS) and torch.equal(ours, stock)
+    assert ours.shape == (2, prompts(family=family)[0].shape[1] + NEW_TOKENS) and torch.equal(ours, stock)
     # nothing merged: a row per cell of every image, then of every video slice (each beam prefills
     # its own copy of its prompt's items)
     cells = [4] * num_beams + [6] * num_beams + [6, 6] * num_beams + [4, 4, 4] * num_beams
@@ -284,15 +304,16 @@ def test_generate_with_videos_at_infinite_thresholds_is_the_stock_model(family, 
     assert torch.equal(generate(model, family, num_beams=num_beams), stock)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("num_beams", [1, 2])
-def test_merged_generate_with_videos_compact_equals_expanded(num_beams):
-    model = build("qwen2_5_vl")
+def test_merged_generate_with_videos_compact_equals_expanded(family, num_beams):
+    model = build(family)
     out = {}
     for cache in ("expanded", "compact"):
         apply_dymu(model, MergePolicy(mode="fixed_r", r=1), cache=cache)
         with torch.no_grad():
             out[cache] = model.generate(
-                **processor_inputs(model, "qwen2_5_vl"),
+                **processor_inputs(model, family),
                 max_new_tokens=NEW_TOKENS,
                 min_new_tokens=NEW_TOKENS,
                 do_sample=False,
@@ -322,12 +343,12 @@ def test_beams_copy_each_prompt_with_its_own_images_and_videos():
     assert torch.equal(expanded["pixel_values"], torch.cat([p, p, q, q]))
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_one_unpadded_prompt_with_the_compact_cache_is_the_stock_model(family):
     """generate() drops an all-ones attention mask when decoding: the compact cache then extends its
     M-RoPE layout ([3, B, N] positions) with the new tokens marked valid."""
     model = build(family)
-    input_ids, attention_mask, images, videos, seconds = prompts(samples=(1,))
+    input_ids, attention_mask, images, videos, seconds = prompts(samples=(1,), family=family)
     assert attention_mask.all()
     backbone = get_backbone("hf_qwen2_vl")
     patches, grid = backbone.patchify(model.model.visual, images)

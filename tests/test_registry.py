@@ -19,7 +19,8 @@ def clean_registry(monkeypatch):
 
 
 def test_builtin_names():
-    builtin = {"timm_vit", "hf_clip", "hf_siglip", "hf_dinov2", "dinov2_vits14_offline", "hf_qwen2_vl", "hf_qwen2_5_vl"}
+    builtin = {"timm_vit", "hf_clip", "hf_siglip", "hf_dinov2", "dinov2_vits14_offline"}
+    builtin |= {"hf_qwen2_vl", "hf_qwen2_5_vl", "hf_qwen3_vl"}
     assert builtin <= set(list_backbones())
     backbone = get_backbone("hf_siglip")
     assert isinstance(backbone, Backbone) and backbone.name == "hf_siglip"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -131,14 +132,17 @@ FAMILIES = {
 }
 
 
-def naive_reference(model: torch.nn.Module, rows: torch.Tensor, layout: VirtualLayout) -> torch.Tensor:
+def naive_reference(
+    model: torch.nn.Module, rows: torch.Tensor, layout: VirtualLayout, residuals: Sequence[torch.Tensor] = ()
+) -> torch.Tensor:
     """Per layer: copy rows to positions, run the host's own attention module with RoPE at the
-    original positions and a causal mask, average its outputs per row; norms and MLP on the rows."""
+    original positions and a causal mask, average its outputs per row; norms and MLP on the rows;
+    then add ``residuals[layer]`` (``[B, N_un, C]``, Qwen3-VL's DeepStack rows) if there is one."""
     length = layout.expand.shape[1]
     allowed = torch.tril(torch.ones(length, length, dtype=torch.bool))[None] & layout.valid[:, None, :]
     allowed |= torch.eye(length, dtype=torch.bool)[None]  # padding queries see themselves
     additive = torch.zeros(allowed.shape, dtype=rows.dtype).masked_fill(~allowed, float("-inf"))[:, None]
-    for layer in model.layers:
+    for index, layer in enumerate(model.layers):
         expanded = layout.to_positions(rows)
         embeddings = model.rotary_emb(expanded, layout.positions)
         out, _ = layer.self_attn(
@@ -154,6 +158,8 @@ def naive_reference(model: torch.nn.Module, rows: torch.Tensor, layout: VirtualL
             means.append(sample)
         rows = rows + torch.stack(means)
         rows = rows + layer.mlp(layer.post_attention_layernorm(rows))
+        if index < len(residuals):
+            rows = rows + residuals[index]
     return model.norm(rows)
 
 

@@ -91,6 +91,9 @@ class MergedTokens:
         num_prefix: leading tokens of each image that never merge (CLS, registers).
         packed: ``[T, C]``, the real tokens only, image after image.
         layout: packed <-> padded index maps.
+        taps: features read from intermediate blocks, each ``[T, C']`` packed like ``packed``: one
+            row per output token, the mean over its group's original tokens (Qwen3-VL's DeepStack;
+            see :func:`dymu_lightning.core.rotary_units.run_unit_blocks`). Empty for other hosts.
     """
 
     tokens: Tensor
@@ -101,6 +104,7 @@ class MergedTokens:
     num_prefix: int
     packed: Tensor
     layout: TokenLayout
+    taps: tuple[Tensor, ...] = ()
 
     @property
     def lengths(self) -> Tensor:

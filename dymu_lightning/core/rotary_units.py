@@ -20,6 +20,13 @@ Such a tower differs from a plain ViT in three ways, and each has an answer here
 * **Windows.** Blocks may attend only inside windows of units (Qwen2.5). Units carry a window id;
   matching pairs units of the same window only, so no group crosses a window, and windowed blocks
   run every window of every image as its own attention sequence (as the host's window lengths do).
+* **Taps.** A tower may also hand on features of intermediate blocks (Qwen3-VL's DeepStack: each
+  through its own patch merger, added to the language model's hidden states at the visual
+  positions). A tap at block ``k`` sees the rows of block ``k``, more than the output has; merging
+  is hierarchical, so every output group is a union of block-``k`` groups, and the tap's feature for
+  an output row is the mean over its original units of the tap's output for the block-``k`` row that
+  held the unit: exactly the mean of what the stock tower's units would have received if each read
+  its block-``k`` row. With nothing merged it is the stock tap.
 
 Images of different unit counts share one packed batch; each image merges on its own (matching,
 ranking and caps are per image), so its result does not depend on its batch-mates.
@@ -27,7 +34,7 @@ ranking and caps are per image), so its result does not depend on its batch-mate
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -109,6 +116,7 @@ def run_unit_blocks(
     mode: RotaryMode = "exact",
     final: Callable[[Tensor], Tensor] | None = None,
     backend: Backend = "sdpa",
+    taps: Mapping[int, Callable[[Tensor], Tensor]] | None = None,
 ) -> MergedTokens:
     """Run ``blocks`` on a :class:`UnitBatch`, merging units as ``policy`` says.
 
@@ -121,6 +129,9 @@ def run_unit_blocks(
             rotated at the mean member position).
         final: optional map ``[T, unit * C] -> [T, C']`` after the last block (the patch merger).
         backend: ``"sdpa"`` or ``"eager"`` attention.
+        taps: block index -> map ``[T, unit * C] -> [T, C'']`` read after that block (the whole
+            block, merge included); each tap's output is averaged into the output rows (module
+            docstring) and returned in :attr:`MergedTokens.taps`, in block order.
 
     Returns:
         :class:`MergedTokens` whose tokens are units: ``tokens`` ``[B, L, C']`` (``[B, L, unit * C]``
@@ -145,6 +156,8 @@ def run_unit_blocks(
     original = _OriginalGrid.build(batch, layout, rotary, mode)
 
     counts = [units]
+    taps = taps or {}
+    tapped = []  # per tap: [U, C''] each original unit's feature (the tap on the row holding it)
     for layer, parts in enumerate(blocks):
         rows = state.x.view(-1, channels)  # [T * k, C]
         q, key, v = parts.attn_in(rows)
@@ -166,9 +179,12 @@ def run_unit_blocks(
             state = merge_tokens(state, edges.partner, decision.merge)
         state = _with_x(state, state.x + parts.mlp(state.x.view(-1, channels)).view(state.x.shape))
         counts.append(state.layout.lengths)
+        if layer in taps:
+            tapped.append(taps[layer](state.x)[original.unit_rows(state)])
 
     packed = state.x if final is None else final(state.x)
     out_layout = state.layout
+    rows = original.unit_rows(state)
     return MergedTokens(
         tokens=out_layout.pad(packed),
         sizes=out_layout.pad(state.sizes),
@@ -178,6 +194,7 @@ def run_unit_blocks(
         num_prefix=0,
         packed=packed,
         layout=out_layout,
+        taps=tuple(_members_mean(feature, rows, state.x.shape[0]) for feature in tapped),
     )
 
 
@@ -215,11 +232,15 @@ class _OriginalGrid:
             cos, sin = rotary.angles(batch.positions)
         return cls(layout, units.flat_index(), cos, sin, batch.positions, batch.windows, k)
 
-    def token_rows(self, state: TokenState) -> Tensor:
-        """``[N]`` long: the packed sub-token row (of ``[T * k]``) that each original token reads."""
+    def unit_rows(self, state: TokenState) -> Tensor:
+        """``[U]`` long: the packed row (of ``[T]``) that holds each original unit."""
         group_flat = state.group.flatten()[self.unit_index]  # [U], position within the image
         images = torch.div(self.unit_index, state.group.shape[1], rounding_mode="floor")
-        unit_rows = state.layout.starts()[images] + group_flat
+        return state.layout.starts()[images] + group_flat
+
+    def token_rows(self, state: TokenState) -> Tensor:
+        """``[N]`` long: the packed sub-token row (of ``[T * k]``) that each original token reads."""
+        unit_rows = self.unit_rows(state)
         return (unit_rows[:, None] * self.unit + torch.arange(self.unit, device=unit_rows.device)).flatten()
 
     def row_windows(self, state: TokenState, token_rows: Tensor) -> Tensor:
@@ -233,10 +254,11 @@ class _OriginalGrid:
 
 
 def _members_mean(out: Tensor, token_rows: Tensor, rows: int) -> Tensor:
-    """``[N, H, d]`` outputs of the original tokens -> ``[rows, H, d]`` means over each row's members."""
+    """``[N, *F]`` values of the original tokens (or units) -> ``[rows, *F]`` means over each row's
+    members (``token_rows``: ``[N]``, each one's row)."""
     summed = out.new_zeros(rows, *out.shape[1:]).index_add_(0, token_rows, out)
     members = torch.bincount(token_rows, minlength=rows).clamp(min=1).to(out.dtype)
-    return summed / members[:, None, None]
+    return summed / members.view(-1, *[1] * (out.dim() - 1))
 
 
 def _grid_attention(

@@ -208,7 +208,7 @@ def native_inputs(
     if not callable(getattr(backbone, "native_size", None)):
         raise ConfigError(
             f"{path}: data.crops=native needs a backbone that takes images at their native size (hf_qwen2_vl, "
-            f"hf_qwen2_5_vl); backbone '{backbone.name}' has no native resize rule: use data.crops=whole"
+            f"hf_qwen2_5_vl, hf_qwen3_vl); backbone '{backbone.name}' has no native resize rule: use data.crops=whole"
         )
     defaults = inspect.signature(backbone.native_size).parameters
     bounds = {
