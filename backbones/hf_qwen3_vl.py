@@ -66,6 +66,8 @@ class HFQwen3VLVision(HFQwen2VLVision):
     def embed_patches(self, model: nn.Module, patches: Tensor, grid_thw: Tensor) -> Tensor:
         """The patch embeddings plus the learned position table resampled to each grid, as the host's
         forward adds them."""
+        if patches.is_meta:  # shape probes (`check`): resampling the table needs the grid's values
+            return model.patch_embed(patches)
         indices, weights = get_vision_interpolation_indices_and_weights(
             grid_thw,
             num_grid_per_side=model.num_grid_per_side,

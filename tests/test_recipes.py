@@ -29,6 +29,7 @@ def test_the_calibration_recipes_are_packaged():
         "siglip_so400m_calib",
         "qwen2_vl_calib",
         "qwen2_5_vl_calib",
+        "qwen3_vl_calib",
     } <= set(RECIPES)
 
 
@@ -43,6 +44,7 @@ def test_recipe_passes_check(name, tmp_path):
         "hf_dinov2",
         "hf_qwen2_vl",
         "hf_qwen2_5_vl",
+        "hf_qwen3_vl",
     )
     assert recipe.path.read_text().startswith("#"), "a recipe opens with a comment showing its launch command"
     assert f"recipe={name}" in recipe.path.read_text()
