@@ -352,9 +352,10 @@ def _loop_ops(x, blocks, policy, widened=False) -> int:
 #: Non-view ops of one merging block on the static path (CPU grid attention), the host's own block
 #: included (HOST_BLOCK_OPS: 2 norms, 4 linears, GELU, attention, 2 residual adds). 71 before the
 #: 2026-12-01 pass that cut DToMe's share from 61 to 43 ops, 53 before the merge's new rows became a
-#: view of its one flattened cumsum (docs/benchmarks.md lists them). With widened heads folded into
-#: the projections (the CPU grid reference of what varlen runs on a GPU): one more.
-MERGING_BLOCK_OPS = {False: 52, True: 53}
+#: view of its one flattened cumsum (docs/benchmarks.md lists them), 52 before the grid's index rows
+#: (positions, protected prefix, image offsets) were made once per forward. With widened heads folded
+#: into the projections (the CPU grid reference of what varlen runs on a GPU): one more.
+MERGING_BLOCK_OPS = {False: 49, True: 50}
 HOST_BLOCK_OPS = 10
 
 

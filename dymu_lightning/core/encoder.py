@@ -234,8 +234,8 @@ def match_edges(state: CapacityState, keys: Tensor, num_prefix: int) -> tuple[Ed
     Returns:
         The :class:`Edges` (``[B, Na]``) and the live-cell mask ``[B, Lc]`` bool (the merge reuses it).
     """
-    valid = state.valid_mask()
-    return bipartite_edges(keys, valid, num_prefix), valid
+    valid, blocked = state.masks()  # one comparison each, against index rows made once per forward
+    return bipartite_edges(keys, valid, num_prefix, blocked=blocked), valid
 
 
 @functools.cache
