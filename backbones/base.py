@@ -123,6 +123,7 @@ class Backbone(ABC):
         path: str = "auto",
         compile_merge: bool = False,
         widened: bool | None = None,
+        compile_blocks: bool = False,
     ) -> MergedTokens:
         """Run the encoder with DToMe, without patching the model.
 
@@ -139,6 +140,9 @@ class Backbone(ABC):
             widened: proportional attention as widened heads folded into the projections (True)
                 or as a log-size bias on a padded grid (False); None: widened where ``varlen_attn``
                 runs (CUDA, half precision, ``"sdpa"``).
+            compile_blocks: every block through ``torch.compile`` (opt-in; the first call compiles,
+                eager with a warning where compiling fails; see
+                ``dymu_lightning.core.encoder.compiled_block_steps``).
         """
         if path not in PATHS:
             raise ValueError(f"unknown engine path {path!r}; expected one of {PATHS}")
@@ -163,6 +167,7 @@ class Backbone(ABC):
             graph_key=(num_blocks, next(model.parameters()).data_ptr()),
             compile_merge=compile_merge,
             widened=widened,
+            compile_blocks=compile_blocks,
         )
 
     def patch(

@@ -392,14 +392,16 @@ class HFQwen2VLVision(Backbone):
         path: str = "auto",
         compile_merge: bool = False,
         rotary: str = "exact",
+        compile_blocks: bool = False,
     ) -> MergedTokens:
         """DToMe over ``[B, 3, S, S]`` pixels; tokens are cells (see :meth:`merged_forward_images`).
-        ``path`` must be ``"auto"`` or ``"dynamic"`` and ``compile_merge`` False: this family runs its
-        own rotary engine, with no static path and no compiled merge yet."""
+        ``path`` must be ``"auto"`` or ``"dynamic"`` and ``compile_merge``, ``compile_blocks`` False:
+        this family runs its own rotary engine, with no static path and nothing compiled yet."""
         if path not in ("auto", "dynamic"):
             raise ValueError(f"backbone '{self.name}' has only the dynamic engine path, got path={path!r}")
-        if compile_merge:
-            raise ValueError(f"backbone '{self.name}' has no compiled merge yet; use compile_merge=False")
+        for name, value in (("compile_merge", compile_merge), ("compile_blocks", compile_blocks)):
+            if value:
+                raise ValueError(f"backbone '{self.name}' has no compiled engine yet; use {name}=False")
         return self.merged_forward_images(model, list(pixels), policy, backend, num_blocks, rotary)
 
     def merged_forward_images(

@@ -19,7 +19,8 @@ engine before capacity buffers) at each budget, interleaved with the current one
 "--paths" adds the 33% budget with the engine's path forced (merged_forward picks one by itself:
 static, replayed as a CUDA graph, for CUDA batches up to STATIC_BATCH_CUTOFF, else dynamic).
 "--compile-merge" adds the 33% budget with matching and the merge step through torch.compile, once per
-forced path (or once, on the automatic path); the warm-up call compiles.
+forced path (or once, on the automatic path); the warm-up call compiles. "--compile-blocks" does the
+same with every block through torch.compile (``compile_blocks=True``: host layers, matching and merge).
 "--bias-heads" adds the 33% budget with proportional attention as a log-size bias on the padded grid
 (SDPA) instead of widened heads folded into the projections (``varlen_attn``, the default on CUDA in
 half precision), once per forced path.
@@ -161,6 +162,7 @@ def run_geometry(
     paths: tuple[str, ...] = (),
     compile_merge: bool = False,
     bias_heads: bool = False,
+    compile_blocks: bool = False,
 ) -> list[Row]:
     backbone = get_backbone("timm_vit")
     model_name, kwargs = GEOMETRIES[name]
@@ -193,11 +195,11 @@ def run_geometry(
         # Every batch size sees the same images, as consecutive batches of that size.
         chunks = images.split(batch)
 
-        def run(policy, chunks=chunks, path="auto", compile_merge=False, widened=None):
+        def run(policy, chunks=chunks, path="auto", widened=None, **compile_options):
             if policy is None:
                 return [backbone.stock_features(model, chunk) for chunk in chunks]
             return [
-                backbone.merged_forward(model, chunk, policy, path=path, compile_merge=compile_merge, widened=widened)
+                backbone.merged_forward(model, chunk, policy, path=path, widened=widened, **compile_options)
                 for chunk in chunks
             ]
 
@@ -230,13 +232,17 @@ def run_geometry(
             }
             for variant, path in biased.items():
                 variants[variant] = partial(run, policies[limit_of], path=path, widened=False)
-            compiled = {  # variant -> path, with the compiled merge
-                f"{limit_of}, {path + ' path, ' if path != 'auto' else ''}compiled merge": path
+            compiled = {  # variant -> (path, option), with the compiled merge or compiled blocks
+                f"{limit_of}, {path + ' path, ' if path != 'auto' else ''}compiled {what}": (path, option)
+                for what, option, wanted in (
+                    ("merge", "compile_merge", compile_merge),
+                    ("blocks", "compile_blocks", compile_blocks),
+                )
                 for path in (paths or ("auto",))
-                if compile_merge
+                if wanted
             }
-            for variant, path in list(compiled.items()):
-                variants[variant] = partial(run, policies[limit_of], path=path, compile_merge=True)
+            for variant, (path, option) in list(compiled.items()):
+                variants[variant] = partial(run, policies[limit_of], path=path, **{option: True})
                 try:  # compiles here, so that a torch that cannot compile costs this row, not the table
                     variants[variant]()
                 except Exception as error:  # noqa: BLE001 (any compiler error)
@@ -295,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", nargs="*", default=[], choices=["dynamic", "static"], help="force engine paths")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="fractions of tokens left")
     parser.add_argument("--compile-merge", action="store_true", help="also time the compiled merge step")
+    parser.add_argument("--compile-blocks", action="store_true", help="also time every block compiled")
     parser.add_argument("--bias-heads", action="store_true", help="also time the log-size bias on the padded grid")
     add_run_arguments(parser, "encoder_speed")
     args = parser.parse_args(argv)
@@ -306,7 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     rows = []
     for geometry in args.geometry:
-        options = (args.compare_padded, tuple(args.budgets), tuple(args.paths), args.compile_merge, args.bias_heads)
+        options = (
+            args.compare_padded,
+            tuple(args.budgets),
+            tuple(args.paths),
+            args.compile_merge,
+            args.bias_heads,
+            args.compile_blocks,
+        )
         rows += run_geometry(geometry, args.batch, args.repeats, device, dtype, *options)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,11 +16,16 @@ run-ahead and CUDA graphs) or when it launches many small kernels. Both show on 
     python benchmarks/engine_proxies.py                      # timm ViT-Ti/16-224, batch 1 and 64
     python benchmarks/engine_proxies.py --model vit_base_patch16_224 --batch 8
     python benchmarks/engine_proxies.py --batch 8 --breakdown   # + every op of a merging block, by purpose
+    python benchmarks/engine_proxies.py --batch 1 --compiled    # + the kernels of compile_blocks=True
 
 ``--breakdown`` lists the non-view ops of the static block loop's merging blocks (every block after
 the first is the same sequence there) by purpose and by source line, per merging block: on the CPU's
 bias grid, and on the GPU's form (widened heads folded into the projections, ``varlen_attn``) with a
 CPU stand-in for the kernel that the counters see as one op.
+
+``--compiled`` lists the graphs ``compile_blocks=True`` compiles for the static loop and the kernel
+calls in each, read from Inductor's generated code (the dispatcher counters cannot see inside a
+compiled graph; on a CPU the fused kernels are C++ loop nests, not the GPU's Triton kernels).
 
 Counts only: no timing, so a noisy machine does not change them.
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import linecache
+import re
 import sys
 import traceback
 from collections import Counter
@@ -136,7 +142,8 @@ _PURPOSES = {
     "attn_out": "host block: output projection",
     "mlp": "host block: norm, MLP",
     "attention": "host block: attention kernel",
-    "run_capacity_blocks": "host block: residual adds",
+    "attend_and_match": "host block: residual adds",
+    "feed_forward": "host block: residual adds",
     "grid_attention": "attention grid (CPU reference; varlen on a GPU)",
     "scatter_to_grid": "attention grid (CPU reference; varlen on a GPU)",
     "qkv": "host block: norm, qkv projection",
@@ -232,6 +239,61 @@ def breakdown(backbone, model, policy: MergePolicy, pixels: torch.Tensor, gpu_fo
     return lines
 
 
+# A line of Inductor's wrapper code that runs a kernel: a fused loop nest (C++ on a CPU, Triton on a
+# GPU), an extern kernel (GEMM, attention) or an aten fallback.
+_KERNEL_CALL = re.compile(
+    r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|(?:torch\.ops\.)?aten\.\w+)"
+)
+
+
+def compiled_kernels(backbone, model, policy: MergePolicy, pixels: torch.Tensor) -> list[str]:
+    """Markdown: the graphs ``compile_blocks=True`` compiles for the static block loop, and the kernel
+    calls in each (from Inductor's generated wrapper code). The dispatcher counters cannot see inside
+    a compiled graph, so this is the compiled path's op count. On a CPU Inductor writes C++ loop
+    nests, which it splits differently from a GPU's Triton kernels: a proxy, like the eager count."""
+    from torch._inductor.utils import run_and_get_code
+
+    prefix = backbone.num_prefix_tokens(model)
+    torch._dynamo.reset()
+    encoder.compiled_block_steps.cache_clear()
+    with torch.inference_mode():
+        x = backbone.embed(model, pixels)
+        _, codes = run_and_get_code(
+            run_capacity_blocks, x, backbone.blocks(model), policy, prefix, static=True, compile_blocks=True
+        )
+    lines = [
+        f"## compiled blocks (compile_blocks=True), static path, batch {pixels.shape[0]}: "
+        f"{len(codes)} graphs for all {backbone.num_layers(model)} blocks",
+        "",
+        "| graph (in order of compilation) | kernel calls | of which extern / aten |",
+        "|---|---|---|",
+    ]
+    latest = {}  # role -> kernel calls of the graph compiled last for it (the later blocks' graphs)
+    for number, code in enumerate(codes):
+        body = code[code.index("def call(") :].split("\ndef ", 1)[0]
+        calls = [m.group(1) for line in body.splitlines() if (m := _KERNEL_CALL.match(line))]
+        extern = sum(not c.startswith(("cpp_fused", "triton_")) for c in calls)
+        names = ", ".join(sorted({c.split(".")[-1] for c in calls if not c.startswith(("cpp_fused", "triton_"))}))
+        role = _graph_role(code)
+        latest[role] = len(calls)
+        lines.append(f"| {number}: {role} | {len(calls)} | {extern} ({names}) |")
+    steps = ("attention half + matching", "merge step", "MLP half")
+    if all(role in latest for role in steps):
+        per_block = sum(latest[role] for role in steps) + 1  # + the policy's decision, eager
+        lines += ["", f"A merging block after the first: **{per_block}** kernel calls (its three graphs, plus the "]
+        lines[-1] += "policy's decision, one eager op)."
+    return lines
+
+
+def _graph_role(code: str) -> str:
+    """Which step a graph compiles, from the ops it contains."""
+    if "index_add" in code:
+        return "merge step"
+    if "gelu" in code:
+        return "MLP half"
+    return "attention half + matching" if "max" in code else "attention half"
+
+
 # A variant runs on pixels and returns how many late reads of counts it made.
 Forward = Callable[[torch.Tensor], int]
 
@@ -301,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine_proxies"))
     parser.add_argument("--breakdown", action="store_true", help="also list the ops of a merging block")
+    parser.add_argument(
+        "--compiled", action="store_true", help="also count the kernels of compile_blocks=True (compiles: minutes)"
+    )
     args = parser.parse_args(argv)
 
     backbone = get_backbone("timm_vit")
@@ -354,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
                 table = breakdown(backbone, model, policy, pixels_all[:batch], gpu_form)
                 print("\n".join(["", *table]), flush=True)
                 lines += ["", *table]
+    if args.compiled:
+        table = compiled_kernels(backbone, model, policy, pixels_all[: min(args.batch)])
+        print("\n".join(["", *table]), flush=True)
+        lines += ["", *table]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0

@@ -17,7 +17,7 @@
 #      timeout_s: 600
 #
 #    $OUT then holds log.txt, gpu_attention.md, cudnn_cache.log, engine_paths.md/.json, gpu_profile.md,
-#    qwen_vl_prefill.md, encoder_speed.md/.json, calibration_speed.md and llava_generate.md.
+#    compiled_blocks.md/.json, qwen_vl_prefill.md, encoder_speed.md/.json, calibration_speed.md and llava_generate.md.
 #
 # Dry run here, on the CPU with tiny sizes (installs, imports and paths; no CUDA, the gpu tests skip;
 # a few minutes on 2 cores). PYTHON defaults to .venv/bin/python in a dry run, python3 otherwise:
@@ -140,10 +140,19 @@ if [[ $DRY != 1 ]]; then
         --geometry l14_336 --batch 1 64 --repeats 3 --budgets 0.33 --paths dynamic static --compare-padded \
         --compile-merge --bias-heads --out "$OUT/engine_paths"
     step "encoder profile (8.4)" 60 "$PYTHON" benchmarks/gpu_profile.py --encoder-only --out "$OUT/gpu_profile"
+    # Issue 12: every block through torch.compile (compile_blocks=True) against the same engine eager,
+    # on both paths; the warm-up call compiles (three graphs per structure, dynamic shapes, shared by
+    # all blocks and both batch sizes). A compile failure costs its rows, not the step.
+    step "compiled blocks (8.5)" 150 "$PYTHON" benchmarks/encoder_speed.py --device cuda --dtype bfloat16 \
+        --geometry l14_336 --batch 1 64 --repeats 3 --budgets 0.33 --paths dynamic static \
+        --compile-blocks --out "$OUT/compiled_blocks"
 else
     step "engine paths (8.3)" 300 "$PYTHON" benchmarks/encoder_speed.py --device cpu --dtype float32 \
         --geometry b16_224 --batch 1 2 --repeats 1 --budgets 0.33 --paths dynamic static --compare-padded \
         --compile-merge --bias-heads --out "$OUT/engine_paths"
+    step "compiled blocks (8.5)" 300 "$PYTHON" benchmarks/encoder_speed.py --device cpu --dtype float32 \
+        --geometry b16_224 --batch 1 --repeats 1 --budgets 0.33 --paths static \
+        --compile-blocks --out "$OUT/compiled_blocks"
 fi
 
 # -P (here and above): the checkout's dymu_lightning/, without its subpackages, must not come first on

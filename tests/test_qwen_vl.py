@@ -445,8 +445,9 @@ def test_unsupported_parts_are_clear_errors():
         backbone.blocks(model)
     with pytest.raises(ValueError, match=r"has only the dynamic engine path"):
         backbone.merged_forward(model, torch.stack(_images([(16, 16)])), MergePolicy.off(), path="static")
-    with pytest.raises(ValueError, match=r"backbone 'hf_qwen2_vl' has no compiled merge yet"):
-        backbone.merged_forward(model, torch.stack(_images([(16, 16)])), MergePolicy.off(), compile_merge=True)
+    for option in ("compile_merge", "compile_blocks"):
+        with pytest.raises(ValueError, match=rf"backbone 'hf_qwen2_vl' has no compiled engine yet; use {option}=False"):
+            backbone.merged_forward(model, torch.stack(_images([(16, 16)])), MergePolicy.off(), **{option: True})
     with pytest.raises(ValueError, match=r"image sides must be multiples of 8 px"):
         backbone.patchify(model, _images([(20, 16)]))
     with pytest.raises(ValueError, match=r"unknown rotary mode 'center'"):

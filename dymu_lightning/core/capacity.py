@@ -39,6 +39,12 @@ class CapacityState:
         dense: host flag, True while nothing has merged (row ``b * Lc + p`` is image b's token p).
         bounds: ``[B + 1]`` long, the image boundaries ``[0, cumsum(lengths)]`` when the merge
             that made this state had them for free (None: :meth:`cu_seqlens` computes them).
+        positions: ``[2, N]`` long, made once per forward (each ``arange`` is a kernel launch on a
+            GPU, and every merging block needs these): row 0 is ``0..N-1``, row 1 the same with the
+            protected prefix replaced by ``N``, which no length exceeds, so that one comparison
+            gives the cells matching skips (:meth:`masks`). None: built per call.
+        cell_base: ``[B]`` long, ``b * Lc - 1`` for the current ``Lc``: image b's survivor count
+            plus this is the survivor's new grid cell (:func:`merge_step`). None: built per call.
     """
 
     x: Tensor
@@ -49,12 +55,16 @@ class CapacityState:
     max_len: int
     dense: bool = False
     bounds: Tensor | None = None
+    positions: Tensor | None = None
+    cell_base: Tensor | None = None
 
     @classmethod
     def start(cls, x: Tensor, num_prefix: int) -> CapacityState:
         """The state of ``[B, N, C]`` embedded tokens before any block."""
         batch, length, channels = x.shape
         device = x.device
+        positions = torch.arange(length, device=device).repeat(2, 1)
+        positions[1, :num_prefix] = length
         return cls(
             x=x.reshape(batch * length, channels),
             sizes=torch.ones(batch * length, dtype=torch.float32, device=device),
@@ -64,6 +74,8 @@ class CapacityState:
             + torch.arange(0, batch * length, length, device=device)[:, None],
             max_len=length,
             dense=True,
+            positions=positions,
+            cell_base=_cell_base(batch, length, device),
         )
 
     @classmethod
@@ -96,8 +108,20 @@ class CapacityState:
 
     def valid_mask(self) -> Tensor:
         """``[B, Lc]`` bool, True where the padded grid holds a live token."""
-        positions = torch.arange(self.max_len, device=self.lengths.device)
-        return positions[None, :] < self.lengths[:, None]
+        return self._positions()[0, None, :] < self.lengths[:, None]
+
+    def masks(self) -> tuple[Tensor, Tensor | None]:
+        """``[B, Lc]`` bool: the live cells (:meth:`valid_mask`) and the cells matching skips
+        (padding and the protected prefix), one comparison each; None for the second where the
+        state does not know its protected prefix (built by :meth:`from_rows`)."""
+        if self.positions is None:
+            return self.valid_mask(), None
+        return self.valid_mask(), self._positions()[1, None, :] >= self.lengths[:, None]
+
+    def _positions(self) -> Tensor:
+        if self.positions is None:
+            return torch.arange(self.max_len, device=self.lengths.device)[None]
+        return self.positions[:, : self.max_len]
 
     def group_positions(self) -> Tensor:
         """``[B, N0]`` long, for each original patch the position, within its image, of the token
@@ -128,7 +152,14 @@ class CapacityState:
             max_len=max_len,
             dense=self.dense and capacity == self.capacity and max_len == self.max_len,
             bounds=self.bounds,  # live rows do not move
+            positions=self.positions,  # sliced to the grid's width where used
+            cell_base=self.cell_base if max_len == self.max_len else _cell_base(self.batch, max_len, slot.device),
         )
+
+
+def _cell_base(batch: int, max_len: int, device: torch.device) -> Tensor:
+    """``[B]`` long, ``b * Lc - 1``."""
+    return torch.arange(-1, batch * max_len - 1, max_len, device=device)
 
 
 def merge_step(state: CapacityState, partner: Tensor, merge: Tensor, valid: Tensor | None = None) -> CapacityState:
@@ -164,7 +195,8 @@ def merge_step(state: CapacityState, partner: Tensor, merge: Tensor, valid: Tens
     # at the trash row. Indexed by grid slot: row[b * Lc + p].
     row = torch.where(cells[1:], count[:-1], capacity)  # [B * Lc + 1]
     # A survivor's new cell is b * Lc + (its new position); the -1 turns a count into a position.
-    cell = kept + torch.arange(-1, batch * max_len - 1, max_len, device=keep.device)[:, None]
+    base = _cell_base(batch, max_len, keep.device) if state.cell_base is None else state.cell_base
+    cell = kept + base[:, None]
     slot = torch.full((capacity + 1,), batch * max_len, device=keep.device)
     slot = slot.scatter_(0, row[:-1], cell.view(-1))[:capacity]
     # Merged A tokens follow their partner, a survivor (in place: the slots above are written).
@@ -196,6 +228,8 @@ def merge_step(state: CapacityState, partner: Tensor, merge: Tensor, valid: Tens
         group=destination[state.group],
         max_len=max_len,
         bounds=count[0 : batch * max_len + 1 : max_len],  # [0, end of image 0, ...]: a view, no op
+        positions=state.positions,
+        cell_base=state.cell_base,
     )
 
 

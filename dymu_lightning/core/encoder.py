@@ -16,6 +16,8 @@ on ``[Tc, C]`` rows, attention runs per image over the packed rows
 from __future__ import annotations
 
 import functools
+import sys
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -134,6 +136,7 @@ def run_blocks(
     graph_key: Hashable = None,
     compile_merge: bool = False,
     widened: bool | None = None,
+    compile_blocks: bool = False,
 ) -> MergedTokens:
     """Run ``blocks`` on embedded tokens, merging as ``policy`` says.
 
@@ -153,6 +156,9 @@ def run_blocks(
         widened: proportional attention as widened heads (folded into the projection weights)
             instead of a log-size bias on the grid; None: where ``varlen_attn`` runs (CUDA, half
             precision, ``"sdpa"``). Elsewhere True runs the widened grid reference.
+        compile_blocks: run each block through ``torch.compile`` (see :func:`compiled_block_steps`):
+            its attention half with matching, its merge and its MLP half, host layers included;
+            implies ``compile_merge``. Falls back to eager, with a warning, where compiling fails.
 
     The blocks run without a host read; building the returned :class:`MergedTokens` (exact host
     sizes) reads the final counts once, unless nothing merged.
@@ -163,17 +169,26 @@ def run_blocks(
 
         def loop(x: Tensor) -> tuple[CapacityState, Tensor]:
             return run_capacity_blocks(
-                x, blocks, policy, num_prefix, backend, static=True, compile_merge=compile_merge, widened=widened
+                x,
+                blocks,
+                policy,
+                num_prefix,
+                backend,
+                static=True,
+                compile_merge=compile_merge,
+                widened=widened,
+                compile_blocks=compile_blocks,
             )
 
         if widened:  # a graph holds the folded weights' addresses: refresh them in place first
             for parts in blocks:
                 if parts.linears is not None:
                     folded_weights(parts.linears)
-        state, counts = graphs.run(policy_key(policy, (graph_key, backend, compile_merge, widened)), loop, x)
+        key = policy_key(policy, (graph_key, backend, compile_merge, widened, compile_blocks))
+        state, counts = graphs.run(key, loop, x)
     else:
         state, counts = run_capacity_blocks(
-            x, blocks, policy, num_prefix, backend, static, counts_reader, compile_merge, widened
+            x, blocks, policy, num_prefix, backend, static, counts_reader, compile_merge, widened, compile_blocks
         )
     return merged_tokens(state, counts, num_prefix, final)
 
@@ -188,10 +203,11 @@ def run_capacity_blocks(
     counts_reader: LaggedCounts | None = None,
     compile_merge: bool = False,
     widened: bool | None = None,
+    compile_blocks: bool = False,
 ) -> tuple[CapacityState, Tensor]:
     """The block loop on capacity buffers. Sync-free: on the static path it runs under
     ``FakeTensorMode`` (tests/test_engine.py); the dynamic path only reads counts whose copy finished.
-    ``compile_merge``, ``widened``: see :func:`run_blocks`.
+    ``compile_merge``, ``widened``, ``compile_blocks``: see :func:`run_blocks`.
 
     Returns:
         The final :class:`CapacityState` and ``[B, num_blocks + 1]`` token counts per image.
@@ -202,14 +218,15 @@ def run_capacity_blocks(
     if reader is not None:
         reader.start()  # counts from an earlier forward bound nothing here
     counts = [state.lengths]
-    match, merge = compiled_merge_steps() if compile_merge else (match_edges, merge_step)
+    attend, match, merge, feed = _block_steps(compile_merge, compile_blocks)
     for layer, parts in enumerate(blocks):
         state = _maybe_shrink(state, reader)
         merges = policy.merges_at(layer) and state.max_len >= 2
-        branch, keys = _attention_branch(parts, state, backend, merges, widened)
-        state = replace(state, x=state.x + branch)
+        # Widened heads fold (or find cached) the projection weights here, outside any compiled
+        # graph: the fold cache is host bookkeeping that Dynamo cannot trace.
+        attn = widened_attention(parts) if widened and not state.dense else None
+        state, edges, valid = attend(parts, state, backend, merges, attn, num_prefix, match)
         if merges:
-            edges, valid = match(state, keys, num_prefix)
             # The decision stays eager: thresholds and callbacks differ per layer (a compiled graph
             # would specialise on each), and it is one comparison in threshold mode.
             decision = policy.select(layer, edges, state.lengths)
@@ -219,9 +236,52 @@ def run_capacity_blocks(
             if reader is not None:
                 reader.request(state.lengths)
                 state = _maybe_shrink(state, reader)  # before the MLP, when the count is already there
-        state = replace(state, x=state.x + parts.mlp(state.x))
+        state = feed(parts, state)
         counts.append(state.lengths)
     return state, torch.stack(counts, dim=1)
+
+
+def attend_and_match(
+    parts: BlockParts,
+    state: CapacityState,
+    backend: Backend,
+    merges: bool,
+    attn: WidenedAttention | None = None,
+    num_prefix: int = 0,
+    match: Callable[[CapacityState, Tensor, int], tuple[Edges, Tensor]] | None = None,
+) -> tuple[CapacityState, Edges | None, Tensor | None]:
+    """A block's first half: the attention residual branch, then (if ``merges``) matching on its keys.
+
+    Args:
+        attn: the block's attention in widened heads (:func:`widened_attention`), None for the bias
+            form (or while the state is dense).
+        match: the matching step (default :func:`match_edges`).
+
+    Returns:
+        The state after the residual add, and the :class:`Edges` and live-cell mask (None without
+        ``merges``).
+    """
+    branch, keys = _attention_branch(parts, state, backend, merges, attn)
+    state = replace(state, x=state.x + branch)
+    if not merges:
+        return state, None, None
+    edges, valid = (match or match_edges)(state, keys, num_prefix)
+    return state, edges, valid
+
+
+def feed_forward(parts: BlockParts, state: CapacityState) -> CapacityState:
+    """A block's second half: the MLP residual branch."""
+    return replace(state, x=state.x + parts.mlp(state.x))
+
+
+def _block_steps(compile_merge: bool, compile_blocks: bool) -> tuple[Callable, Callable, Callable, Callable]:
+    """``(attend, match, merge, feed)`` for the block loop: eager, or partly or wholly compiled."""
+    if compile_blocks:
+        attend, merge, feed = compiled_block_steps()
+        return attend, match_edges, merge, feed  # matching runs inside the compiled attend
+    if compile_merge:
+        return (attend_and_match, *compiled_merge_steps(), feed_forward)
+    return attend_and_match, match_edges, merge_step, feed_forward
 
 
 def use_widened(widened: bool | None, backend: Backend, x: Tensor) -> bool:
@@ -238,8 +298,8 @@ def match_edges(state: CapacityState, keys: Tensor, num_prefix: int) -> tuple[Ed
     Returns:
         The :class:`Edges` (``[B, Na]``) and the live-cell mask ``[B, Lc]`` bool (the merge reuses it).
     """
-    valid = state.valid_mask()
-    return bipartite_edges(keys, valid, num_prefix), valid
+    valid, blocked = state.masks()  # one comparison each, against index rows made once per forward
+    return bipartite_edges(keys, valid, num_prefix, blocked=blocked), valid
 
 
 @functools.cache
@@ -255,6 +315,77 @@ def compiled_merge_steps() -> tuple[Callable, Callable]:
         torch.compile(match_edges, dynamic=True, fullgraph=True),
         torch.compile(merge_step, dynamic=True, fullgraph=True),
     )
+
+
+@functools.cache
+def compiled_block_steps() -> tuple[Callable, Callable, Callable]:
+    """:func:`attend_and_match`, :func:`merge_step` and :func:`feed_forward` through ``torch.compile``,
+    built once per process: the whole block, host layers included, in three graphs around the two
+    places that stay eager (the policy's decision, and the dynamic path's shrink between the merge
+    and the MLP). Inductor can then fuse the norms, residual adds and GELU with DyMU's own small ops
+    (the widened column's write, the masks, the weighted scatter and its division).
+
+    The graphs serve every block: Dynamo lifts each block's weights as inputs rather than baking
+    them in, so only a new structure recompiles (the dense first block, widened heads or not, a
+    layer that does not merge). Shapes are dynamic (batch, capacity and grid width change between
+    layers and forwards). Each step falls back to eager, with one warning, where compiling fails
+    (:class:`CompiledOrEager`).
+    """
+    return (
+        CompiledOrEager(attend_and_match),
+        CompiledOrEager(merge_step, fullgraph=True),
+        CompiledOrEager(feed_forward),
+    )
+
+
+class CompiledOrEager:
+    """``torch.compile(fn, dynamic=True)``, or ``fn`` itself where that cannot run.
+
+    Compiling happens at the first call (and again for a new structure), so that is where it fails
+    (no C++ compiler for Inductor's CPU kernels, no Triton for CUDA, an unsupported Python): then
+    ``fn`` runs eagerly on the same arguments; if it succeeds the failure was the compiler's, and
+    every later call runs eagerly after one warning. An error eager raises too is the caller's, and
+    propagates. The steps have no side effects on their inputs, so running one again is safe.
+    """
+
+    def __init__(self, fn: Callable, fullgraph: bool = False) -> None:
+        self.fn = fn
+        self.compiled: Callable | None = None
+        reason = compile_unavailable()
+        if reason is None:
+            self.compiled = torch.compile(fn, dynamic=True, fullgraph=fullgraph)
+        else:
+            self._fall_back(reason)
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            return self.fn(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as error:  # eager decides below whose error it was
+            result = self.fn(*args)
+            self._fall_back(f"{type(error).__name__}: {error}".splitlines()[0])
+            return result
+
+    def _fall_back(self, reason: str) -> None:
+        self.compiled = None
+        warnings.warn(
+            f"torch.compile is unavailable for {self.fn.__name__}, running it eagerly: {reason}", stacklevel=3
+        )
+
+
+def compile_unavailable() -> str | None:
+    """Why ``torch.compile`` cannot run in this process (None: it can, as far as can be told
+    without compiling)."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    try:
+        from torch import _dynamo
+    except ImportError as error:
+        return f"torch._dynamo does not import: {error}"
+    if not _dynamo.is_dynamo_supported():
+        return f"Dynamo does not support Python {sys.version_info.major}.{sys.version_info.minor} on this platform"
+    return None
 
 
 def _maybe_shrink(state: CapacityState, reader: LaggedCounts | None) -> CapacityState:
@@ -288,9 +419,10 @@ def merged_tokens(
 
 
 def _attention_branch(
-    parts: BlockParts, state: CapacityState, backend: Backend, with_keys: bool, widened: bool = False
+    parts: BlockParts, state: CapacityState, backend: Backend, with_keys: bool, attn: WidenedAttention | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """The attention residual branch on the buffer's rows.
+    """The attention residual branch on the buffer's rows; ``attn``: the block's attention in
+    widened heads (None: the bias form on the grid).
 
     Returns:
         ``[Tc, C]`` branch output, and (if ``with_keys``) the similarity metric for matching: the
@@ -304,8 +436,7 @@ def _attention_branch(
         q_g, k_g, v_g = (t.view(batch, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         out = attention(q_g, k_g, v_g, parts.scale, None, backend).transpose(1, 2)
         return parts.attn_out(out.reshape(state.capacity, -1)), (k_g.mean(dim=1) if with_keys else None)
-    if widened:
-        attn = widened_attention(parts)
+    if attn is not None:
         h, d = attn.qkv(state.x, state.sizes)  # [Tc, 3, H, dw]
         if backend == "sdpa" and varlen_available(h.device, h.dtype):
             out = varlen_widened(h, d, state.cu_seqlens(), length, parts.scale)

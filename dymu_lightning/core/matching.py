@@ -40,7 +40,9 @@ class Edges:
         return torch.isfinite(self.scores)
 
 
-def bipartite_edges(keys: Tensor, valid: Tensor, num_protected: int, segments: Tensor | None = None) -> Edges:
+def bipartite_edges(
+    keys: Tensor, valid: Tensor, num_protected: int, segments: Tensor | None = None, blocked: Tensor | None = None
+) -> Edges:
     """Best B partner for every A token.
 
     Args:
@@ -50,6 +52,8 @@ def bipartite_edges(keys: Tensor, valid: Tensor, num_protected: int, segments: T
         segments: optional ``[B, L]`` long, a segment id per token (e.g. the attention window it
             sits in); an A token may only pair with a B token of its own segment, so no merged
             token ever spans two segments.
+        blocked: optional ``[B, L]`` bool, ``~valid`` with the first ``num_protected`` columns set,
+            if the caller has it already (capacity states build it in one comparison).
 
     Returns:
         :class:`Edges` with ``Na = ceil(L / 2)`` entries per image.
@@ -58,9 +62,10 @@ def bipartite_edges(keys: Tensor, valid: Tensor, num_protected: int, segments: T
     # Similarities are compared against calibrated thresholds, so compute them in float32
     # whatever the model runs in: a bf16 cosine is too coarse to rank edges reliably.
     unit = F.normalize(keys.to(accumulation_dtype(keys.dtype)), dim=-1)
-    # One mask for both sets, built in two ops: each op is a kernel launch on a GPU.
-    blocked = ~valid
-    blocked[:, :num_protected] = True
+    # One mask for both sets, built in two ops (each a kernel launch on a GPU), unless given.
+    if blocked is None:
+        blocked = ~valid
+        blocked[:, :num_protected] = True
     a_blocked, b_blocked = blocked[:, 0::2], blocked[:, 1::2]
     num_a = a_blocked.shape[1]
     if b_blocked.shape[1] == 0:
