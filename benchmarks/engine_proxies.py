@@ -153,6 +153,7 @@ _PURPOSES = {
     "varlen_widened": "host block: attention kernel",
     "cu_seqlens": "varlen: cu_seqlens",
     "valid_mask": "matching: masks",
+    "masks": "matching: masks",
     "bipartite_edges": "matching: cosine similarity, masks, best partner",
     "select": "matching: policy decision",
     "request": "capacity bookkeeping: late counts",
