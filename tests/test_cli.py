@@ -100,6 +100,11 @@ def test_an_image_count_below_one_is_refused_before_any_work(argv, flag, problem
     [
         (["align_small_llava", "--force", "--lr", "0"], "--lr must be > 0, got 0.0"),
         (["align_small_llava", "--force", "--warmup", "-2"], "--warmup must be >= 0, got -2"),
+        (["align_small_llava", "--force", "--class-loss", "-1"], "--class-loss must be >= 0, got -1.0"),
+        (
+            ["align_small_llava", "--force", "--captions", "all"],
+            "--class-loss reads the name after 'A photo of a': it needs --captions scoring",
+        ),
     ],
 )
 def test_bad_alignment_settings_are_refused_before_any_work(argv, problem, capsys):

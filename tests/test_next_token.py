@@ -65,3 +65,22 @@ def test_study_on_the_small_llava(tmp_path):
     assert "## Next-token fidelity (small LLaVA)" in section
     assert f"| DyMU-mid + VTU | {dymu.visual_rows_mean:.1f} | {dymu.kl_mean:.4f}" in section
     assert Path(path).is_file()
+
+
+def test_the_section_names_the_projector_the_study_ran_with(tmp_path):
+    from dymu_lightning.eval.next_token import aligned_projector
+    from dymu_lightning.eval.schema import NextTokenVariant
+
+    assert aligned_projector(tmp_path) is None  # no dymu_alignment.json: the untrained projector
+    record = '{"command": "python -m dymu_lightning align_small_llava", "seed": 0}'
+    (tmp_path / "dymu_alignment.json").write_text(record)
+    projector = aligned_projector(tmp_path)
+    assert projector == "`python -m dymu_lightning align_small_llava`, seed 0"
+    variant = NextTokenVariant(kl_mean=0.1, kl_std=0.0, kl_median=0.1, top1_agreement=1.0, visual_rows_mean=10.0)
+    metrics = NextTokenMetrics(4, "assets:mvtb", "<image>\nHi.", {}, {}, {"DyMU-mid + VTU": variant}, {}, 1.0)
+    untrained = _next_token_section(Collected([], {}, {}, NextTokenStudy("c", metrics)))
+    assert "untrained projector" in untrained and "aligned" not in untrained
+    metrics.projector = projector
+    aligned = _next_token_section(Collected([], {}, {}, NextTokenStudy("c", metrics)))
+    assert f"projector aligned by {projector}" in aligned and "untrained" not in aligned
+    assert "projector" not in NextTokenMetrics.from_json({**metrics.to_json(), "projector": None}).to_json()

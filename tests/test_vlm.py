@@ -14,7 +14,9 @@ from dymu_lightning.vlm.align import (
     AlignConfig,
     AlignModule,
     CaptionedImages,
+    collate,
     fit_align,
+    fit_projector_to_names,
     init_projector,
     set_trainable,
     tower_features,
@@ -75,9 +77,11 @@ def _dataset(count: int = 8) -> tuple[CaptionedImages, PromptIds]:
     return CaptionedImages(llava_images(count).float(), answers), prompt
 
 
-def _fit(tmp_path, features: bool = False, **config):
+def _fit(tmp_path, features: bool = False, labelled: bool = False, **config):
     model = tiny_llava().float()
     dataset, prompt = _dataset()
+    if labelled:  # answer i starts with token 5 + i % 4: class i % 4 of four one-token names
+        dataset = CaptionedImages(dataset.images, dataset.answers, labels=torch.arange(8) % 4)
     if features:
         dataset = CaptionedImages(tower_features(model, dataset.images), dataset.answers, features=True)
     cfg = AlignConfig(out_dir=tmp_path, batch_size=2, lr=1e-2, progress_bar=False, **config)
@@ -136,6 +140,46 @@ def test_training_on_cached_tower_features_equals_training_on_the_pixels(tmp_pat
     for name, value in from_pixels.trainable_state().items():
         torch.testing.assert_close(from_features.trainable_state()[name], value, rtol=1e-4, atol=1e-6)
         assert torch.equal(again.trainable_state()[name], from_features.trainable_state()[name])  # seeded
+
+
+def test_the_class_loss_is_the_cross_entropy_of_the_scored_first_tokens(tmp_path):
+    """Answers "3 4 <name> 2" after PROMPT[:-2]: the class loss is the cross-entropy of the labels under
+    score_classes's scores of the names' first tokens after PROMPT (which ends with 3 4)."""
+    model, pixels, labels = tiny_llava().float(), llava_images(4).float(), torch.tensor([0, 2, 3, 1])
+    first = [5, 9, 7, 6]  # names of one token: their score is their first token's
+    answers = [torch.tensor([3, 4, first[int(k)], 2]) for k in labels]
+    dataset = CaptionedImages(pixels, answers, labels=labels)
+    batch = collate([dataset[i] for i in range(4)], PromptIds(PROMPT[:-2], torch.tensor([2])), 0)
+    module = AlignModule(model, 1e-3, class_loss=0.5, class_first_ids=first, class_prefix=2)
+    with torch.no_grad():
+        caption, classes = module.losses(batch)
+        scores = score_classes(model, PROMPT.expand(4, -1), pixels, [[k] for k in first]).total
+    torch.testing.assert_close(classes, torch.nn.functional.cross_entropy(scores.float(), labels))
+    torch.testing.assert_close(caption, module.caption_loss(batch))
+    with pytest.raises(ValueError, match="distinct first tokens of at least two class names"):
+        AlignModule(model, 1e-3, class_loss=1.0, class_first_ids=[5, 5])
+    with pytest.raises(ValueError, match="3 labels but 4 captions"):
+        CaptionedImages(pixels, answers, labels=labels[:3])
+    _, trained, facts = _fit(tmp_path, class_loss=1.0, class_first_ids=(5, 6, 7, 8), class_prefix=0, labelled=True)
+    assert facts["final_class_loss"] is not None and facts["final_caption_loss"] is not None
+
+
+def test_the_projector_fitted_to_the_names_maps_images_to_their_names_embeddings():
+    model = tiny_llava().float()
+    features = tower_features(model, llava_images(8).float())  # [8, P, C]
+    labels, names = torch.arange(8) % 4, [5, 6, 9, 7]
+    init_projector(model, 0)
+    fit_projector_to_names(model, features, labels, names, ridge=1e-6)
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(features).mean(1)  # [8, D]: an image's mean visual token
+        embeddings = model.get_input_embeddings().weight[names]  # [4, D]
+    assert torch.equal(torch.cdist(projected, embeddings).argmin(1), labels)  # nearest: its own class's word
+    first = dict(model.model.multi_modal_projector.named_parameters())
+    again = tiny_llava().float()
+    init_projector(again, 0)
+    fit_projector_to_names(again, features, labels, names, ridge=1e-6)
+    for name, value in again.model.multi_modal_projector.named_parameters():
+        assert torch.equal(value, first[name]), name  # deterministic
 
 
 def test_the_warmup_cosine_schedule_and_a_seeded_projector():

@@ -1,12 +1,14 @@
 """``dymu align_small_llava``: train the small LLaVA's projector so that it answers about images.
 
 ``make assets`` runs it after ``small_llava``. It aligns the projector on captioned Fashion-MNIST
-training images ("What is in this picture?" -> "A photo of a sneaker."), the DINOv2-S tower and
-SmolLM2 frozen, on the CPU with a fixed seed, and writes the trained projector into the small-LLaVA
-folder with its provenance (``dymu_alignment.json``: command, seed, data, test accuracy). The tower reads
-the images at 112 px (8 x 8 = 64 patches), which keeps the language model's sequences short: the
-whole build takes a few minutes on 2 cores. The projector acts on each visual token alone, so the
-folder's 336-px processor feeds it unchanged.
+training images ("What is in this picture?" -> "A photo of a sneaker.", the scoring template only),
+the DINOv2-S tower and SmolLM2 frozen, on the CPU with a fixed seed, and writes the trained projector
+into the small-LLaVA folder with its provenance (``dymu_alignment.json``: command, seed, data, test
+accuracy). The loss is the caption loss plus a class loss (``--class-loss``: the cross-entropy of the
+image's class among the ten names' first tokens after "A photo of a", the zero-shot scoring's decision).
+The tower reads the images at 112 px (8 x 8 = 64 patches) once (cached features), which keeps the
+language model's sequences short: the whole build takes a few minutes on 2 cores. The projector acts
+on each visual token alone, so the folder's 336-px processor feeds it unchanged.
 
 Its run folder, ``$DYMU_CACHE/align-small-llava/``, holds ``checkpoints/last.ckpt`` (an interrupted
 build resumes), CSV logs, ``results.json`` and ``report.md``.
@@ -33,9 +35,12 @@ TRAIN_IMAGES = 384  # the first N training images of Fashion-MNIST
 TEST_IMAGES = 200  # the first N test images, for the recorded accuracy
 IMAGE_SIZE = 112
 BATCH_SIZE = 8
-LEARNING_RATE = 1e-3
-SCHEDULE = "constant"  # or cosine: to 0 over the run, after WARMUP_STEPS of linear warm-up
-WARMUP_STEPS = 0
+LEARNING_RATE = 1e-4
+SCHEDULE = "cosine"  # to 0 over the run, after WARMUP_STEPS of linear warm-up (or constant)
+WARMUP_STEPS = 4
+CLASS_LOSS = 1.0  # weight of the class loss added to the caption loss (0: captions only)
+CAPTIONS = "scoring"  # the scoring template only ("A photo of a {}."), or "all" four templates
+INIT = "names"  # the projector's last layer fitted to the class names' embeddings first, or "random"
 
 
 def align_dir() -> Path:
@@ -54,6 +59,9 @@ def align_small_llava(
     lr: float = LEARNING_RATE,
     schedule: str = SCHEDULE,
     warmup: int = WARMUP_STEPS,
+    class_loss: float = CLASS_LOSS,
+    captions: str = CAPTIONS,
+    init: str = INIT,
     progress_bar: bool = True,
 ) -> int:
     """The ``align_small_llava`` command: align the projector (once) and install it in the cache."""
@@ -61,6 +69,14 @@ def align_small_llava(
         raise ValueError(f"--lr must be > 0, got {lr}")
     if warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {warmup}")
+    if not class_loss >= 0:
+        raise ValueError(f"--class-loss must be >= 0, got {class_loss}")
+    if captions not in ("scoring", "all"):
+        raise ValueError(f"--captions must be scoring or all, got {captions!r}")
+    if init not in ("names", "random"):
+        raise ValueError(f"--init must be names or random, got {init!r}")
+    if class_loss and captions != "scoring":
+        raise ValueError("--class-loss reads the name after 'A photo of a': it needs --captions scoring")
     target = small_llava_dir()
     if is_aligned(target) and not force:
         print(f"small llava: already aligned ({target / ALIGNMENT_FILE})")
@@ -69,23 +85,48 @@ def align_small_llava(
 
     from dymu_lightning.assets.small_llava import materialise_small_llava
     from dymu_lightning.backbones.hf_vit import dinov2_image_processor
-    from dymu_lightning.vlm.align import AlignConfig, CaptionedImages, fit_align, pixel_tensor
-    from dymu_lightning.vlm.captions import answer_ids, caption_set, prompt_ids
+    from dymu_lightning.vlm.align import (
+        AlignConfig,
+        CaptionedImages,
+        fit_align,
+        fit_projector_to_names,
+        init_projector,
+        pixel_tensor,
+        tower_features,
+    )
+    from dymu_lightning.vlm.captions import (
+        SCORING_TEMPLATES,
+        TEMPLATES,
+        answer_ids,
+        caption_set,
+        class_first_ids,
+        prompt_ids,
+        scoring_prefix_ids,
+    )
     from dymu_lightning.vlm.evaluate import Reduction, classify
 
     started = time.perf_counter()
-    # --force rebuilds the folder first: alignment starts from its seeded random projector, not from
-    # the projector an earlier alignment left there.
+    # --force rebuilds the folder first; either way the projector is drawn afresh from the seed, so the
+    # alignment never starts from the projector an earlier alignment left there.
     source = materialise_small_llava(force=force)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
+    init_projector(model, SEED)
     processor = dinov2_image_processor(IMAGE_SIZE, shortest_edge=IMAGE_SIZE)
     patches = (IMAGE_SIZE // model.config.vision_config.patch_size) ** 2
     prompt = prompt_ids(tokenizer, model.config.image_token_id, patches)
-    captions = caption_set(f"fashion_mnist:train:{train}", seed=SEED).require("train", "alignment")
+    templates = SCORING_TEMPLATES if captions == "scoring" else TEMPLATES
+    train_set = caption_set(f"fashion_mnist:train:{train}", seed=SEED, templates=templates)
+    train_set.require("train", "alignment")
+    # The tower is frozen and does not merge here: read it once, train on its features.
     dataset = CaptionedImages(
-        pixel_tensor(captions.paths, processor), answer_ids(tokenizer, captions.captions, prompt.end)
+        tower_features(model, pixel_tensor(train_set.paths, processor)),
+        answer_ids(tokenizer, train_set.captions, prompt.end),
+        features=True,
+        labels=train_set.labels,
     )
+    if init == "names":  # a least-squares start: each image's visual tokens near its class name's first token
+        fit_projector_to_names(model, dataset.images, train_set.labels, class_first_ids(tokenizer))
     work = align_dir()
     cfg = AlignConfig(
         out_dir=work,
@@ -94,6 +135,9 @@ def align_small_llava(
         lr=lr,
         schedule=schedule,
         warmup_steps=warmup,
+        class_loss=class_loss,
+        class_first_ids=class_first_ids(tokenizer),
+        class_prefix=len(scoring_prefix_ids(tokenizer)),
         progress_bar=progress_bar,
         resume=not force,
     )
@@ -108,18 +152,30 @@ def align_small_llava(
     options = ["--force"] * force + ["--train", str(train)] * (train != TRAIN_IMAGES)
     options += ["--test", str(test)] * (test != TEST_IMAGES) + ["--lr", str(lr)] * (lr != LEARNING_RATE)
     options += ["--schedule", schedule] * (schedule != SCHEDULE) + ["--warmup", str(warmup)] * (warmup != WARMUP_STEPS)
+    options += ["--class-loss", str(class_loss)] * (class_loss != CLASS_LOSS)
+    options += ["--captions", captions] * (captions != CAPTIONS) + ["--init", init] * (init != INIT)
     command = shlex.join(["python", "-m", "dymu_lightning", "align_small_llava", *options])
     result: dict[str, Any] = {
         "task": "align_small_llava",
         "command": command,
         "seed": SEED,
-        "train": f"fashion_mnist:train:{train} (one caption each, templates drawn with seed {SEED})",
+        "train": f"fashion_mnist:train:{train} (one caption each, "
+        + ('"A photo of a {class}."' if captions == "scoring" else f"templates drawn with seed {SEED}")
+        + ")",
+        "captions": captions,
+        "templates": list(templates),
+        "class_loss": class_loss,
         "test": f"fashion_mnist:test:{test}",
         "image_size": IMAGE_SIZE,
         "batch_size": BATCH_SIZE,
         "learning_rate": lr,
         "schedule": f"{schedule}, {warmup} warm-up steps",
-        "projector_init": "the small LLaVA's seeded random projector (dymu_provenance.json)",
+        "projector_init": f"normal, std 0.02, zero biases, drawn with seed {SEED} (init_projector)"
+        + (
+            "; then the last layer fitted by ridge regression to the class names' first-token embeddings "
+            "(fit_projector_to_names)"
+        )
+        * (init == "names"),
         "epochs": cfg.epochs,
         "accuracy": accuracy,
         "tokens_mean": float(found["visual_rows"].double().mean()),
@@ -166,7 +222,8 @@ def report(result: dict[str, Any]) -> str:
             "",
             f"- training: {result['train']}, {result['epochs']} epoch(s) at {result['image_size']} px, "
             f"{result['global_steps']} steps of {result['batch_size']}, AdamW lr {result['learning_rate']} "
-            f"({result['schedule']}); " + (f"{speed:.1f} images/s" if speed else "not run in this invocation"),
+            f"({result['schedule']}); class loss weight {result['class_loss']}; "
+            + (f"{speed:.1f} images/s" if speed else "not run in this invocation"),
             f"- trainable parameters: {result['trainable_parameters']:,} of {result['total_parameters']:,}",
             f"- zero-shot accuracy on {result['test']}: {result['accuracy']:.4f} "
             f"at {result['tokens_mean']:.0f} visual tokens per image",

@@ -17,6 +17,7 @@ thresholds file (low / mid / high), three variants at the same token count:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,6 +155,7 @@ def study(
     variants = matched_variants(model, processor, pictures, files)
     found = measure(model, processor, pictures, variants, batch_size)
     return NextTokenMetrics(
+        projector=aligned_projector(small_llava_dir()),
         images=len(pictures),
         image_source=images,
         prompt=PROMPT,
@@ -163,6 +165,15 @@ def study(
         per_image={"names": [p.name for p in paths], **found},
         seconds=time.perf_counter() - started,
     )
+
+
+def aligned_projector(directory: Path) -> str | None:
+    """How the folder's projector was aligned (its ``dymu_alignment.json``), or None: untrained."""
+    alignment = directory / "dymu_alignment.json"
+    if not alignment.is_file():
+        return None
+    record = json.loads(alignment.read_text())
+    return f"`{record['command']}`, seed {record['seed']}"
 
 
 def run_command(thresholds: list[str], images: str, max_images: int, batch_size: int, out: Path) -> int:

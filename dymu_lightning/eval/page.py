@@ -363,10 +363,19 @@ def _next_token_section(c: Collected) -> str:
         for name, e in metrics.variants.items()
     ]
     tome = "\n".join(f"- {name}: r = {r}" for name, r in metrics.tome_r.items())
+    if metrics.projector is None:
+        projector = "untrained projector"
+        caveat = """The projector is untrained, so these distributions are those of a model that does not yet use the
+image well: the KL measures how much each reduction perturbs the language model, not answer quality."""
+    else:
+        projector = f"projector aligned by {metrics.projector}"
+        caveat = """The projector was aligned at 112 px (64 visual tokens) on Fashion-MNIST captions; these photos
+run at 336 px, a scale it has not seen. The KL measures how much each reduction perturbs the language
+model's next token, not answer quality ([vlm_results.md](vlm_results.md) scores answers)."""
     return f"""
 ## Next-token fidelity (small LLaVA)
 
-The small real LLaVA (DINOv2-S tower at 336 px, 576 visual tokens; SmolLM2-135M; untrained projector,
+The small real LLaVA (DINOv2-S tower at 336 px, 576 visual tokens; SmolLM2-135M; {projector},
 see [assets.md](assets.md)) on {metrics.images} held-out photos ({metrics.image_source}), one prompt
 each: "{metrics.prompt.removeprefix("<image>").strip()}". Each variant's distribution of the token after the
 prompt is compared with the full model's: KL(p_full ‖ p_variant) in nats, and whether the most likely
@@ -382,8 +391,7 @@ ToMe schedules (per layer of the tower):
 
 {tome}
 
-The projector is untrained, so these distributions are those of a model that does not yet use the
-image well: the KL measures how much each reduction perturbs the language model, not answer quality.
+{caveat}
 """
 
 

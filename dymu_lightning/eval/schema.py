@@ -183,6 +183,8 @@ class NextTokenMetrics(JsonRecord):
     variants: dict[str, NextTokenVariant]
     per_image: dict[str, Any]
     seconds: float
+    # The projector's alignment command and seed (dymu_alignment.json); None: untrained (older files too).
+    projector: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -58,6 +58,10 @@ class AlignConfig:
         policy: the tower's merging while training (None: all visual tokens).
         schedule: ``constant``, or ``cosine`` (to 0 over the run's steps, after ``warmup_steps`` of
             linear warm-up from ``lr / warmup_steps``).
+        class_loss: weight of the class loss added to the caption loss (0: captions only); it needs
+            a dataset with labels and ``class_first_ids`` (see :class:`AlignModule`).
+        class_first_ids: the first token of each class name (distinct).
+        class_prefix: the tokens every answer starts with before the class name.
     """
 
     out_dir: Path
@@ -72,6 +76,9 @@ class AlignConfig:
     lora_modules: tuple[str, ...] | None = None
     lora_r: int = 8
     policy: MergePolicy | None = None
+    class_loss: float = 0.0
+    class_first_ids: tuple[int, ...] = ()
+    class_prefix: int = 0
     stop_after_steps: int | None = None
     checkpoint_every_n_steps: int | None = None
     progress_bar: bool = True
@@ -104,19 +111,25 @@ def tower_features(model: nn.Module, pixels: Tensor, batch_size: int = 64) -> Te
 
 class CaptionedImages(Dataset):
     """Item ``i``: ``{"pixels": [3, S, S], "answer": [A_i] long, "index": i}``, or with ``features``
-    ``{"features": [P, C], ...}`` where ``images`` holds :func:`tower_features` rather than pixels."""
+    ``{"features": [P, C], ...}`` where ``images`` holds :func:`tower_features` rather than pixels;
+    with ``labels`` (``[n]`` class indices, for the class loss) also ``"label"``."""
 
-    def __init__(self, images: Tensor, answers: Sequence[Tensor], features: bool = False) -> None:
+    def __init__(
+        self, images: Tensor, answers: Sequence[Tensor], features: bool = False, labels: Tensor | None = None
+    ) -> None:
         if len(images) != len(answers):
             raise ValueError(f"{len(images)} images but {len(answers)} captions")
-        self.images, self.answers = images, list(answers)
+        if labels is not None and len(labels) != len(answers):
+            raise ValueError(f"{len(labels)} labels but {len(answers)} captions")
+        self.images, self.answers, self.labels = images, list(answers), labels
         self.key = "features" if features else "pixels"
 
     def __len__(self) -> int:
         return len(self.answers)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {self.key: self.images[i], "answer": self.answers[i], "index": i}
+        item = {self.key: self.images[i], "answer": self.answers[i], "index": i}
+        return item if self.labels is None else item | {"label": self.labels[i]}
 
 
 def collate(items: list[dict[str, Any]], prompt: PromptIds, pad_id: int) -> dict[str, Tensor]:
@@ -136,7 +149,10 @@ def collate(items: list[dict[str, Any]], prompt: PromptIds, pad_id: int) -> dict
         mask[b, : n + len(answer)] = 1
     key = "features" if "features" in items[0] else "pixels"
     images = torch.stack([item[key] for item in items])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, key: images}
+    batch_out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, key: images}
+    if "label" in items[0]:
+        batch_out["class_labels"] = torch.stack([torch.as_tensor(item["label"]) for item in items])
+    return batch_out
 
 
 def init_projector(model: nn.Module, seed: int) -> None:
@@ -149,6 +165,31 @@ def init_projector(model: nn.Module, seed: int) -> None:
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.02)
                 if module.bias is not None:
                     module.bias.zero_()
+
+
+def fit_projector_to_names(
+    model: nn.Module, features: Tensor, labels: Tensor, class_ids: Sequence[int], ridge: float = 1e-2
+) -> None:
+    """Set the projector's last layer so that every visual token of an image lands near the input
+    embedding of its class name's token (``class_ids[label]``): a ridge regression over the visual
+    tokens of ``features`` ``[n, P, C]`` (:func:`tower_features`), the first layer kept as it is.
+
+    A start for the gradient steps: the language model then sees each image as roughly its class's
+    word, and the steps refine from there. ``ridge`` scales the penalty by the mean diagonal of the
+    Gram matrix. Deterministic (a linear solve in float64).
+    """
+    projector = model.model.multi_modal_projector
+    last = projector.linear_2
+    with torch.no_grad():
+        hidden = projector.act(projector.linear_1(features.flatten(0, 1).to(last.weight.dtype))).double()
+        hidden = torch.cat([hidden, torch.ones(len(hidden), 1, dtype=hidden.dtype)], 1)  # [n * P, H + 1]: bias
+        embeddings = model.get_input_embeddings().weight[torch.as_tensor(list(class_ids))].double()  # [K, D]
+        targets = embeddings[labels.repeat_interleave(features.shape[1])]  # [n * P, D]
+        gram = hidden.T @ hidden
+        gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+        solution = torch.linalg.solve(gram, hidden.T @ targets)  # [H + 1, D]
+        last.weight.copy_(solution[:-1].T.to(last.weight.dtype))
+        last.bias.copy_(solution[-1].to(last.bias.dtype))
 
 
 def set_trainable(model: nn.Module, adaptation: str, lora_target: str = "lm", **lora: Any) -> nn.Module:
@@ -182,17 +223,35 @@ class AlignModule(L.LightningModule):
         lr: AdamW's learning rate (no weight decay: the projector starts from a random init).
         schedule: ``constant`` or ``cosine`` over ``total_steps`` optimiser steps, after
             ``warmup_steps`` of linear warm-up.
+        class_loss: weight of the class loss, added to the caption loss. Every answer starts with
+            ``class_prefix`` tokens (the scoring prefix, "A photo of a"), then the class name; the class
+            loss is the cross-entropy of the image's class among the K classes, each scored by the
+            log-probability of its name's first token at that point (``class_first_ids``, distinct):
+            the zero-shot scoring's decision, made on the names' first tokens. It needs batches with
+            ``class_labels`` (``CaptionedImages(..., labels=...)``) and costs no extra forward.
     """
 
     strict_loading = False  # checkpoints leave out the frozen weights
 
     def __init__(
-        self, model: nn.Module, lr: float, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1
+        self,
+        model: nn.Module,
+        lr: float,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+        class_loss: float = 0.0,
+        class_first_ids: Sequence[int] = (),
+        class_prefix: int = 0,
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if class_loss and (len(set(class_first_ids)) != len(class_first_ids) or len(class_first_ids) < 2):
+            raise ValueError("the class loss needs the distinct first tokens of at least two class names")
         self.model, self.lr = model, lr
+        self.class_loss, self.class_prefix = class_loss, class_prefix
+        self.register_buffer("class_first_ids", torch.tensor(list(class_first_ids), dtype=torch.long), persistent=False)
         self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, max(total_steps, 1)
         self.train_seconds, self.train_images, self._start = 0.0, 0, 0.0
 
@@ -203,6 +262,10 @@ class AlignModule(L.LightningModule):
 
     def caption_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Mean cross-entropy of the answer tokens."""
+        return self.losses(batch)[0]
+
+    def losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The caption loss, and the class loss (None without ``class_loss``), from one forward."""
         labels = batch["labels"]
         keep = labels.shape[1] - int((labels != -100).any(0).nonzero()[0]) + 1  # from the token before the answers
         if "features" in batch:
@@ -213,7 +276,14 @@ class AlignModule(L.LightningModule):
             **images, attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=keep
         ).logits  # [B, keep, V]
         targets = labels[:, -keep + 1 :]
-        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        caption = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100
+        )
+        if not self.class_loss:
+            return caption, None
+        # logits[:, 0] reads the token before the answer, so logits[:, class_prefix] predicts the name's first token.
+        scores = logits[:, self.class_prefix].float().log_softmax(-1)[:, self.class_first_ids]  # [B, K]
+        return caption, nn.functional.cross_entropy(scores, batch["class_labels"])
 
     def embed_features(self, input_ids: Tensor, features: Tensor) -> Tensor:
         """``[B, N, D]``: the text's embeddings with the image placeholders replaced by the projected
@@ -226,7 +296,11 @@ class AlignModule(L.LightningModule):
         return embeds.masked_scatter(placeholders, projected.to(embeds.dtype))
 
     def training_step(self, batch: dict[str, Tensor], batch_index: int) -> Tensor:
-        loss = self.caption_loss(batch)
+        caption, classes = self.losses(batch)
+        loss = caption if classes is None else caption + self.class_loss * classes
+        if classes is not None:
+            self.log("caption_loss", caption)
+            self.log("class_loss", classes)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
@@ -298,7 +372,8 @@ def fit_align(
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {cfg.schedule!r}; expected one of {', '.join(SCHEDULES)}")
     total_steps = cfg.epochs * (len(dataset) // cfg.batch_size)
-    module = AlignModule(model, cfg.lr, cfg.schedule, cfg.warmup_steps, total_steps)
+    classes = {"class_loss": cfg.class_loss, "class_first_ids": cfg.class_first_ids, "class_prefix": cfg.class_prefix}
+    module = AlignModule(model, cfg.lr, cfg.schedule, cfg.warmup_steps, total_steps, **classes)
     last = Path(cfg.out_dir) / "checkpoints" / "last.ckpt"
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -336,6 +411,8 @@ def fit_align(
     facts.update(
         global_steps=trainer.global_step,
         final_train_loss=float(metrics["train_loss"]) if "train_loss" in metrics else None,
+        final_caption_loss=float(metrics["caption_loss"]) if "caption_loss" in metrics else None,
+        final_class_loss=float(metrics["class_loss"]) if "class_loss" in metrics else None,
         training_seconds=module.train_seconds,
         training_images_per_second=module.train_images / module.train_seconds if module.train_seconds else None,
     )

@@ -33,6 +33,8 @@ QUESTION = "<image>\nWhat is in this picture?"
 # Answer templates; scoring reads the class name after the first one's prefix ("A photo of a").
 TEMPLATES = ("A photo of a {}.", "This is a {}.", "A picture of a {}.", "It is a {}.")
 SCORING_PREFIX = TEMPLATES[0].split("{}")[0].rstrip()
+# Captions in the scoring template only: what the alignment trains on, so that its objective is the scoring's.
+SCORING_TEMPLATES = TEMPLATES[:1]
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,12 @@ def class_token_ids(tokenizer: Any, names: Sequence[str] = CLASS_NAMES) -> list[
 def answer_ids(tokenizer: Any, captions: Sequence[str], end: Tensor) -> list[Tensor]:
     """Each caption's tokens followed by ``end``: what the projector is trained to make likely."""
     return [torch.cat([torch.tensor(_ids(tokenizer, c), dtype=torch.long), end]) for c in captions]
+
+
+def class_first_ids(tokenizer: Any, names: Sequence[str] = CLASS_NAMES) -> tuple[int, ...]:
+    """The first token of each class name after :data:`SCORING_PREFIX` (distinct for Fashion-MNIST's
+    names: " t", " pair", " pull", ...), which the alignment's class loss compares."""
+    return tuple(ids[0] for ids in class_token_ids(tokenizer, names))
 
 
 def scoring_prefix_ids(tokenizer: Any) -> Tensor:

@@ -89,7 +89,14 @@ def run_study(
     from dymu_lightning.assets.paths import small_llava_dir
     from dymu_lightning.backbones.hf_vit import dinov2_image_processor
     from dymu_lightning.vlm.align import AlignConfig, CaptionedImages, fit_align, pixel_tensor
-    from dymu_lightning.vlm.captions import answer_ids, caption_set, prompt_ids
+    from dymu_lightning.vlm.captions import (
+        TEMPLATES,
+        answer_ids,
+        caption_set,
+        class_first_ids,
+        prompt_ids,
+        scoring_prefix_ids,
+    )
     from dymu_lightning.vlm.evaluate import Reduction, classify
 
     started = time.perf_counter()
@@ -145,11 +152,21 @@ def run_study(
         info = {"kind": "full" if reduction.policy is None else "training-free", "trainable": 0}
         record(reduction.name, info, lambda: classify(model, tokenizer, test_pixels, [reduction])[reduction.name])
 
-    train_set = caption_set(f"fashion_mnist:train:{train}", seed=1).require("train", "adaptation")
+    # The adaptation trains as the alignment did: its caption templates, class loss and learning rate
+    # (an older alignment without them: the four templates, captions only, 3e-4).
+    templates, class_loss = alignment.get("templates", TEMPLATES), alignment.get("class_loss", 0.0)
+    adapt_lr = alignment["learning_rate"] if "class_loss" in alignment else 3e-4
+    train_set = caption_set(f"fashion_mnist:train:{train}", seed=1, templates=templates)
+    train_set.require("train", "adaptation")
     patches = (SIZE // model.config.vision_config.patch_size) ** 2
     prompt = prompt_ids(tokenizer, model.config.image_token_id, patches)
     answers = answer_ids(tokenizer, train_set.captions, prompt.end)
-    dataset = CaptionedImages(pixel_tensor(train_set.paths, processor), answers)
+    dataset = CaptionedImages(pixel_tensor(train_set.paths, processor), answers, labels=train_set.labels)
+    classes = {
+        "class_loss": class_loss,
+        "class_first_ids": class_first_ids(tokenizer),
+        "class_prefix": len(scoring_prefix_ids(tokenizer)),
+    }
 
     def adapted(variant: str, kind: str, adaptation: str) -> None:
         name = f"{'DyMU-' if kind == 'dymu' else 'ToMe@'}{variant} + VTU, {adaptation} adapted"
@@ -159,11 +176,12 @@ def run_study(
         def score() -> dict[str, torch.Tensor]:
             trained = load()
             cfg = AlignConfig(
-                out_dir=work / f"{kind}_{variant}_{adaptation}", seed=1, lr=3e-4, adaptation=adaptation,
-                policy=policy, progress_bar=False,
+                out_dir=work / f"{kind}_{variant}_{adaptation}", seed=1, lr=adapt_lr, adaptation=adaptation,
+                policy=policy, progress_bar=False, **classes,
             )  # fmt: skip
             _, _, fit = fit_align(trained, dataset, prompt, tokenizer.pad_token_id, cfg)
             info.update(
+                lr=adapt_lr,
                 trainable=fit["trainable_parameters"],
                 images_per_second=fit["training_images_per_second"],
                 steps=fit["global_steps"],
@@ -233,7 +251,14 @@ def render(study: dict[str, Any], command: str, page: Path) -> Path:
         "class is the answer. DyMU's thresholds come from the first "
         f"{study['calibration']} training images (labels unused); ToMe's fixed r matches DyMU's mean count "
         f"there. Adapted rows train the aligned projector further on {study['train']} captioned training "
-        "images with merging on (same seed, steps and learning rate for DyMU and ToMe).",
+        "images with merging on"
+        + (
+            f", as the alignment trained (its captions, class loss weight {alignment['class_loss']} and "
+            f"learning rate {alignment['learning_rate']})"
+            if "class_loss" in alignment
+            else ""
+        )
+        + " (same seed, steps and learning rate for DyMU and ToMe).",
         "",
         f"At {study['test']} test images one image is {100 / study['test']:.1f} points; intervals are paired "
         "95% intervals over the same images (`dymu_lightning.eval.metrics.paired_difference`).",
