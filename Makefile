@@ -30,7 +30,7 @@ $(ASSETS): $(STAMP)
 $(LLAVA): $(ASSETS)
 	$(BIN)/python -m dymu_lightning small_llava
 
-$(ALIGNED): $(LLAVA)
+$(ALIGNED): $(LLAVA) dymu_lightning/assets/align.py  # reruns (a no-op unless its RECIPE_VERSION changed) when align.py changes
 	$(BIN)/python -m dymu_lightning align_small_llava
 
 assets: $(ASSETS) $(LLAVA) $(ALIGNED)

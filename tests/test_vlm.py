@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -269,11 +270,37 @@ def test_the_study_page_pairs_every_reduction_with_the_full_model(tmp_path):
 
 
 def test_an_aligned_small_llava_is_not_trained_again(tmp_path, monkeypatch, capsys):
-    from dymu_lightning.assets.align import ALIGNMENT_FILE, align_small_llava
+    from dymu_lightning.assets.align import ALIGNMENT_FILE, RECIPE_VERSION, align_small_llava
 
     monkeypatch.setenv("DYMU_CACHE", str(tmp_path))
     folder = tmp_path / "llava-dinov2s-smollm2"
     folder.mkdir()
-    (folder / ALIGNMENT_FILE).write_text("{}\n")
+    (folder / ALIGNMENT_FILE).write_text(json.dumps({"recipe_version": RECIPE_VERSION}) + "\n")
     assert align_small_llava() == 0
     assert "already aligned" in capsys.readouterr().out
+
+
+def test_a_projector_of_an_older_recipe_is_aligned_again_from_a_rebuilt_folder(tmp_path, monkeypatch, capsys):
+    """A file without a recipe version (written by version 1) is not "aligned": the folder is rebuilt
+    (as with --force) and aligned by this recipe."""
+    import dymu_lightning.assets.small_llava as small_llava
+    from dymu_lightning.assets.align import ALIGNMENT_FILE, RECIPE_VERSION, align_small_llava, is_aligned
+
+    class Rebuilt(Exception):
+        pass
+
+    def materialise(force: bool = False):
+        raise Rebuilt(force)
+
+    monkeypatch.setenv("DYMU_CACHE", str(tmp_path))
+    monkeypatch.setattr(small_llava, "materialise_small_llava", materialise)
+    folder = tmp_path / "llava-dinov2s-smollm2"
+    folder.mkdir()
+    (folder / ALIGNMENT_FILE).write_text("{}\n")
+    assert not is_aligned(folder)
+    with pytest.raises(Rebuilt) as rebuilt:
+        align_small_llava()
+    assert rebuilt.value.args == (True,)
+    assert capsys.readouterr().out == (
+        f"small llava: its projector was aligned by recipe version 1; aligning it with version {RECIPE_VERSION}\n"
+    )
