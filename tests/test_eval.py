@@ -330,6 +330,29 @@ def test_the_fixture_renders_to_the_golden_page_from_anywhere(tmp_path):
     assert sorted(p.name for p in (tmp_path / "docs" / "results").iterdir()) == sorted(Path(p).name for p in linked)
 
 
+def test_the_fine_tuning_section_shows_the_study_summaries_and_refreshes_alone(tmp_path):
+    """A study command's summary.md (or only its plot) shows in the fine-tuning section; rewriting that
+    section alone, without the results' work folder, gives the page a full render would give."""
+    from dymu_lightning.eval.page import refresh_finetune_section
+
+    docs = tmp_path / "docs"
+    plain = render(WORK, docs / "results.md").read_text()
+    (docs / "finetune_results").mkdir()
+    (docs / "finetune_results" / "summary.md").write_text("| a table |\n")
+    (docs / "vlm_results").mkdir()
+    (docs / "vlm_results" / "accuracy_tokens.png").write_bytes(b"png")
+    assert refresh_finetune_section(docs / "results.md") == docs / "results.md"
+    refreshed = (docs / "results.md").read_text()
+    assert refreshed == render(WORK, docs / "results.md").read_text()
+    assert (
+        refreshed.replace(
+            "\n| a table |\n\n![vlm_results: accuracy against tokens](vlm_results/accuracy_tokens.png)\n", ""
+        )
+        == plain
+    )
+    assert refresh_finetune_section(tmp_path / "absent.md") is None
+
+
 def test_every_recorded_file_round_trips_through_its_schema():
     """The dataclasses read every file the writers wrote and write it back to the same text."""
     files = [(path, EvalMetrics) for path in sorted(WORK.glob("eval/*/metrics.json"))]

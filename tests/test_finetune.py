@@ -309,6 +309,83 @@ def test_two_gloo_processes_equal_one(data, tmp_path):
     assert results[1]["world_size"] == 2 and results[0]["accuracy"] == results[1]["accuracy"]
 
 
+def test_encoder_lr_steps_the_encoder_and_the_head_apart(data, tmp_path):
+    """``optimizer.encoder_lr`` is the LoRA adapters' learning rate, ``optimizer.lr`` the head's: AdamW's
+    first step moves a parameter by at most its group's lr (|g| / (sqrt(g^2) + eps) <= 1, and = 1 up to
+    eps where the gradient is not tiny), and unset it is ``lr`` (the same weights, bitwise)."""
+    runs = {}
+    for name, encoder_lr in (("split", 0.001), ("unset", None), ("same", 0.01)):
+        path = recipe_file(
+            data,
+            tmp_path / name,
+            adaptation={"method": "lora"},
+            optimizer={"encoder_lr": encoder_lr, "lr": 0.01},
+            trainer={"max_steps": 1, "check_val_every_n_epoch": None},
+        )
+        cfg = check(load_recipe(path))
+        module, datamodule, _ = build(cfg)
+        before = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+        make_trainer(cfg).fit(module, datamodule=datamodule)
+        runs[name] = {n: (p.detach() - before[n]).abs() for n, p in module.named_parameters() if n in before}
+    split = runs["split"]
+    lora_b = [delta for name, delta in split.items() if "lora_B" in name]  # lora_A has no gradient at step 1
+    assert lora_b and all(abs(float(d.max()) - 1e-3) < 1e-7 for d in lora_b)
+    assert abs(float(split["head.weight"].max()) - 1e-2) < 1e-6
+    assert all(torch.equal(runs["unset"][name], runs["same"][name]) for name in split)
+
+
+def test_recalibration_gives_the_adapted_encoder_its_own_thresholds(data, tmp_path):
+    """``reduction.recalibrate=true`` calibrates the file's schedule again on the adapted encoder. Over
+    one global batch (the whole training set), thresholds found by ranking that batch merge exactly
+    the schedule's count on it: 65 - 3 x 6 = 47 tokens per image, whatever LoRA did to the keys."""
+    original = ThresholdsFile.load(data["thresholds"])
+    original.global_batch_size = 24
+    original.save(tmp_path / "thresholds.json")
+    path = recipe_file(
+        data,
+        tmp_path,
+        adaptation={"method": "lora"},
+        reduction={"kind": "dymu", "thresholds": str(tmp_path / "thresholds.json"), "recalibrate": True},
+        trainer={"check_val_every_n_epoch": None},
+    )
+    result = json.loads(finetune(load_recipe(path)).read_text())
+    found = ThresholdsFile.load(tmp_path / "out" / "thresholds_recalibrated.json")
+    assert found.tokens["mean"] == 47 and found.tokens["images"] == 24 and found.images_seen == 24
+    assert found.thresholds != original.thresholds  # the adapters moved the keys
+    assert (found.r, found.backbone, found.extra["recalibrated_from"]) == (
+        original.r,
+        "timm_vit",
+        str(tmp_path / "thresholds.json"),
+    )
+    evaluations = result["evaluations"]
+    assert evaluations["trained"]["reduction"]["recalibrated"] == str(tmp_path / "out" / "thresholds_recalibrated.json")
+    assert "recalibrated" not in evaluations["before_recalibration"]["reduction"]
+    assert result["reduction"] == evaluations["trained"]["reduction"]
+    with open(tmp_path / "out" / "per_image.csv") as stream:
+        assert {"tokens:trained", "tokens:before_recalibration"} <= set(next(csv.reader(stream)))
+
+
+def test_recalibration_is_for_dymu_in_reduction_only(data, tmp_path, capsys):
+    path = recipe_file(data, tmp_path)
+    code, err = run_cli(
+        capsys, "check", f"recipe={path}", "reduction.kind=tome", "reduction.r=2", "reduction.recalibrate=true"
+    )
+    assert code == 2 and err == [f"error: {path}: reduction.recalibrate needs reduction.kind=dymu, got 'tome'"]
+    code, err = run_cli(
+        capsys,
+        "check",
+        f"recipe={path}",
+        "evaluate.d.kind=dymu",
+        f"evaluate.d.thresholds={data['thresholds']}",
+        "evaluate.d.recalibrate=true",
+    )
+    assert code == 2 and err == [
+        f"error: {path}: evaluate.d.recalibrate is only for reduction (the adapted encoder's own thresholds)"
+    ]
+    code, err = run_cli(capsys, "check", f"recipe={path}", "optimizer.encoder_lr=0")
+    assert code == 2 and err == [f"error: {path}: optimizer.encoder_lr must be > 0, got 0.0"]
+
+
 def test_lora_wraps_the_attention_projections_only(data, tmp_path):
     path = recipe_file(data, tmp_path, adaptation={"method": "lora", "lora": {"r": 2}})
     module, _, facts = build(check(load_recipe(path)))
@@ -345,6 +422,7 @@ def fake_run(folder: Path, correct: dict[str, list[bool]], tokens: dict[str, int
         "machine": "cpu",
         "image_size": 112,
         "full_tokens": 65,
+        "evaluations": {name: {"tokens_mean": tokens[name]} for name in correct},
     }
     (folder / "results.json").write_text(json.dumps(result))
     return folder / "results.json"
@@ -385,3 +463,59 @@ def test_study_pairs_each_variant_with_full_and_tome(tmp_path):
     text = page.read_text()
     assert "| DyMU-mid + head | 22.0 ± 0.0 | 100.0% | +0.0 [+0.0, +0.0] | - | +50.0 [" in text
     assert (tmp_path / "page" / "accuracy_tokens.png").is_file()
+    # the results page's table: DyMU / ToMe per level and adaptation
+    summary = (tmp_path / "page" / "summary.md").read_text().splitlines()
+    assert summary[2:6] == [
+        "| level | tokens per image | training-free | + head |",  # no lora column: that run never happened
+        "|---|---|---|---|",
+        "| full | 65 | - | 100.0% |",
+        "| mid | 22.0 | 50.0% / 100.0% | 100.0% / 50.0% |",
+    ]
+    assert summary[-1] == "![page: accuracy against tokens](page/accuracy_tokens.png)"
+
+
+def test_study_shows_a_recalibrated_run_with_its_stock_thresholds_too(tmp_path):
+    """A DyMU run that recalibrated after LoRA gives two rows: its own thresholds (compared with ToMe)
+    and the stock encoder's (the drift), both with the run's training cost."""
+    from dymu_lightning.finetune.study import collect
+
+    ones, half = [True] * 4, [True, True, False, False]
+    runs = {
+        "full_head": fake_run(tmp_path / "full_head", {"trained": ones}, {"trained": 65}, 3850),
+        "full_lora": fake_run(tmp_path / "full_lora", {"trained": ones}, {"trained": 65}, 9000),
+        "dymu_mid_lora": fake_run(
+            tmp_path / "dymu_lora",
+            {"trained": ones, "before_recalibration": half},
+            {"trained": 22, "before_recalibration": 4},
+            9000,
+        ),
+        "tome_mid_lora": fake_run(tmp_path / "tome_lora", {"trained": half}, {"trained": 22}, 9000),
+    }
+    rows = {row["label"]: row for row in collect(tmp_path, runs, ["mid"], ["head", "lora"])["rows"]}
+    stale = rows["DyMU-mid + lora, stock thresholds"]
+    assert (stale["kind"], stale["tokens_mean"], stale["accuracy"], stale["trainable_parameters"]) == (
+        "stale",
+        4,
+        0.5,
+        9000,
+    )
+    assert stale["vs_full_same"]["difference"] == -0.5 and "vs_tome" not in stale
+    assert rows["DyMU-mid + lora"]["vs_tome"]["difference"] == 0.5
+
+
+def test_study_reuses_a_run_only_with_the_same_overrides(tmp_path):
+    from dymu_lightning.finetune.study import _ran_with, parse_encoder_lr
+
+    done = tmp_path / "results.json"
+    assert _ran_with(done, calibration=False) is None
+    done.write_text(json.dumps({"overrides": ["a=1"]}))
+    assert _ran_with(done, calibration=False) == ["a=1"]
+    done.write_text(json.dumps({"extra": {"overrides": ["b=2"]}}))
+    assert _ran_with(done, calibration=True) == ["b=2"]
+
+    assert parse_encoder_lr(["1e-3"]) == {"lora": 1e-3, "bitfit": 1e-3}
+    assert parse_encoder_lr(["lora=3e-4", "bitfit=0.001"]) == {"lora": 3e-4, "bitfit": 1e-3}
+    with pytest.raises(ValueError, match=r"^--encoder-lr: 'head=1'; expected lora=LR or bitfit=LR"):
+        parse_encoder_lr(["head=1"])
+    with pytest.raises(ValueError, match=r"^--encoder-lr: 'lora=x': 'x' is not a number$"):
+        parse_encoder_lr(["lora=x"])

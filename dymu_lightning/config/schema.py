@@ -173,12 +173,18 @@ class ReductionConfig:
     kind: str = "none"  # none | dymu | tome
     thresholds: str | None = None  # dymu: its thresholds.json; tome: match the mean count this file records
     r: int | None = None  # tome: merges per image per layer (instead of thresholds)
+    # dymu, `reduction` only: after training, calibrate the thresholds' schedule again on the adapted
+    # encoder (training images) and evaluate with those; an adaptation changes the keys they compare
+    recalibrate: bool = False
 
 
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
+    # the encoder's trainable parameters (LoRA adapters, BitFit norms and biases); None: lr. The head
+    # starts from scratch and the encoder from a trained model, so they usually want different steps.
+    encoder_lr: float | None = None
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     schedule: str = "constant"  # constant | cosine (to 0 over the run's optimiser steps)

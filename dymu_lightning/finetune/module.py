@@ -106,7 +106,7 @@ class FinetuneModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.optimizer_cfg
-        parameters = [p for p in self.parameters() if p.requires_grad]
+        parameters = self.parameter_groups()
         if cfg.name == "adamw":
             optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
@@ -118,6 +118,16 @@ class FinetuneModule(L.LightningModule):
         steps = max(self.total_steps, 1)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's groups: the head at ``optimizer.lr``, the encoder's trainable parameters at
+        ``optimizer.encoder_lr`` (``lr`` when unset). A group with no parameter is left out."""
+        cfg = self.optimizer_cfg
+        encoder_lr = cfg.lr if cfg.encoder_lr is None else cfg.encoder_lr
+        head = [p for p in self.head.parameters() if p.requires_grad]
+        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
+        groups = [{"params": head, "lr": cfg.lr}, {"params": encoder, "lr": encoder_lr}]
+        return [group for group in groups if group["params"]]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}

@@ -46,6 +46,7 @@ from dymu_lightning.finetune.adapt import (
 )
 from dymu_lightning.finetune.data import FinetuneDataModule, LabelledImages
 from dymu_lightning.finetune.module import FinetuneModule
+from dymu_lightning.finetune.recalibrate import recalibrate, recalibrated_path
 from dymu_lightning.loading import DTYPES, check_at_least, check_model, check_pattern, load_encoder
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,9 @@ def check(recipe: Recipe) -> FinetuneRecipe:
             ("trainer.check_val_every_n_epoch", cfg.trainer.check_val_every_n_epoch, 1),
         ],
     )
-    if not cfg.optimizer.lr > 0:
-        raise ConfigError(f"{where}: optimizer.lr must be > 0, got {cfg.optimizer.lr}")
+    for key, lr in (("optimizer.lr", cfg.optimizer.lr), ("optimizer.encoder_lr", cfg.optimizer.encoder_lr)):
+        if lr is not None and not lr > 0:
+            raise ConfigError(f"{where}: {key} must be > 0, got {lr}")
     world = cfg.trainer.devices * cfg.trainer.num_nodes if isinstance(cfg.trainer.devices, int) else None
     for key, size in (
         ("data.global_batch_size", cfg.data.global_batch_size),
@@ -134,6 +136,10 @@ def check(recipe: Recipe) -> FinetuneRecipe:
 def _check_reduction(where: Path, key: str, reduction: ReductionConfig, cfg: FinetuneRecipe) -> None:
     if reduction.kind not in REDUCTIONS:
         raise ConfigError(f"{where}: {key}.kind={reduction.kind!r}; expected one of {', '.join(REDUCTIONS)}")
+    if reduction.recalibrate and key != "reduction":
+        raise ConfigError(f"{where}: {key}.recalibrate is only for reduction (the adapted encoder's own thresholds)")
+    if reduction.recalibrate and reduction.kind != "dymu":
+        raise ConfigError(f"{where}: {key}.recalibrate needs {key}.kind=dymu, got {reduction.kind!r}")
     if reduction.kind == "none":
         if reduction.thresholds is not None or reduction.r is not None:
             raise ConfigError(f"{where}: {key}.kind=none takes neither {key}.thresholds nor {key}.r")
@@ -395,6 +401,17 @@ def evaluate_and_write(
             facts["full_tokens"],
             cfg.model.num_blocks,
         )
+    if cfg.reduction.recalibrate:
+        # The adapted encoder's own thresholds score the trained model; the stock ones stay as a section.
+        original = ThresholdsFile.load(Path(cfg.reduction.thresholds).expanduser())
+        found = recalibrate(backbone, encoder, data.train_images(), original, cfg.model.num_blocks)
+        path = found.save(recalibrated_path(out_dir))
+        sections = {
+            "trained": (found.policy(), {**facts["reduction"], "recalibrated": str(path)}),
+            "before_recalibration": sections["trained"],
+            **{name: section for name, section in sections.items() if name != "trained"},
+        }
+        facts = {**facts, "reduction": sections["trained"][1]}
     labels = None
     for name, (policy, description) in sections.items():
         seconds = time.perf_counter()

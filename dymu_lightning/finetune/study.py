@@ -27,7 +27,13 @@ from typing import Any
 import torch
 
 from dymu_lightning.eval.metrics import paired_difference
-from dymu_lightning.eval.page import RECORDED_COMMANDS, with_cache_variable
+from dymu_lightning.eval.page import (
+    RECORDED_COMMANDS,
+    STUDY_PLOT,
+    SUMMARY,
+    refresh_finetune_section,
+    with_cache_variable,
+)
 from dymu_lightning.files import write_text_atomic
 from dymu_lightning.plots import pyplot
 
@@ -46,8 +52,15 @@ def run_study(
     adaptations: Sequence[str] = ADAPTATIONS,
     extra: Sequence[str] = (),
     size: int = 112,
+    encoder_lr: dict[str, float] | None = None,
+    recalibrate: bool = False,
 ) -> dict[str, Any]:
-    """Calibrate, fit and evaluate; returns the collected study (also written to ``work/study.json``)."""
+    """Calibrate, fit and evaluate; returns the collected study (also written to ``work/study.json``).
+
+    ``encoder_lr`` maps an adaptation (lora, bitfit) to its encoder learning rate
+    (``optimizer.encoder_lr``); ``recalibrate`` gives DyMU runs that adapt the encoder their own
+    thresholds after training (``reduction.recalibrate``). A finished run is reused only if it ran
+    with the same overrides."""
     from dymu_lightning.config.recipes import load_recipe
     from dymu_lightning.data.fashion_mnist import fashion_mnist_images
     from dymu_lightning.eval.studies import ieee_float32
@@ -62,7 +75,7 @@ def run_study(
         loaded = load_recipe(recipe, overrides)
         calibration = loaded.config.task == "calibrate"
         done = Path(loaded.config.out_dir) / ("thresholds.json" if calibration else "results.json")
-        if done.is_file():  # an interrupted study continues where it stopped
+        if _ran_with(done, calibration) == overrides:  # an interrupted study continues where it stopped
             return done
         return calibrate(loaded) if calibration else finetune(loaded)
 
@@ -113,7 +126,13 @@ def run_study(
         for method in adaptations:
             if method != "head":
                 runs[f"full_{method}"] = run(
-                    "finetune_encoder", [f"out_dir={work}/full_{method}", *data, f"adaptation.method={method}"]
+                    "finetune_encoder",
+                    [
+                        f"out_dir={work}/full_{method}",
+                        *data,
+                        f"adaptation.method={method}",
+                        *_encoder_lr(encoder_lr, method),
+                    ],
                 )
         for variant in variants:
             for kind in ("dymu", "tome"):
@@ -125,8 +144,14 @@ def run_study(
                             f"out_dir={work}/{name}",
                             *data,
                             f"adaptation.method={method}",
+                            *_encoder_lr(encoder_lr, method),
                             f"reduction.kind={kind}",
                             f"reduction.thresholds={thresholds[variant]}",
+                            *(
+                                ["reduction.recalibrate=true"]
+                                if recalibrate and kind == "dymu" and method != "head"
+                                else []
+                            ),
                         ],
                     )
     study = collect(work, runs, variants, adaptations)
@@ -140,6 +165,35 @@ def run_study(
     )
     (work / "study.json").write_text(json.dumps(study, indent=2) + "\n")
     return study
+
+
+def _ran_with(done: Path, calibration: bool) -> list[str] | None:
+    """The overrides a finished run (its thresholds.json or results.json) was started with."""
+    if not done.is_file():
+        return None
+    recorded = json.loads(done.read_text())
+    return (recorded.get("extra", {}) if calibration else recorded).get("overrides")
+
+
+def _encoder_lr(encoder_lr: dict[str, float] | None, method: str) -> list[str]:
+    lr = (encoder_lr or {}).get(method)
+    return [] if lr is None else [f"optimizer.encoder_lr={lr}"]
+
+
+def parse_encoder_lr(values: Sequence[str]) -> dict[str, float]:
+    """``["lora=3e-4", "bitfit=1e-3"]`` (or one number for both) -> ``{method: lr}``."""
+    if len(values) == 1 and "=" not in values[0]:
+        values = [f"{method}={values[0]}" for method in ADAPTATIONS if method != "head"]
+    parsed = {}
+    for value in values:
+        method, _, lr = value.partition("=")
+        if method not in ADAPTATIONS[1:]:
+            raise ValueError(f"--encoder-lr: {value!r}; expected lora=LR or bitfit=LR (the head uses optimizer.lr)")
+        try:
+            parsed[method] = float(lr)
+        except ValueError:
+            raise ValueError(f"--encoder-lr: {value!r}: {lr!r} is not a number") from None
+    return parsed
 
 
 def partial_study(
@@ -189,9 +243,10 @@ def collect(work: Path, runs: dict[str, Path], variants: Sequence[str], adaptati
     rows: list[dict[str, Any]] = []
 
     def add(label: str, variant: str, kind: str, method: str, run: str, evaluation: str) -> None:
-        if run not in results:
+        if run not in results or evaluation not in results[run]["evaluations"]:
             return
         result = results[run]
+        trained = evaluation in ("trained", "before_recalibration")  # the run's own training, not a reuse
         correct, tokens = _correct(Path(runs[run]).parent, evaluation)
         rows.append(
             {
@@ -204,9 +259,9 @@ def collect(work: Path, runs: dict[str, Path], variants: Sequence[str], adaptati
                 "accuracy": float(correct.double().mean()),
                 "tokens_mean": float(tokens.double().mean()),
                 "tokens_std": float(tokens.double().std(correction=0)),
-                "trainable_parameters": result["trainable_parameters"] if evaluation == "trained" else 0,
-                "training_images_per_second": result["training_images_per_second"] if evaluation == "trained" else None,
-                "wall_seconds": result["wall_seconds"] if evaluation == "trained" else None,
+                "trainable_parameters": result["trainable_parameters"] if trained else 0,
+                "training_images_per_second": result["training_images_per_second"] if trained else None,
+                "wall_seconds": result["wall_seconds"] if trained else None,
                 "command": result["command"],
                 "_correct": correct,
             }
@@ -222,6 +277,9 @@ def collect(work: Path, runs: dict[str, Path], variants: Sequence[str], adaptati
         for method in adaptations:
             for kind, shown in (("dymu", f"DyMU-{variant}"), ("tome", f"ToMe@{variant}")):
                 add(f"{shown} + {method}", variant, kind, method, f"{kind}_{variant}_{method}", "trained")
+            # a recalibrated run also scored its adapted encoder with the stock encoder's thresholds
+            run = f"dymu_{variant}_{method}"
+            add(f"DyMU-{variant} + {method}, stock thresholds", variant, "stale", method, run, "before_recalibration")
     reference = rows[0]["_correct"]
     full_same = {row["method"]: row for row in rows if row["kind"] == "full"}
     for row in rows:
@@ -246,8 +304,10 @@ def collect(work: Path, runs: dict[str, Path], variants: Sequence[str], adaptati
 
 
 def render(study: dict[str, Any], page: Path, command: str) -> Path:
-    """The study as a markdown page, with a plot of accuracy against tokens next to it."""
-    plot = _plot(study, page.parent / page.stem / "accuracy_tokens.png")
+    """The study as a markdown page, with a plot of accuracy against tokens and the results page's
+    summary (:func:`summary`) next to it."""
+    plot = _plot(study, page.parent / page.stem / STUDY_PLOT)
+    write_text_atomic(page.parent / page.stem / SUMMARY, summary(study, page.stem))
     rows = study["rows"]
     lines = [
         "# Fine-tuning with token reduction: results",
@@ -300,6 +360,32 @@ def render(study: dict[str, Any], page: Path, command: str) -> Path:
     return write_text_atomic(page, "\n".join(lines))
 
 
+def summary(study: dict[str, Any], stem: str) -> str:
+    """The study in one table for docs/results.md: per level, accuracy of DyMU / ToMe training-free and
+    under each adaptation; paths relative to the folder of the study page ``stem``.md."""
+    rows = {(row["kind"], row["variant"], row["method"]): row for row in study["rows"]}
+    methods = [m for m in ADAPTATIONS if any(key[2] == m for key in rows)]
+    variants = [v for v in ("low", "mid", "high") if ("dymu", v, "none") in rows]
+
+    def accuracy(kind: str, variant: str, method: str) -> str:
+        row = rows.get((kind, variant, method))
+        return "-" if row is None else f"{100 * row['accuracy']:.1f}%"
+
+    lines = [
+        f"**Study 1** ([{stem}.md]({stem}.md); {study['train']} training and {study['test']} test images at "
+        f"{study['image_size']} px, {study['full_tokens']} tokens unmerged). Each cell is DyMU / ToMe at DyMU's "
+        "mean count; the full model's row has no merging.",
+        "",
+        "| level | tokens per image | training-free | " + " | ".join(f"+ {m}" for m in methods) + " |",
+        "|---" * (3 + len(methods)) + "|",
+        f"| full | {study['full_tokens']} | - | " + " | ".join(accuracy("full", "-", m) for m in methods) + " |",
+    ]
+    for v in variants:
+        cells = [f"{accuracy('dymu', v, m)} / {accuracy('tome', v, m)}" for m in ("none", *methods)]
+        lines.append(f"| {v} | {rows['dymu', v, 'none']['tokens_mean']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", f"![{stem}: accuracy against tokens]({stem}/{STUDY_PLOT})", ""])
+
+
 def _pair(pair: dict[str, float] | None) -> str:
     if pair is None:
         return "-"
@@ -320,14 +406,16 @@ def _plot(study: dict[str, Any], path: Path) -> Path:
         "lora": ("^", "+ LoRA"),
         "bitfit": ("D", "+ BitFit"),
     }
-    colours = {"full": "black", "dymu": "tab:blue", "tome": "tab:orange"}
+    colours = {"full": "black", "dymu": "tab:blue", "tome": "tab:orange", "stale": "tab:gray"}
+    names = {"full": "full", "dymu": "DyMU", "tome": "ToMe", "stale": "DyMU, stock thresholds"}
     for row in study["rows"]:
         marker, _ = styles[row["method"]]
         axis.scatter(row["tokens_mean"], 100 * row["accuracy"], marker=marker, color=colours[row["kind"]], s=40)
     for marker, label in styles.values():
         axis.scatter([], [], marker=marker, color="grey", label=label)
     for kind, colour in colours.items():
-        axis.scatter([], [], marker="o", color=colour, label={"full": "full", "dymu": "DyMU", "tome": "ToMe"}[kind])
+        if any(row["kind"] == kind for row in study["rows"]):
+            axis.scatter([], [], marker="o", color=colour, label=names[kind])
     axis.set_xlabel("tokens per image at the encoder output (mean)")
     axis.set_ylabel("test accuracy (%)")
     axis.set_title("DINOv2-S on Fashion-MNIST: training-free vs adapted vs ToMe", fontsize=9)
@@ -350,8 +438,11 @@ def run_command(
     size: int,
     render_only: bool,
     overrides: list[str],
+    encoder_lr: list[str] | None = None,
+    recalibrate: bool = False,
 ) -> int:
     """The ``finetune_study`` command: run (or, with ``render_only``, only render) the study."""
+    encoder_lrs = parse_encoder_lr(encoder_lr or [])
     for key, given, allowed in (
         ("--variants", variants, ("low", "mid", "high")),
         ("--adaptations", adaptations, ADAPTATIONS),
@@ -364,6 +455,8 @@ def run_command(
     command = shlex.join(
         ["python", "-m", "dymu_lightning", "finetune_study", "--work", str(work), "--page", str(page)]
         + ["--variants", *variants, "--adaptations", *adaptations, "--train", str(train), "--test", str(test)]
+        + (["--encoder-lr", *encoder_lr] if encoder_lr else [])  # before an option: it takes several values
+        + (["--recalibrate"] if recalibrate else [])
         + ["--calibration", str(calibration), "--epochs", str(epochs), "--size", str(size), *overrides]
     )
     if render_only and (work / "study.json").is_file():
@@ -371,9 +464,14 @@ def run_command(
     elif render_only:
         study = partial_study(work, variants, adaptations, train, test, calibration, epochs)
     else:
-        study = run_study(work, variants, train, test, calibration, epochs, adaptations, overrides, size)
+        study = run_study(
+            work, variants, train, test, calibration, epochs, adaptations, overrides, size, encoder_lrs, recalibrate
+        )
         study["command"] = command
         write_text_atomic(work / "study.json", json.dumps(study, indent=2) + "\n")
     render(study, page, study.get("command", command))
     print(f"wrote {page}")
+    results = refresh_finetune_section(page.parent / "results.md")
+    if results is not None:
+        print(f"updated the fine-tuning section of {results}")
     return 0
