@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from dymu_lightning.eval.metrics import paired_difference
+from dymu_lightning.eval.page import STUDY_PLOT, SUMMARY, refresh_finetune_section
 from dymu_lightning.files import write_text_atomic
 from dymu_lightning.plots import pyplot
 
@@ -279,10 +280,28 @@ def render(study: dict[str, Any], command: str, page: Path) -> Path:
     lines += ["|---|---|---|---|"]
     for variant, entry in study["variants"].items():
         lines.append(f"| {variant} | {entry['r']} | {entry['calibration_tokens']:.1f} | {entry['tome_r']} |")
-    plot = page.parent / page.stem / "accuracy_tokens.png"
+    plot = page.parent / page.stem / STUDY_PLOT
     _plot(rows, plot)
-    lines += ["", f"![accuracy against visual tokens]({page.stem}/accuracy_tokens.png)", ""]
+    write_text_atomic(page.parent / page.stem / SUMMARY, summary(study, page.stem))
+    lines += ["", f"![accuracy against visual tokens]({page.stem}/{STUDY_PLOT})", ""]
     return write_text_atomic(page, "\n".join(lines))
+
+
+def summary(study: dict[str, Any], stem: str) -> str:
+    """The study's table for docs/results.md, paths relative to the folder of the page ``stem``.md."""
+    lines = [
+        f"**Study 2** ([{stem}.md]({stem}.md)): zero-shot accuracy of the aligned small LLaVA on the first "
+        f"{study['test']} Fashion-MNIST test images, paired 95% intervals against the full model.",
+        "",
+        "| reduction | kind | visual tokens per image | accuracy | vs full |",
+        "|---|---|---|---|---|",
+    ]
+    for row in study["rows"]:
+        lines.append(
+            f"| {row['name']} | {row['kind']} | {row['tokens_mean']:.1f} | {100 * row['accuracy']:.1f}% "
+            f"| {_interval(row['vs_full'])} |"
+        )
+    return "\n".join([*lines, "", f"![{stem}: accuracy against tokens]({stem}/{STUDY_PLOT})", ""])
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -374,4 +393,7 @@ def run_command(
         study["command"] = command
         write_text_atomic(work / "study.json", json.dumps(study, indent=2) + "\n")
     print(f"wrote {render(study, command, page)}")
+    results = refresh_finetune_section(page.parent / "results.md")
+    if results is not None:
+        print(f"updated the fine-tuning section of {results}")
     return 0
