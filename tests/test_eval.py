@@ -346,7 +346,9 @@ def test_the_fine_tuning_section_shows_the_study_summaries_and_refreshes_alone(t
     assert refreshed == render(WORK, docs / "results.md").read_text()
     assert (
         refreshed.replace(
-            "\n| a table |\n\n![vlm_results: accuracy against tokens](vlm_results/accuracy_tokens.png)\n", ""
+            "\n| a table |\n\n**Study 2** ([vlm_results.md](vlm_results.md)): its table is on that page.\n\n"
+            "![vlm_results: accuracy against tokens](vlm_results/accuracy_tokens.png)\n",
+            "",
         )
         == plain
     )

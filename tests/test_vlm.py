@@ -284,9 +284,19 @@ def test_an_aligned_small_llava_is_not_trained_again(tmp_path, monkeypatch, caps
     assert "already aligned" in capsys.readouterr().out
 
 
-def test_a_projector_of_an_older_recipe_is_aligned_again_from_a_rebuilt_folder(tmp_path, monkeypatch, capsys):
-    """A file without a recipe version (written by version 1) is not "aligned": the folder is rebuilt
-    (as with --force) and aligned by this recipe."""
+@pytest.mark.parametrize(
+    ("record", "done_by"),
+    [
+        ("{}\n", "recipe version 1"),
+        ('{"recipe_version": 2', "an unknown recipe (dymu_alignment.json is not readable)"),
+        ("[]", "an unknown recipe (dymu_alignment.json is not readable)"),
+    ],
+)
+def test_a_projector_of_an_older_recipe_is_aligned_again_from_a_rebuilt_folder(
+    tmp_path, monkeypatch, capsys, record, done_by
+):
+    """A file without a recipe version (written by version 1), or one that cannot be read, is not
+    "aligned": the folder is rebuilt (as with --force) and aligned by this recipe."""
     import dymu_lightning.assets.small_llava as small_llava
     from dymu_lightning.assets.align import ALIGNMENT_FILE, RECIPE_VERSION, align_small_llava, is_aligned
 
@@ -300,11 +310,11 @@ def test_a_projector_of_an_older_recipe_is_aligned_again_from_a_rebuilt_folder(t
     monkeypatch.setattr(small_llava, "materialise_small_llava", materialise)
     folder = tmp_path / "llava-dinov2s-smollm2"
     folder.mkdir()
-    (folder / ALIGNMENT_FILE).write_text("{}\n")
+    (folder / ALIGNMENT_FILE).write_text(record)
     assert not is_aligned(folder)
     with pytest.raises(Rebuilt) as rebuilt:
         align_small_llava()
     assert rebuilt.value.args == (True,)
     assert capsys.readouterr().out == (
-        f"small llava: its projector was aligned by recipe version 1; aligning it with version {RECIPE_VERSION}\n"
+        f"small llava: its projector was aligned by {done_by}; aligning it with version {RECIPE_VERSION}\n"
     )

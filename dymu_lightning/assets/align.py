@@ -60,11 +60,17 @@ def is_aligned(directory: Path | None = None) -> bool:
 
 def aligned_version(directory: Path | None = None) -> int | None:
     """The recipe version the folder's projector was aligned by: None where it was never aligned, 1
-    for files written before versions were recorded."""
+    for files written before versions were recorded, 0 where the record cannot be read (the projector
+    is then of no known recipe, and is aligned again)."""
     path = (directory or small_llava_dir()) / ALIGNMENT_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text()).get("recipe_version", 1)
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return 0
+    version = record.get("recipe_version", 1) if isinstance(record, dict) else 0
+    return version if isinstance(version, int) else 0
 
 
 def align_small_llava(
@@ -98,10 +104,8 @@ def align_small_llava(
         return 0
     version = aligned_version(target)
     if version is not None and not force:  # rebuilt, as with --force: the older projector is not a start
-        print(
-            f"small llava: its projector was aligned by recipe version {version}; "
-            f"aligning it with version {RECIPE_VERSION}"
-        )
+        done_by = f"recipe version {version}" if version else f"an unknown recipe ({ALIGNMENT_FILE} is not readable)"
+        print(f"small llava: its projector was aligned by {done_by}; aligning it with version {RECIPE_VERSION}")
         force = True
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 

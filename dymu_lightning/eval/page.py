@@ -452,7 +452,7 @@ likelihood), is on [vlm_results.md](vlm_results.md) (`python -m dymu_lightning v
 
 
 # The study pages whose summary and plot the fine-tuning section shows, in this order.
-STUDY_PAGES = ("finetune_results", "vlm_results")
+STUDY_PAGES = {"finetune_results": "Study 1", "vlm_results": "Study 2"}
 SUMMARY = "summary.md"
 STUDY_PLOT = "accuracy_tokens.png"
 
@@ -466,7 +466,10 @@ def study_summaries(docs: Path) -> dict[str, str]:
         if summary.is_file():
             summaries[stem] = summary.read_text()
         elif plot.is_file():
-            summaries[stem] = f"![{stem}: accuracy against tokens]({stem}/{STUDY_PLOT})\n"
+            summaries[stem] = (
+                f"**{STUDY_PAGES[stem]}** ([{stem}.md]({stem}.md)): its table is on that page.\n\n"
+                f"![{stem}: accuracy against tokens]({stem}/{STUDY_PLOT})\n"
+            )
     return summaries
 
 

@@ -399,7 +399,7 @@ def _number(value: float | None, digits: int = 1) -> str:
 def _plot(study: dict[str, Any], path: Path) -> Path:
     plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure, axis = plt.subplots(figsize=(6.5, 4))
+    figure, axis = plt.subplots(figsize=(8, 4))
     styles = {
         "none": ("o", "training-free"),
         "head": ("s", "+ head"),
@@ -419,7 +419,7 @@ def _plot(study: dict[str, Any], path: Path) -> Path:
     axis.set_xlabel("tokens per image at the encoder output (mean)")
     axis.set_ylabel("test accuracy (%)")
     axis.set_title("DINOv2-S on Fashion-MNIST: training-free vs adapted vs ToMe", fontsize=9)
-    axis.legend(fontsize=7, ncol=2)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: points fill the axes
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
