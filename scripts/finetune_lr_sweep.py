@@ -6,7 +6,7 @@ scored on **training** images 256 to 555: images the fits never see, and never t
 study reports on. The head alone is the reference. Every fit is an ordinary ``finetune_encoder``
 recipe run; the table gives accuracy, wall seconds and the command's ``out_dir``.
 
-    python scripts/finetune_lr_sweep.py runs/lr_sweep     # 11 fits, about 10 min on 2 idle CPU cores
+    python scripts/finetune_lr_sweep.py runs/lr_sweep     # 10 fits, 6.5 min on 2 idle CPU cores
 """
 
 from __future__ import annotations
