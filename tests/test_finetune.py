@@ -458,9 +458,10 @@ def test_study_pairs_each_variant_with_full_and_tome(tmp_path):
     assert rows["DyMU-mid, training-free"]["vs_tome"]["only_b"] == 2
     assert rows["DyMU-mid + head"]["vs_tome"]["difference"] == 0.5 and "vs_tome" not in rows["ToMe@mid + head"]
     assert rows["DyMU-mid, training-free"]["trainable_parameters"] == 0
-    study.update(commands=["python -m x"], seconds=60, train=4, test=4, calibration=4, epochs=1)
+    study.update(commands=["python -m x"], seconds=60, train=4, test=4, calibration=4, epochs=1, reused=3)
     page = render(study, tmp_path / "page.md", "python -m dymu_lightning finetune_study")
     text = page.read_text()
+    assert "(1 min on cpu, reusing 3 runs an earlier invocation finished; " in text  # their time is not in it
     assert "| DyMU-mid + head | 22.0 ± 0.0 | 100.0% | +0.0 [+0.0, +0.0] | - | +50.0 [" in text
     assert (tmp_path / "page" / "accuracy_tokens.png").is_file()
     # the results page's table: DyMU / ToMe per level and adaptation
