@@ -331,14 +331,14 @@ def test_the_fixture_renders_to_the_golden_page_from_anywhere(tmp_path):
 
 
 def test_the_fine_tuning_section_shows_the_study_summaries_and_refreshes_alone(tmp_path):
-    """A study command's summary.md (or only its plot) shows in the fine-tuning section; rewriting that
+    """A study command's summary.txt (or only its plot) shows in the fine-tuning section; rewriting that
     section alone, without the results' work folder, gives the page a full render would give."""
     from dymu_lightning.eval.page import refresh_finetune_section
 
     docs = tmp_path / "docs"
     plain = render(WORK, docs / "results.md").read_text()
     (docs / "finetune_results").mkdir()
-    (docs / "finetune_results" / "summary.md").write_text("| a table |\n")
+    (docs / "finetune_results" / "summary.txt").write_text("| a table |\n")
     (docs / "vlm_results").mkdir()
     (docs / "vlm_results" / "accuracy_tokens.png").write_bytes(b"png")
     assert refresh_finetune_section(docs / "results.md") == docs / "results.md"

@@ -465,7 +465,7 @@ def test_study_pairs_each_variant_with_full_and_tome(tmp_path):
     assert "| DyMU-mid + head | 22.0 ± 0.0 | 100.0% | +0.0 [+0.0, +0.0] | - | +50.0 [" in text
     assert (tmp_path / "page" / "accuracy_tokens.png").is_file()
     # the results page's table: DyMU / ToMe per level and adaptation
-    summary = (tmp_path / "page" / "summary.md").read_text().splitlines()
+    summary = (tmp_path / "page" / "summary.txt").read_text().splitlines()
     assert summary[2:6] == [
         "| level | tokens per image | training-free | + head |",  # no lora column: that run never happened
         "|---|---|---|---|",

@@ -267,7 +267,7 @@ def test_the_study_page_pairs_every_reduction_with_the_full_model(tmp_path):
     text = page.read_text()
     assert "| DyMU-mid + VTU | training-free | 22.0 ± 1.4 | 75.0% | +0.0 [-" in text and "| 0 | - |" in text
     assert (tmp_path / "vlm" / "accuracy_tokens.png").is_file()
-    summary = (tmp_path / "vlm" / "summary.md").read_text().splitlines()
+    summary = (tmp_path / "vlm" / "summary.txt").read_text().splitlines()
     assert summary[4] == "| full | full | 64.0 | 75.0% | - |"
     assert summary[5].startswith("| DyMU-mid + VTU | training-free | 22.0 | 75.0% | +0.0 [-")
     assert summary[-1] == "![vlm: accuracy against tokens](vlm/accuracy_tokens.png)"

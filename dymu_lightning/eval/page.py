@@ -56,7 +56,7 @@ class Collected:
     studies: dict[str, EvalMetrics]  # eval folder name (probe_112, photos, ...) -> its metrics.json
     plots: dict[str, list[str]] = field(default_factory=dict)  # study -> PNG paths relative to the page
     next_token: NextTokenStudy | None = None  # the last recorded next-token study, when one ran
-    # study page stem (finetune_results, vlm_results) -> what it shows on this page: the summary.md and
+    # study page stem (finetune_results, vlm_results) -> what it shows on this page: the summary and
     # plot that its command wrote into the folder of that name next to the page
     study_summaries: dict[str, str] = field(default_factory=dict)
 
@@ -453,12 +453,13 @@ likelihood), is on [vlm_results.md](vlm_results.md) (`python -m dymu_lightning v
 
 # The study pages whose summary and plot the fine-tuning section shows, in this order.
 STUDY_PAGES = {"finetune_results": "Study 1", "vlm_results": "Study 2"}
-SUMMARY = "summary.md"
+# A markdown fragment, not a page: .txt keeps the docs site from building it as one.
+SUMMARY = "summary.txt"
 STUDY_PLOT = "accuracy_tokens.png"
 
 
 def study_summaries(docs: Path) -> dict[str, str]:
-    """What each study page in ``docs`` contributes to the fine-tuning section: the ``summary.md`` its
+    """What each study page in ``docs`` contributes to the fine-tuning section: the ``summary.txt`` its
     command wrote next to its plot (paths in it relative to ``docs``), else only the plot, else nothing."""
     summaries = {}
     for stem in STUDY_PAGES:
